@@ -1,0 +1,1 @@
+"""Game modules for gridserver. Name one in the INI file: ``[game] module = game_modules.walkers``."""

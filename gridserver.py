@@ -1,0 +1,2863 @@
+#!/usr/bin/env python3
+"""gridserver: a minimal, authoritative server for tick-based 2D grid multiplayer games.
+
+Quickstart::
+
+    pip install aiohttp bcrypt ujson         # aiopg too, for PostgreSQL
+    python gridserver.py                     # http://127.0.0.1:8080, SQLite file gridserver.db
+
+Every tick (default once a second) the server gathers the intents players sent over
+WebSocket, hands each zone's entities and intents to the game module named in the INI file,
+checks and applies the ``TickResult`` it returns, and sends every subscriber of the zone the
+state the module chose for that player. Accounts and zones are written to the database at
+once; entity changes are flushed in one batched transaction every few seconds.
+
+A game module is a plain Python module (or class) with ``on_init``, ``on_tick`` and
+``get_player_state``; it imports its types from here::
+
+    from gridserver import TickResult, EntityCreate, EntityUpdate
+
+Sections of this file (``grep -n '^# ==' gridserver.py``):
+
+    Imports and JSON                    Storage (all SQL lives here)
+    Configuration                       Accounts and sessions
+    Wire helpers                        Hub: connections, subscriptions, outboxes
+    Public types and game protocol      Tick engine
+    Spatial index                       Persistence
+    World state                         HTTP handlers
+    Metrics                             WebSocket handler
+                                        App factory and CLI
+"""
+
+from __future__ import annotations
+
+# =============================================================================
+# Imports and JSON
+# =============================================================================
+
+import argparse
+import asyncio
+import collections
+import configparser
+import contextlib
+import dataclasses
+import datetime as _dt
+import gc
+import hashlib
+import importlib
+import inspect
+import itertools
+import logging
+import math
+import os
+import queue
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, runtime_checkable
+from uuid import UUID
+
+from aiohttp import WSMsgType, web
+
+try:  # ujson is much faster; the standard library keeps the file runnable without it
+    import ujson as _ujson
+
+    def json_dumps(obj: Any) -> str:
+        """Serialize ``obj`` compactly; UUIDs and datetimes become strings."""
+        return _ujson.dumps(obj, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False,
+                            default=_json_default)
+
+    json_loads = _ujson.loads
+except ImportError:  # pragma: no cover - exercised only where ujson is missing
+    import json as _json
+
+    def json_dumps(obj: Any) -> str:
+        """Serialize ``obj`` compactly; UUIDs and datetimes become strings."""
+        return _json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_json_default)
+
+    json_loads = _json.loads
+
+try:  # PostgreSQL support is optional: the embedded SQLite default needs nothing
+    import aiopg
+    import psycopg2
+    import psycopg2.errors
+except ImportError:  # pragma: no cover
+    aiopg = psycopg2 = None
+
+try:
+    import bcrypt
+except ImportError:  # pragma: no cover
+    bcrypt = None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, UUID):
+        return str(obj)
+    if isinstance(obj, _dt.datetime):
+        return _iso(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+__all__ = [
+    "Entity",
+    "EntityCreate",
+    "EntityUpdate",
+    "FrameworkAPI",
+    "GameLogicModule",
+    "Intent",
+    "TickResult",
+    "Zone",
+    "json_dumps",
+    "json_loads",
+]
+
+log = logging.getLogger("gridserver")
+
+# =============================================================================
+# Configuration
+# =============================================================================
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class _Option:
+    section: str
+    key: str
+    default: str
+    kind: str  # "str", "int", "float", "bool"
+    help: str
+    minimum: float | None = None
+
+    @property
+    def env(self) -> str:
+        return f"GRIDSERVER_{self.section}_{self.key}".upper()
+
+
+#: Every configuration key, declared once with its default and meaning. ``config.example.ini``
+#: and the README's table are written from this list (``python gridserver.py --print-config``).
+OPTIONS: list[_Option] = [
+    _Option("server", "host", "127.0.0.1", "str", "address to listen on"),
+    _Option("server", "port", "8080", "int", "TCP port to listen on", 0),
+    _Option("server", "debug", "false", "bool", "debug mode: debug routes exist only when true"),
+    _Option("server", "debug_players", "", "str",
+            "comma-separated usernames allowed to use debug routes; empty: every player"),
+    _Option("server", "max_body_size", "65536", "int", "largest REST request body in bytes", 64),
+    _Option("server", "max_zone_size", "10000", "int", "largest zone width and height", 1),
+    _Option("server", "shutdown_timeout", "10", "float",
+            "seconds a graceful stop waits for the final flush", 0),
+    _Option("database", "dsn", "sqlite:///gridserver.db", "str",
+            "postgresql://user@host/db for PostgreSQL through aiopg; sqlite:///PATH for the embedded default"),
+    _Option("database", "pool_min", "1", "int", "PostgreSQL pool: connections kept open", 0),
+    _Option("database", "pool_max", "10", "int", "PostgreSQL pool: most connections at once", 1),
+    _Option("database", "timeout", "5.0", "float",
+            "seconds one database call may take before it fails (and the caller gets 503)", 0.1),
+    _Option("auth", "min_password_length", "8", "int", "shortest password accepted, in characters", 1),
+    _Option("auth", "session_ttl", "0", "float", "seconds a session lives; 0: until logout", 0),
+    _Option("auth", "bcrypt_rounds", "12", "int", "bcrypt cost (4 to 31); 4 only for tests and benchmarks", 4),
+    _Option("auth", "bcrypt_threads", "2", "int", "threads that hash passwords off the event loop", 1),
+    _Option("tick", "interval", "1.0", "float", "seconds between ticks", 0.001),
+    _Option("tick", "max_intents_per_player", "10", "int",
+            "intents a player may send per tick; more are dropped with rate_limited", 1),
+    _Option("tick", "zone_timeout", "0", "float",
+            "seconds a zone's module call may run before the tick goes on without it; 0: half the interval", 0),
+    _Option("tick", "paused", "false", "bool", "start with the tick paused (debug stepping)"),
+    _Option("persistence", "interval", "5.0", "float", "seconds between flushes of changed entities", 0.01),
+    _Option("persistence", "max_backoff", "30.0", "float",
+            "longest wait between flush retries while the database is down", 0.01),
+    _Option("websocket", "max_message_size", "65536", "int",
+            "largest client message in bytes; larger ones get an error (16x larger: the socket is closed)", 64),
+    _Option("websocket", "heartbeat", "20.0", "float", "seconds between pings; a peer that misses a pong is dropped", 0),
+    _Option("websocket", "reconnect_grace", "30.0", "float",
+            "seconds a dropped player keeps their zone; reconnecting within it resumes the subscription", 0),
+    _Option("websocket", "max_behind", "10", "int",
+            "ticks a client may fall behind (unsent) before it is disconnected", 1),
+    _Option("websocket", "max_queued", "256", "int",
+            "non-tick messages queued for one client before it is disconnected", 1),
+    _Option("game", "module", "game_modules.walkers", "str",
+            "dotted path of the game module (package.module or package.module:Name)"),
+    _Option("debug", "log_level", "info", "str", "debug, info, warning or error"),
+    _Option("debug", "access_log", "false", "bool", "log every HTTP request"),
+]
+
+
+class Config:
+    """Typed configuration: ``config.get("tick", "interval")``; module sections as raw strings.
+
+    Values come from the built-in defaults, then the INI file, then ``GRIDSERVER_<SECTION>_<KEY>``
+    environment variables, each winning over the one before.
+    """
+
+    def __init__(self, values: dict[tuple[str, str], Any], sections: dict[str, dict[str, str]]):
+        self._values = values
+        self._sections = sections
+
+    def get(self, section: str, key: str) -> Any:
+        return self._values[(section, key)]
+
+    def section(self, name: str) -> dict[str, str]:
+        """Raw string values of a section that is not the server's own (a game module's)."""
+        return dict(self._sections.get(name, {}))
+
+    def with_values(self, **overrides: Any) -> "Config":
+        """A copy with ``section_key=value`` overrides (already typed), for tests and tools."""
+        values = dict(self._values)
+        for name, value in overrides.items():
+            section, key = name.split("_", 1) if "_" in name else (name, "")
+            if (section, key) not in values:
+                raise KeyError(name)
+            values[(section, key)] = value
+        return Config(values, self._sections)
+
+    @classmethod
+    def load(cls, path: str | None = None, environ: dict[str, str] | None = None) -> "Config":
+        """Read ``path`` (if given or ``config.ini`` exists) and the environment.
+
+        Raises ``ConfigError`` with one line naming the key for any unusable value.
+        """
+        environ = os.environ if environ is None else environ
+        parser = configparser.ConfigParser(interpolation=None)
+        if path is None and os.path.exists("config.ini"):
+            path = "config.ini"
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    parser.read_file(fh)
+            except OSError as exc:
+                raise ConfigError(f"config file {path}: {exc.strerror}") from None
+            except configparser.Error as exc:
+                raise ConfigError(f"config file {path}: {str(exc).splitlines()[0]}") from None
+        known = {(o.section, o.key) for o in OPTIONS}
+        for section in parser.sections():
+            if section in {o.section for o in OPTIONS}:
+                for key in parser[section]:
+                    if (section, key) not in known:
+                        raise ConfigError(f"[{section}] {key}: unknown key")
+        values: dict[tuple[str, str], Any] = {}
+        for opt in OPTIONS:
+            raw, where = opt.default, "default"
+            if parser.has_option(opt.section, opt.key):
+                raw, where = parser.get(opt.section, opt.key), "config file"
+            if opt.env in environ:
+                raw, where = environ[opt.env], f"environment {opt.env}"
+            values[(opt.section, opt.key)] = _parse_option(opt, raw, where)
+        sections = {s: dict(parser[s]) for s in parser.sections() if s not in {o.section for o in OPTIONS}}
+        module_section = values[("game", "module")]
+        prefix = "GRIDSERVER_" + re.sub(r"[^A-Za-z0-9]", "_", module_section).upper() + "_"
+        for name, value in environ.items():
+            if name.startswith(prefix):
+                sections.setdefault(module_section, {})[name[len(prefix):].lower()] = value
+        cfg = cls(values, sections)
+        _check_config(cfg)
+        return cfg
+
+
+def _parse_option(opt: _Option, raw: str, where: str) -> Any:
+    raw = raw.strip()
+    bad = f"[{opt.section}] {opt.key} ({where}): "
+    if opt.kind == "str":
+        return raw
+    if opt.kind == "bool":
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(bad + f"expected true or false, got {raw!r}")
+    try:
+        value: float = int(raw) if opt.kind == "int" else float(raw)
+    except ValueError:
+        kind = "a whole number" if opt.kind == "int" else "a number"
+        raise ConfigError(bad + f"expected {kind}, got {raw!r}") from None
+    if not math.isfinite(value) or (opt.minimum is not None and value < opt.minimum):
+        raise ConfigError(bad + f"must be at least {opt.minimum:g}, got {raw!r}")
+    return value
+
+
+def _check_config(cfg: Config) -> None:
+    dsn = cfg.get("database", "dsn")
+    if not (dsn.startswith("sqlite:///") or dsn.startswith(("postgresql://", "postgres://"))):
+        raise ConfigError(f"[database] dsn: expected sqlite:///PATH or postgresql://..., got {dsn!r}")
+    if dsn.startswith("postgres") and aiopg is None:
+        raise ConfigError("[database] dsn: PostgreSQL needs the aiopg package (pip install aiopg)")
+    if not 4 <= cfg.get("auth", "bcrypt_rounds") <= 31:
+        raise ConfigError(f"[auth] bcrypt_rounds: must be from 4 to 31, got {cfg.get('auth', 'bcrypt_rounds')}")
+    if cfg.get("server", "port") > 65535:
+        raise ConfigError(f"[server] port: must be at most 65535, got {cfg.get('server', 'port')}")
+    if cfg.get("debug", "log_level").upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"[debug] log_level: expected debug, info, warning or error, got {cfg.get('debug', 'log_level')!r}")
+    if cfg.get("database", "pool_min") > cfg.get("database", "pool_max"):
+        raise ConfigError("[database] pool_min: must not exceed pool_max")
+    if not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", cfg.get("game", "module")):
+        raise ConfigError(f"[game] module: expected a dotted path like game_modules.walkers, got {cfg.get('game', 'module')!r}")
+
+
+def _example_ini() -> str:
+    """The text of ``config.example.ini``: every key with its default and help."""
+    out = ["; gridserver configuration. Every key may be overridden by the environment",
+           "; variable GRIDSERVER_<SECTION>_<KEY> (upper case), which wins over this file.", ""]
+    section = None
+    for opt in OPTIONS:
+        if opt.section != section:
+            if section is not None:
+                out.append("")
+            out.append(f"[{opt.section}]")
+            section = opt.section
+        out.append(f"; {opt.help} ({opt.env})")
+        out.append(f"{opt.key} = {opt.default}")
+    return "\n".join(out) + "\n"
+
+
+# =============================================================================
+# Wire helpers
+# =============================================================================
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a machine code; becomes the JSON envelope at the edge."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class DatabaseUnavailable(Exception):
+    """The database did not answer in time or refused the connection."""
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _iso(value: _dt.datetime | float | None) -> str | None:
+    """ISO 8601 in UTC with a ``Z``; accepts datetimes and epoch seconds."""
+    if value is None:
+        return None
+    if not isinstance(value, _dt.datetime):
+        value = _dt.datetime.fromtimestamp(value, _dt.timezone.utc)
+    return value.astimezone(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json_dumps(body), status=status, content_type="application/json")
+
+
+def _error_response(status: int, code: str, message: str) -> web.Response:
+    return _json_response({"error": code, "message": message}, status)
+
+
+def _parse_uuid(text: str, code: str = "not_found", what: str = "resource") -> UUID:
+    """A path UUID; anything malformed is the same 404 as an unknown id."""
+    try:
+        value = UUID(text)
+    except (ValueError, TypeError, AttributeError):
+        raise ApiError(404, code, f"No {what} has the id {text[:80]!r}.") from None
+    return value
+
+
+def _as_uuid(value: Any) -> UUID:
+    """A UUID from a UUID or its string form (module results may use either)."""
+    return value if isinstance(value, UUID) else UUID(str(value))
+
+
+async def _read_object(request: web.Request, max_size: int) -> dict:
+    """The request body as a JSON object, or ``ApiError(400)`` saying what is wrong."""
+    if request.content_length is not None and request.content_length > max_size:
+        raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
+    try:
+        raw = await request.content.read(max_size + 1)
+    except (asyncio.TimeoutError, ConnectionError):
+        raise ApiError(400, "bad_request", "The body could not be read.") from None
+    if len(raw) > max_size:
+        raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
+    if not raw.strip():
+        raise ApiError(400, "bad_request", "The body must be a JSON object.")
+    try:
+        body = json_loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError, OverflowError):
+        raise ApiError(400, "bad_request", "The body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "The body must be a JSON object.")
+    return body
+
+
+def _field(body: dict, name: str, kind: type | tuple, required: bool = True, default: Any = None) -> Any:
+    """One typed field of a request body; bools are never accepted as integers."""
+    if name not in body:
+        if required:
+            raise ApiError(400, "bad_request", f"The field '{name}' is required.")
+        return default
+    value = body[name]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        value = None  # reject: True is not a width
+    if not isinstance(value, kind):
+        names = {str: "a string", int: "an integer", dict: "a JSON object"}
+        want = names.get(kind, getattr(kind, "__name__", str(kind))) if not isinstance(kind, tuple) else "a valid value"
+        raise ApiError(400, "bad_request", f"The field '{name}' must be {want}.")
+    return value
+
+
+# =============================================================================
+# Public types and game protocol
+# =============================================================================
+
+
+@dataclass(slots=True, eq=False)
+class Entity:
+    """A thing in a zone. The registry owns it: modules read it and never mutate it.
+
+    It covers the cells ``[x, x+width) x [y, y+height)``; a 0x0 entity is a point at (x, y).
+    ``created_at`` and ``updated_at`` are seconds since the epoch.
+    """
+
+    id: UUID
+    zone_id: UUID
+    x: int
+    y: int
+    width: int = 0
+    height: int = 0
+    metadata: dict = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"id": str(self.id), "zone_id": str(self.zone_id), "x": self.x, "y": self.y,
+                "width": self.width, "height": self.height, "metadata": self.metadata,
+                "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at)}
+
+
+@dataclass(slots=True, frozen=True)
+class Intent:
+    """What a player asked for, queued for the zone's next tick in arrival order.
+
+    ``data`` is the client's JSON object as sent; ``received_at`` is seconds since the epoch;
+    ``seq`` increases with every intent the server accepts.
+    """
+
+    player_id: UUID
+    zone_id: UUID
+    data: dict
+    received_at: float
+    seq: int
+
+
+@dataclass(slots=True)
+class EntityCreate:
+    x: int
+    y: int
+    width: int = 0
+    height: int = 0
+    metadata: dict = field(default_factory=dict)
+    id: UUID | None = None  # None: the server assigns one
+
+
+@dataclass(slots=True)
+class EntityUpdate:
+    """Fields left at None stay as they are; ``metadata`` replaces the whole object."""
+
+    id: UUID
+    x: int | None = None
+    y: int | None = None
+    width: int | None = None
+    height: int | None = None
+    metadata: dict | None = None
+
+
+@dataclass
+class TickResult:
+    """A zone's changes for one tick, checked as a whole before any is applied."""
+
+    entity_creates: list[EntityCreate] = field(default_factory=list)
+    entity_updates: list[EntityUpdate] = field(default_factory=list)
+    entity_deletes: list[UUID] = field(default_factory=list)
+    broadcast_state: dict = field(default_factory=dict)
+
+
+@dataclass
+class Zone:
+    """A zone's record; its entities live in the world's registry."""
+
+    id: UUID
+    name: str
+    width: int
+    height: int
+    metadata: dict = field(default_factory=dict)
+    created_at: _dt.datetime = field(default_factory=_now)
+    updated_at: _dt.datetime = field(default_factory=_now)
+
+
+@runtime_checkable
+class GameLogicModule(Protocol):
+    """What a game module implements (``on_player_join``/``on_player_leave`` are optional).
+
+    ``on_tick`` runs in the server's game thread, never on the event loop, so a slow module
+    cannot stall the network; it must not keep references to ``entities`` past the call.
+    """
+
+    def on_init(self, framework: "FrameworkAPI") -> None: ...
+
+    def on_tick(self, zone_id: UUID, entities: list[Entity], intents: list[Intent],
+                tick_number: int) -> TickResult: ...
+
+    def get_player_state(self, zone_id: UUID, player_id: UUID, full_state: dict) -> dict: ...
+
+
+_REQUIRED_METHODS = ("on_init", "on_tick", "get_player_state")
+_OPTIONAL_HOOKS = ("on_player_join", "on_player_leave")
+
+
+# =============================================================================
+# Spatial index
+# =============================================================================
+
+#: Cells per side of one spatial bucket. A query touches only the buckets its area
+#: crosses, so its cost follows the entities near it, not the size of the zone.
+BUCKET_SIZE = 16
+
+
+def _covers_point(e: Entity, x: int, y: int, w: int, h: int) -> bool:
+    """Does entity ``e`` belong to the area ``[x, x+w) x [y, y+h)`` (see the geometry rules)?"""
+    if e.width == 0 or e.height == 0:  # a point (or a degenerate line): found where it stands
+        return x <= e.x < x + w and y <= e.y < y + h
+    return e.x < x + w and x < e.x + e.width and e.y < y + h and y < e.y + e.height
+
+
+class SpatialIndex:
+    """A uniform grid of buckets over one zone's entities.
+
+    A sized entity sits in every bucket its rectangle crosses; an entity with no area sits in
+    the bucket of its point. Pure and synchronous: the world calls it under its lock.
+    """
+
+    __slots__ = ("_buckets", "_size")
+
+    def __init__(self, bucket_size: int = BUCKET_SIZE):
+        self._buckets: dict[tuple[int, int], set[Entity]] = {}
+        self._size = bucket_size
+
+    def _range(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
+        s = self._size
+        if w == 0 or h == 0:
+            return x // s, y // s, x // s, y // s
+        return x // s, y // s, (x + w - 1) // s, (y + h - 1) // s
+
+    def insert(self, e: Entity) -> None:
+        bx0, by0, bx1, by1 = self._range(e.x, e.y, e.width, e.height)
+        buckets = self._buckets
+        for bx in range(bx0, bx1 + 1):
+            for by in range(by0, by1 + 1):
+                bucket = buckets.get((bx, by))
+                if bucket is None:
+                    buckets[(bx, by)] = bucket = set()
+                bucket.add(e)
+
+    def remove(self, e: Entity) -> None:
+        self._remove_range(e, self._range(e.x, e.y, e.width, e.height))
+
+    def _remove_range(self, e: Entity, r: tuple[int, int, int, int]) -> None:
+        buckets = self._buckets
+        for bx in range(r[0], r[2] + 1):
+            for by in range(r[1], r[3] + 1):
+                bucket = buckets.get((bx, by))
+                if bucket is not None:
+                    bucket.discard(e)
+                    if not bucket:
+                        del buckets[(bx, by)]
+
+    def move(self, e: Entity, x: int, y: int, w: int, h: int) -> None:
+        """Set the entity's rectangle, re-bucketing it only when its buckets change."""
+        old = self._range(e.x, e.y, e.width, e.height)
+        new = self._range(x, y, w, h)
+        if old != new:
+            self._remove_range(e, old)
+        e.x, e.y, e.width, e.height = x, y, w, h
+        if old != new:
+            self.insert(e)
+
+    def _candidates(self, x: int, y: int, w: int, h: int) -> Iterator[Entity]:
+        bx0, by0, bx1, by1 = self._range(x, y, w, h)
+        buckets = self._buckets
+        seen: set[Entity] = set()
+        single = bx0 == bx1 and by0 == by1
+        for bx in range(bx0, bx1 + 1):
+            for by in range(by0, by1 + 1):
+                bucket = buckets.get((bx, by))
+                if bucket:
+                    if single:
+                        yield from bucket
+                    else:
+                        for e in bucket:
+                            if e not in seen:
+                                seen.add(e)
+                                yield e
+
+    def query_area(self, x: int, y: int, w: int, h: int) -> list[Entity]:
+        """Entities whose rectangle shares area with ``[x, x+w) x [y, y+h)``, and points inside it."""
+        if w <= 0 or h <= 0:
+            return []
+        return [e for e in self._candidates(x, y, w, h) if _covers_point(e, x, y, w, h)]
+
+    def query_overlap(self, x: int, y: int, w: int, h: int, exclude: Entity | None = None) -> list[Entity]:
+        """Sized entities whose rectangle shares area with the given one (touching edges do not).
+
+        A rectangle with no area overlaps nothing.
+        """
+        if w <= 0 or h <= 0:
+            return []
+        return [e for e in self._candidates(x, y, w, h)
+                if e is not exclude and e.width > 0 and e.height > 0
+                and e.x < x + w and x < e.x + e.width and e.y < y + h and y < e.y + e.height]
+
+
+# =============================================================================
+# World state
+# =============================================================================
+
+
+class TickRejected(Exception):
+    """A zone's tick result (or the module call itself) failed; nothing of it was applied."""
+
+
+@dataclass(eq=False)
+class _ZoneState:
+    """Everything the server keeps for one live zone."""
+
+    zone: Zone
+    entities: dict[UUID, Entity] = field(default_factory=dict)
+    index: SpatialIndex = field(default_factory=SpatialIndex)
+    intents: list[Intent] = field(default_factory=list)
+    events: list[tuple[str, UUID]] = field(default_factory=list)  # ("join"|"leave", player)
+    intent_generation: int = 0          # bumped when the tick takes the intents
+    ticks: int = 0                      # ticks this zone has processed
+    errors: int = 0
+    last_error: dict | None = None
+    busy_since: float | None = None     # monotonic start of a module call still running
+    skipped: int = 0                    # ticks skipped while its module call was still running
+    last_tick_ms: float = 0.0
+
+
+def _check_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TickRejected(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def _in_bounds(zone: Zone, x: int, y: int, w: int, h: int) -> bool:
+    if w < 0 or h < 0 or x < 0 or y < 0:
+        return False
+    if w == 0 or h == 0:
+        return x < zone.width and y < zone.height and x + w <= zone.width and y + h <= zone.height
+    return x + w <= zone.width and y + h <= zone.height
+
+
+class World:
+    """The authority while the server runs: zones, their entities and what changed.
+
+    Every mutation goes through a method here under ``lock`` (the game thread applies tick
+    results while the event loop serves requests). ``dirty`` and ``deleted`` hold the entity
+    ids the next persistence flush must write or remove.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.zones: dict[UUID, _ZoneState] = {}
+        self.entity_zone: dict[UUID, _ZoneState] = {}
+        self.dirty: set[UUID] = set()
+        self.deleted: set[UUID] = set()
+
+    # -- zones ---------------------------------------------------------------------------
+    def add_zone(self, zone: Zone, entities: Iterable[Entity] = ()) -> _ZoneState:
+        with self.lock:
+            zs = _ZoneState(zone)
+            for e in entities:
+                zs.entities[e.id] = e
+                zs.index.insert(e)
+                self.entity_zone[e.id] = zs
+            self.zones[zone.id] = zs
+            return zs
+
+    def remove_zone(self, zone_id: UUID) -> _ZoneState | None:
+        """Drop a zone and its entities from memory (the database deleted them already)."""
+        with self.lock:
+            zs = self.zones.pop(zone_id, None)
+            if zs is not None:
+                for eid in zs.entities:
+                    self.entity_zone.pop(eid, None)
+                    self.dirty.discard(eid)
+                    self.deleted.discard(eid)
+            return zs
+
+    def zone_by_name(self, name: str) -> _ZoneState | None:
+        for zs in list(self.zones.values()):
+            if zs.zone.name == name:
+                return zs
+        return None
+
+    # -- entity registry -----------------------------------------------------------------
+    def get_entity(self, entity_id: UUID) -> Entity | None:
+        zs = self.entity_zone.get(entity_id)
+        return None if zs is None else zs.entities.get(entity_id)
+
+    def entities_of(self, zone_id: UUID) -> list[Entity]:
+        zs = self.zones.get(zone_id)
+        return [] if zs is None else list(zs.entities.values())
+
+    def query_area(self, zone_id: UUID, x: int, y: int, w: int, h: int) -> list[Entity]:
+        with self.lock:
+            zs = self.zones.get(zone_id)
+            return [] if zs is None else zs.index.query_area(x, y, w, h)
+
+    def query_overlap(self, zone_id: UUID, x: int, y: int, w: int, h: int,
+                      exclude: UUID | None = None) -> list[Entity]:
+        with self.lock:
+            zs = self.zones.get(zone_id)
+            if zs is None:
+                return []
+            skip = zs.entities.get(exclude) if exclude is not None else None
+            return zs.index.query_overlap(x, y, w, h, skip)
+
+    def create_entity(self, zone_id: UUID, x: int, y: int, width: int = 0, height: int = 0,
+                      metadata: dict | None = None, entity_id: UUID | None = None,
+                      now: float | None = None) -> Entity:
+        """Create one entity (checked like a tick result) and mark it for the next flush."""
+        result = TickResult(entity_creates=[EntityCreate(x, y, width, height, metadata or {}, entity_id)])
+        return self.apply(zone_id, result, now)[0][0]
+
+    def update_entity(self, entity_id: UUID, now: float | None = None, **changes: Any) -> Entity:
+        """Move, resize or replace the metadata of one entity (``x=``, ``y=``, ``width=``...)."""
+        zs = self.entity_zone.get(entity_id)
+        if zs is None:
+            raise TickRejected(f"unknown entity {entity_id}")
+        self.apply(zs.zone.id, TickResult(entity_updates=[EntityUpdate(entity_id, **changes)]), now)
+        return zs.entities[entity_id]
+
+    def delete_entity(self, entity_id: UUID) -> None:
+        zs = self.entity_zone.get(entity_id)
+        if zs is None:
+            raise TickRejected(f"unknown entity {entity_id}")
+        self.apply(zs.zone.id, TickResult(entity_deletes=[entity_id]))
+
+    # -- tick results --------------------------------------------------------------------
+    def validate(self, zs: _ZoneState, result: Any) -> tuple[list, list, list]:
+        """Check a zone's whole ``TickResult`` against the zone; raise ``TickRejected`` naming
+        the first offending change. Returns normalized (creates, updates, deletes).
+
+        Changes are checked in the order they are applied: creates, then updates, then
+        deletes; an update may touch an entity created in the same result.
+        """
+        if result is None:
+            return [], [], []
+        if not isinstance(result, TickResult):
+            raise TickRejected(f"on_tick returned {type(result).__name__}, not a TickResult")
+        if not isinstance(result.broadcast_state, dict):
+            raise TickRejected(f"broadcast_state must be a dict, got {type(result.broadcast_state).__name__}")
+        zone = zs.zone
+        shadow: dict[UUID, tuple[int, int, int, int] | None] = {}  # id -> rect after earlier changes
+
+        def rect_of(eid: UUID) -> tuple[int, int, int, int] | None:
+            if eid in shadow:
+                return shadow[eid]
+            e = zs.entities.get(eid)
+            return None if e is None else (e.x, e.y, e.width, e.height)
+
+        creates = []
+        for c in _as_list(result.entity_creates, "entity_creates"):
+            if not isinstance(c, EntityCreate):
+                raise TickRejected(f"entity_creates holds {type(c).__name__}, not EntityCreate")
+            x, y = _check_int(c.x, "create x"), _check_int(c.y, "create y")
+            w, h = _check_int(c.width, "create width"), _check_int(c.height, "create height")
+            if w < 0 or h < 0:
+                raise TickRejected(f"negative size in {c!r}")
+            if not _in_bounds(zone, x, y, w, h):
+                raise TickRejected(f"out of bounds of the {zone.width}x{zone.height} zone: {c!r}")
+            if not isinstance(c.metadata, dict):
+                raise TickRejected(f"metadata must be a dict in {c!r}")
+            try:
+                eid = uuid.uuid4() if c.id is None else _as_uuid(c.id)
+            except ValueError:
+                raise TickRejected(f"invalid id in {c!r}") from None
+            if eid in shadow or eid in self.entity_zone:
+                raise TickRejected(f"an entity with id {eid} exists already")
+            shadow[eid] = (x, y, w, h)
+            creates.append((eid, x, y, w, h, dict(c.metadata)))
+        updates = []
+        for u in _as_list(result.entity_updates, "entity_updates"):
+            if not isinstance(u, EntityUpdate):
+                raise TickRejected(f"entity_updates holds {type(u).__name__}, not EntityUpdate")
+            try:
+                eid = _as_uuid(u.id)
+            except ValueError:
+                raise TickRejected(f"invalid id in {u!r}") from None
+            rect = rect_of(eid)
+            if rect is None:
+                raise TickRejected(f"update of unknown entity {eid}")
+            x = rect[0] if u.x is None else _check_int(u.x, "update x")
+            y = rect[1] if u.y is None else _check_int(u.y, "update y")
+            w = rect[2] if u.width is None else _check_int(u.width, "update width")
+            h = rect[3] if u.height is None else _check_int(u.height, "update height")
+            if w < 0 or h < 0:
+                raise TickRejected(f"negative size in {u!r}")
+            if not _in_bounds(zone, x, y, w, h):
+                raise TickRejected(f"out of bounds of the {zone.width}x{zone.height} zone: {u!r}")
+            if u.metadata is not None and not isinstance(u.metadata, dict):
+                raise TickRejected(f"metadata must be a dict in {u!r}")
+            shadow[eid] = (x, y, w, h)
+            updates.append((eid, x, y, w, h, None if u.metadata is None else dict(u.metadata)))
+        deletes = []
+        for d in _as_list(result.entity_deletes, "entity_deletes"):
+            try:
+                eid = _as_uuid(d)
+            except ValueError:
+                raise TickRejected(f"invalid id {d!r} in entity_deletes") from None
+            if rect_of(eid) is None:
+                raise TickRejected(f"delete of unknown entity {eid}")
+            shadow[eid] = None
+            deletes.append(eid)
+        return creates, updates, deletes
+
+    def apply(self, zone_id: UUID, result: Any, now: float | None = None) -> tuple[list[Entity], int, int]:
+        """Validate and apply one zone's result atomically; returns (created, updated, deleted)."""
+        now = time.time() if now is None else now
+        with self.lock:
+            zs = self.zones.get(zone_id)
+            if zs is None:
+                raise TickRejected(f"zone {zone_id} does not exist")
+            creates, updates, deletes = self.validate(zs, result)
+            created = []
+            for eid, x, y, w, h, meta in creates:
+                e = Entity(eid, zone_id, x, y, w, h, meta, now, now)
+                zs.entities[eid] = e
+                zs.index.insert(e)
+                self.entity_zone[eid] = zs
+                self.dirty.add(eid)
+                self.deleted.discard(eid)
+                created.append(e)
+            for eid, x, y, w, h, meta in updates:
+                e = zs.entities[eid]
+                if (x, y, w, h) != (e.x, e.y, e.width, e.height):
+                    zs.index.move(e, x, y, w, h)
+                if meta is not None:
+                    e.metadata = meta
+                e.updated_at = now
+                self.dirty.add(eid)
+            for eid in deletes:
+                e = zs.entities.pop(eid)
+                zs.index.remove(e)
+                del self.entity_zone[eid]
+                self.dirty.discard(eid)
+                self.deleted.add(eid)
+            return created, len(updates), len(deletes)
+
+    def take_changes(self) -> tuple[list[tuple], list[UUID]]:
+        """Snapshot and clear what the next flush must write: (rows, deleted ids).
+
+        A row holds references to the entity's current values (metadata objects are replaced,
+        never mutated, by the registry), so the snapshot is one consistent state.
+        """
+        with self.lock:
+            rows = []
+            ez = self.entity_zone
+            for eid in self.dirty:
+                zs = ez.get(eid)
+                if zs is None:
+                    continue
+                e = zs.entities[eid]
+                rows.append((eid, e.zone_id, e.x, e.y, e.width, e.height, e.metadata, e.created_at, e.updated_at))
+            deleted = list(self.deleted)
+            self.dirty = set()
+            self.deleted = set()
+            return rows, deleted
+
+    def restore_changes(self, rows: list[tuple], deleted: list[UUID]) -> None:
+        """Put back a snapshot whose flush failed; later changes stay as they are."""
+        with self.lock:
+            for row in rows:
+                if row[0] in self.entity_zone:
+                    self.dirty.add(row[0])
+            for eid in deleted:
+                if eid not in self.entity_zone:
+                    self.deleted.add(eid)
+
+
+def _as_list(value: Any, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        return value
+    raise TickRejected(f"{what} must be a list, got {type(value).__name__}")
+
+
+# =============================================================================
+# Metrics
+# =============================================================================
+
+
+class _Histogram:
+    """A Prometheus histogram that also keeps the last values for p50/p99 gauges."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, keep: int = 1000):
+        self.counts = [0] * (len(self.BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+        self.recent: collections.deque[float] = collections.deque(maxlen=keep)
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        self.recent.append(value)
+        for i, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def quantile(self, q: float) -> float:
+        if not self.recent:
+            return 0.0
+        ordered = sorted(self.recent)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def render(self, name: str, help_text: str) -> list[str]:
+        out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        cumulative = 0
+        for bound, n in zip(self.BUCKETS, self.counts):
+            cumulative += n
+            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"{name}_sum {self.sum:.6f}")
+        out.append(f"{name}_count {self.count}")
+        for q in (0.5, 0.99):
+            out.append(f'{name}_recent{{quantile="{q}"}} {self.quantile(q):.6f}')
+        return out
+
+
+class Metrics:
+    """Counters and histograms shown at ``/metrics``; plain attributes, bumped in place."""
+
+    COUNTERS = {
+        "ticks_total": "ticks run",
+        "tick_overruns_total": "ticks that started after the next one was due",
+        "zone_errors_total": "zone ticks rejected (module exception or invalid result)",
+        "zone_ticks_skipped_total": "zone ticks skipped because the zone's module call was still running",
+        "intents_accepted_total": "intents queued for a tick",
+        "intents_dropped_total": "intents dropped by the per-tick limit or because the zone went away",
+        "messages_sent_total": "WebSocket messages handed to sockets",
+        "bytes_sent_total": "WebSocket payload bytes handed to sockets",
+        "ticks_dropped_total": "tick messages replaced by a newer one before a slow client took them",
+        "slow_clients_disconnected_total": "clients disconnected for falling behind",
+        "connections_total": "WebSocket connections accepted",
+        "flushes_total": "persistence flushes that committed",
+        "flush_failures_total": "persistence flushes that failed (retried)",
+        "entities_flushed_total": "entity rows written or deleted by flushes",
+    }
+
+    def __init__(self) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, 0)
+        self.tick_duration = _Histogram()
+        self.tick_lateness = _Histogram()
+        self.tick_work = _Histogram()
+        self.broadcast_time = _Histogram()
+        self.flush_duration = _Histogram()
+
+    def render(self, gauges: dict[str, tuple[float, str]]) -> str:
+        out: list[str] = []
+        for name, help_text in self.COUNTERS.items():
+            out += [f"# HELP gridserver_{name} {help_text}", f"# TYPE gridserver_{name} counter",
+                    f"gridserver_{name} {getattr(self, name)}"]
+        out += self.tick_duration.render("gridserver_tick_duration_seconds",
+                                         "wall time of a whole tick: module calls, apply, broadcast")
+        out += self.tick_lateness.render("gridserver_tick_lateness_seconds",
+                                         "how late a tick started against its schedule")
+        out += self.tick_work.render("gridserver_tick_work_seconds",
+                                     "time from tick start until every zone's result was applied")
+        out += self.broadcast_time.render("gridserver_tick_broadcast_seconds",
+                                          "time from tick start until the last subscriber's message was handed to its socket")
+        out += self.flush_duration.render("gridserver_flush_duration_seconds", "persistence flush time")
+        for name, (value, help_text) in gauges.items():
+            out += [f"# HELP gridserver_{name} {help_text}", f"# TYPE gridserver_{name} gauge",
+                    f"gridserver_{name} {value:g}"]
+        return "\n".join(out) + "\n"
+
+
+# =============================================================================
+# Storage (all SQL lives here)
+# =============================================================================
+
+#: The PostgreSQL schema. ``schema.sql`` holds the same statements (a test compares the
+#: database each produces); the server applies them on every start, so they are idempotent.
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS players (
+    id            UUID PRIMARY KEY,
+    username      TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL,
+    last_login    TIMESTAMPTZ,
+    CONSTRAINT players_username_key UNIQUE (username)
+);
+
+CREATE TABLE IF NOT EXISTS sessions (
+    token_digest TEXT PRIMARY KEY,
+    player_id    UUID NOT NULL REFERENCES players (id) ON DELETE CASCADE,
+    created_at   TIMESTAMPTZ NOT NULL,
+    expires_at   TIMESTAMPTZ
+);
+CREATE INDEX IF NOT EXISTS sessions_player_id_idx ON sessions (player_id);
+
+CREATE TABLE IF NOT EXISTS zones (
+    id         UUID PRIMARY KEY,
+    name       TEXT NOT NULL,
+    width      INTEGER NOT NULL CHECK (width > 0),
+    height     INTEGER NOT NULL CHECK (height > 0),
+    metadata   JSONB NOT NULL DEFAULT '{}'::jsonb,
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    CONSTRAINT zones_name_key UNIQUE (name)
+);
+
+CREATE TABLE IF NOT EXISTS entities (
+    id         UUID PRIMARY KEY,
+    zone_id    UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
+    x          INTEGER NOT NULL CHECK (x >= 0),
+    y          INTEGER NOT NULL CHECK (y >= 0),
+    width      INTEGER NOT NULL CHECK (width >= 0),
+    height     INTEGER NOT NULL CHECK (height >= 0),
+    metadata   JSONB NOT NULL DEFAULT '{}'::jsonb,
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
+"""
+
+#: The same tables for the embedded SQLite default: UUIDs, JSON and times (ISO 8601) as text.
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS players (
+    id TEXT PRIMARY KEY, username TEXT NOT NULL UNIQUE, password_hash TEXT NOT NULL,
+    created_at TEXT NOT NULL, last_login TEXT
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_digest TEXT PRIMARY KEY,
+    player_id TEXT NOT NULL REFERENCES players (id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL, expires_at TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_player_id_idx ON sessions (player_id);
+CREATE TABLE IF NOT EXISTS zones (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+    width INTEGER NOT NULL CHECK (width > 0), height INTEGER NOT NULL CHECK (height > 0),
+    metadata TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entities (
+    id TEXT PRIMARY KEY, zone_id TEXT NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
+    x INTEGER NOT NULL CHECK (x >= 0), y INTEGER NOT NULL CHECK (y >= 0),
+    width INTEGER NOT NULL CHECK (width >= 0), height INTEGER NOT NULL CHECK (height >= 0),
+    metadata TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
+"""
+
+# Statements shared by both backends, written with %s placeholders (SQLite gets ? instead).
+_SQL = {
+    "insert_player": "INSERT INTO players (id, username, password_hash, created_at) VALUES (%s, %s, %s, %s)",
+    "player_by_name": "SELECT id, username, password_hash, created_at, last_login FROM players WHERE username = %s",
+    "player_by_id": "SELECT id, username, password_hash, created_at, last_login FROM players WHERE id = %s",
+    "set_last_login": "UPDATE players SET last_login = %s WHERE id = %s",
+    "insert_session": "INSERT INTO sessions (token_digest, player_id, created_at, expires_at) VALUES (%s, %s, %s, %s)",
+    "session": "SELECT s.player_id, s.expires_at, p.username FROM sessions s JOIN players p ON p.id = s.player_id "
+               "WHERE s.token_digest = %s",
+    "delete_session": "DELETE FROM sessions WHERE token_digest = %s",
+    "delete_expired_sessions": "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at < %s",
+    "insert_zone": "INSERT INTO zones (id, name, width, height, metadata, created_at, updated_at) "
+                   "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+    "delete_zone_entities": "DELETE FROM entities WHERE zone_id = %s",
+    "delete_zone": "DELETE FROM zones WHERE id = %s",
+    "zones": "SELECT id, name, width, height, metadata, created_at, updated_at FROM zones",
+    "entities": "SELECT id, zone_id, x, y, width, height, metadata, created_at, updated_at FROM entities",
+    "ping": "SELECT 1",
+}
+
+#: One flush chunk: the rows travel as one JSON array parameter, unpacked by PostgreSQL, so a
+#: chunk of thousands of entities is one statement. Rows of zones deleted meanwhile are skipped.
+_PG_UPSERT_ENTITIES = """
+INSERT INTO entities (id, zone_id, x, y, width, height, metadata, created_at, updated_at)
+SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::int, (r->>3)::int, (r->>4)::int, (r->>5)::int,
+       (r->6)::jsonb, to_timestamp((r->>7)::float8), to_timestamp((r->>8)::float8)
+FROM json_array_elements(%s::json) AS r
+WHERE EXISTS (SELECT 1 FROM zones z WHERE z.id = (r->>1)::uuid)
+ON CONFLICT (id) DO UPDATE SET
+    x = EXCLUDED.x, y = EXCLUDED.y, width = EXCLUDED.width, height = EXCLUDED.height,
+    metadata = EXCLUDED.metadata, updated_at = EXCLUDED.updated_at
+"""
+_PG_DELETE_ENTITIES = "DELETE FROM entities WHERE id = ANY(%s::uuid[])"
+
+_SQLITE_UPSERT_ENTITY = """
+INSERT INTO entities (id, zone_id, x, y, width, height, metadata, created_at, updated_at)
+SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM zones WHERE id = ?)
+ON CONFLICT (id) DO UPDATE SET
+    x = excluded.x, y = excluded.y, width = excluded.width, height = excluded.height,
+    metadata = excluded.metadata, updated_at = excluded.updated_at
+"""
+_SQLITE_DELETE_ENTITY = "DELETE FROM entities WHERE id = ?"
+
+#: Rows per flush statement; the event loop gets a turn between chunks.
+FLUSH_CHUNK = 5000
+
+
+class UniqueViolation(Exception):
+    """An insert broke a unique constraint; ``what`` is "username" or "zone_name"."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+class _Store:
+    """What the server asks of a database. ``healthy`` follows the last call's outcome."""
+
+    healthy = True
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def insert_player(self, player_id: UUID, username: str, pw_hash: str, created_at: _dt.datetime) -> None: ...
+    async def player_by_name(self, username: str) -> dict | None: ...
+    async def player_by_id(self, player_id: UUID) -> dict | None: ...
+    async def set_last_login(self, player_id: UUID, when: _dt.datetime) -> None: ...
+    async def insert_session(self, digest: str, player_id: UUID, created_at: _dt.datetime,
+                             expires_at: _dt.datetime | None) -> None: ...
+    async def session(self, digest: str) -> tuple[UUID, _dt.datetime | None, str] | None: ...
+    async def delete_session(self, digest: str) -> None: ...
+    async def delete_expired_sessions(self, now: _dt.datetime) -> None: ...
+    async def insert_zone(self, zone: Zone) -> None: ...
+    async def delete_zone(self, zone_id: UUID) -> None: ...
+    async def load(self) -> tuple[list[Zone], list[Entity]]: ...
+    async def flush(self, rows: list[tuple], deleted: list[UUID]) -> None: ...
+
+
+def _player_row(row: tuple) -> dict:
+    return {"id": _as_uuid(row[0]), "username": row[1], "password_hash": row[2],
+            "created_at": _to_datetime(row[3]), "last_login": _to_datetime(row[4])}
+
+
+def _to_datetime(value: Any) -> _dt.datetime | None:
+    if value is None or isinstance(value, _dt.datetime):
+        return value
+    return _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _zone_row(row: tuple) -> Zone:
+    meta = row[4] if isinstance(row[4], dict) else json_loads(row[4])
+    return Zone(_as_uuid(row[0]), row[1], row[2], row[3], meta, _to_datetime(row[5]), _to_datetime(row[6]))
+
+
+def _entity_row(row: tuple) -> Entity:
+    meta = row[6] if isinstance(row[6], dict) else json_loads(row[6])
+    return Entity(_as_uuid(row[0]), _as_uuid(row[1]), row[2], row[3], row[4], row[5], meta,
+                  _to_datetime(row[7]).timestamp(), _to_datetime(row[8]).timestamp())
+
+
+class PostgresStore(_Store):
+    """PostgreSQL through an aiopg pool. Every call is bounded by ``timeout`` seconds."""
+
+    def __init__(self, dsn: str, pool_min: int, pool_max: int, timeout: float):
+        self.dsn, self.pool_min, self.pool_max, self.timeout = dsn, pool_min, pool_max, timeout
+        self.pool = None
+
+    async def open(self) -> None:
+        try:
+            self.pool = await asyncio.wait_for(
+                aiopg.create_pool(self.dsn, minsize=self.pool_min, maxsize=self.pool_max,
+                                  timeout=self.timeout, connect_timeout=max(1, int(self.timeout))),
+                self.timeout * 2)
+        except (psycopg2.Error, OSError, asyncio.TimeoutError) as exc:
+            raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {str(exc).strip() or 'timed out'}") from None
+        await self._run(self._exec_script, PG_SCHEMA)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.wait_closed(), self.timeout)
+
+    async def _run(self, fn: Callable, *args: Any, timeout: float | None = None) -> Any:
+        """Run ``fn(cursor, *args)`` on a pooled connection; a dropped connection is retried once.
+
+        Any failure to reach the database becomes ``DatabaseUnavailable``; a connection whose
+        call failed half way is closed rather than returned to the pool.
+        """
+        timeout = timeout or self.timeout
+        for attempt in (1, 2):
+            conn = None
+            try:
+                conn = await asyncio.wait_for(self.pool.acquire(), self.timeout)
+                try:
+                    async with conn.cursor(timeout=timeout) as cur:
+                        result = await asyncio.wait_for(fn(cur, *args), timeout)
+                except BaseException:
+                    conn.close()
+                    raise
+                self.healthy = True
+                return result
+            except psycopg2.IntegrityError as exc:
+                self.healthy = True
+                name = getattr(getattr(exc, "diag", None), "constraint_name", "") or ""
+                raise UniqueViolation("username" if "players" in name else "zone_name") from None
+            except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
+                # An idle connection the server dropped fails on first use: try a fresh one.
+                stale = conn is not None and isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+                if attempt == 2 or not stale:
+                    self.healthy = False
+                    raise DatabaseUnavailable(str(exc).strip() or "timed out") from None
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        self.pool.release(conn)
+
+    @staticmethod
+    async def _exec_script(cur: Any, script: str) -> None:
+        await cur.execute(script)
+
+    @staticmethod
+    async def _one(cur: Any, sql: str, args: tuple) -> tuple | None:
+        await cur.execute(sql, args)
+        return await cur.fetchone() if cur.description else None
+
+    async def _tx(self, cur: Any, steps: list[tuple[str, tuple]]) -> None:
+        await cur.execute("BEGIN")
+        try:
+            for sql, args in steps:
+                await cur.execute(sql, args)
+            await cur.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await cur.execute("ROLLBACK")
+            raise
+
+    async def ping(self) -> None:
+        await self._run(self._one, _SQL["ping"], ())
+
+    async def insert_player(self, player_id, username, pw_hash, created_at):
+        await self._run(self._one, _SQL["insert_player"], (str(player_id), username, pw_hash, created_at))
+
+    async def player_by_name(self, username):
+        row = await self._run(self._one, _SQL["player_by_name"], (username,))
+        return None if row is None else _player_row(row)
+
+    async def player_by_id(self, player_id):
+        row = await self._run(self._one, _SQL["player_by_id"], (str(player_id),))
+        return None if row is None else _player_row(row)
+
+    async def set_last_login(self, player_id, when):
+        await self._run(self._one, _SQL["set_last_login"], (when, str(player_id)))
+
+    async def insert_session(self, digest, player_id, created_at, expires_at):
+        await self._run(self._one, _SQL["insert_session"], (digest, str(player_id), created_at, expires_at))
+
+    async def session(self, digest):
+        row = await self._run(self._one, _SQL["session"], (digest,))
+        return None if row is None else (_as_uuid(row[0]), row[1], row[2])
+
+    async def delete_session(self, digest):
+        await self._run(self._one, _SQL["delete_session"], (digest,))
+
+    async def delete_expired_sessions(self, now):
+        await self._run(self._one, _SQL["delete_expired_sessions"], (now,))
+
+    async def insert_zone(self, zone):
+        await self._run(self._one, _SQL["insert_zone"], (str(zone.id), zone.name, zone.width, zone.height,
+                                                         json_dumps(zone.metadata), zone.created_at, zone.updated_at))
+
+    async def delete_zone(self, zone_id):
+        zid = str(zone_id)
+        await self._run(self._tx, [(_SQL["delete_zone_entities"], (zid,)), (_SQL["delete_zone"], (zid,))])
+
+    async def load(self):
+        async def fetch(cur: Any) -> tuple[list, list]:
+            await cur.execute(_SQL["zones"])
+            zones = [_zone_row(r) for r in await cur.fetchall()]
+            await cur.execute(_SQL["entities"])
+            return zones, [_entity_row(r) for r in await cur.fetchall()]
+        return await self._run(fetch)
+
+    async def flush(self, rows, deleted):
+        async def write(cur: Any) -> None:
+            await cur.execute("BEGIN")
+            try:
+                if deleted:
+                    await cur.execute(_PG_DELETE_ENTITIES, ([str(d) for d in deleted],))
+                for start in range(0, len(rows), FLUSH_CHUNK):
+                    payload = json_dumps(rows[start:start + FLUSH_CHUNK])  # serialized on the loop, in chunks
+                    await cur.execute(_PG_UPSERT_ENTITIES, (payload,))
+                await cur.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await cur.execute("ROLLBACK")
+                raise
+        await self._run(write, timeout=self.timeout * (1 + len(rows) // 20000))  # big flushes take longer
+
+
+class SqliteStore(_Store):
+    """The embedded default: one SQLite file, used from one thread off the event loop."""
+
+    def __init__(self, path: str, timeout: float):
+        self.path, self.timeout = path, timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridserver-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    async def _call(self, fn: Callable, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await asyncio.wait_for(loop.run_in_executor(self._executor, fn, *args), self.timeout * 4)
+        except sqlite3.IntegrityError as exc:
+            raise UniqueViolation("username" if "players" in str(exc) else "zone_name") from None
+        except (sqlite3.OperationalError, asyncio.TimeoutError) as exc:
+            self.healthy = False
+            raise DatabaseUnavailable(str(exc) or "timed out") from None
+        self.healthy = True
+        return result
+
+    def _open(self) -> None:
+        self._conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                     check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SQLITE_SCHEMA)
+
+    async def open(self) -> None:
+        try:
+            await self._call(self._open)
+        except DatabaseUnavailable as exc:
+            raise DatabaseUnavailable(f"cannot open SQLite database {self.path}: {exc}") from None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    def _q(self, name_or_sql: str) -> str:
+        return _SQL.get(name_or_sql, name_or_sql).replace("%s", "?")
+
+    def _one(self, name: str, args: tuple) -> tuple | None:
+        return self._conn.execute(self._q(name), args).fetchone()
+
+    def _tx(self, steps: list[tuple[str, Any, bool]]) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args, many in steps:
+                (conn.executemany if many else conn.execute)(sql, args)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def ping(self):
+        await self._call(self._one, "ping", ())
+
+    async def insert_player(self, player_id, username, pw_hash, created_at):
+        await self._call(self._one, "insert_player", (str(player_id), username, pw_hash, _iso(created_at)))
+
+    async def player_by_name(self, username):
+        row = await self._call(self._one, "player_by_name", (username,))
+        return None if row is None else _player_row(row)
+
+    async def player_by_id(self, player_id):
+        row = await self._call(self._one, "player_by_id", (str(player_id),))
+        return None if row is None else _player_row(row)
+
+    async def set_last_login(self, player_id, when):
+        await self._call(self._one, "set_last_login", (_iso(when), str(player_id)))
+
+    async def insert_session(self, digest, player_id, created_at, expires_at):
+        await self._call(self._one, "insert_session", (digest, str(player_id), _iso(created_at), _iso(expires_at)))
+
+    async def session(self, digest):
+        row = await self._call(self._one, "session", (digest,))
+        return None if row is None else (_as_uuid(row[0]), _to_datetime(row[1]), row[2])
+
+    async def delete_session(self, digest):
+        await self._call(self._one, "delete_session", (digest,))
+
+    async def delete_expired_sessions(self, now):
+        await self._call(self._one, "delete_expired_sessions", (_iso(now),))
+
+    async def insert_zone(self, zone):
+        await self._call(self._one, "insert_zone", (str(zone.id), zone.name, zone.width, zone.height,
+                                                    json_dumps(zone.metadata), _iso(zone.created_at),
+                                                    _iso(zone.updated_at)))
+
+    async def delete_zone(self, zone_id):
+        zid = str(zone_id)
+        await self._call(self._tx, [(self._q("delete_zone_entities"), (zid,), False),
+                                    (self._q("delete_zone"), (zid,), False)])
+
+    async def load(self):
+        def fetch() -> tuple[list, list]:
+            zones = [_zone_row(r) for r in self._conn.execute(_SQL["zones"])]
+            return zones, [_entity_row(r) for r in self._conn.execute(_SQL["entities"])]
+        return await self._call(fetch)
+
+    async def flush(self, rows, deleted):
+        def write() -> None:
+            upserts = [(str(r[0]), str(r[1]), r[2], r[3], r[4], r[5], json_dumps(r[6]), _iso(r[7]), _iso(r[8]),
+                        str(r[1])) for r in rows]
+            self._tx([(_SQLITE_DELETE_ENTITY, [(str(d),) for d in deleted], True),
+                      (_SQLITE_UPSERT_ENTITY, upserts, True)])
+        await self._call(write)
+
+
+def open_store(cfg: Config) -> _Store:
+    """The store the DSN names (not yet opened)."""
+    dsn = cfg.get("database", "dsn")
+    if dsn.startswith("sqlite:///"):
+        return SqliteStore(dsn[len("sqlite:///"):] or "gridserver.db", cfg.get("database", "timeout"))
+    return PostgresStore(dsn, cfg.get("database", "pool_min"), cfg.get("database", "pool_max"),
+                         cfg.get("database", "timeout"))
+
+
+# =============================================================================
+# Accounts and sessions
+# =============================================================================
+
+_USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,32}")
+
+
+@dataclass(slots=True)
+class Session:
+    """An authenticated session; the token itself is never kept, only its digest."""
+
+    digest: str
+    player_id: UUID
+    username: str
+    expires_at: float | None  # seconds since the epoch; None: until logout
+
+
+def token_digest(token: str) -> str:
+    """The only form in which a session token is stored: SHA-256, hex."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Accounts:
+    """Registration, login and sessions. bcrypt runs in its own thread pool, off the loop.
+
+    Sessions found valid are cached in memory (the server is the only writer of the table);
+    logout removes the session from the cache and the database at once.
+    """
+
+    CACHE_LIMIT = 200_000
+
+    def __init__(self, store: _Store, cfg: Config):
+        self.store = store
+        self.rounds = cfg.get("auth", "bcrypt_rounds")
+        self.min_length = cfg.get("auth", "min_password_length")
+        self.ttl = cfg.get("auth", "session_ttl")
+        self.executor = ThreadPoolExecutor(cfg.get("auth", "bcrypt_threads"), thread_name_prefix="gridserver-bcrypt")
+        self._cache: dict[str, Session] = {}
+        self._dummy_hash: bytes | None = None
+
+    async def _hash(self, password: bytes) -> str:
+        loop = asyncio.get_running_loop()
+        hashed = await loop.run_in_executor(self.executor, bcrypt.hashpw, password, bcrypt.gensalt(self.rounds))
+        return hashed.decode("ascii")
+
+    async def _check(self, password: bytes, hashed: bytes) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, bcrypt.checkpw, password, hashed)
+
+    def _password_bytes(self, password: str) -> bytes:
+        try:
+            raw = password.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "bad_request", "The field 'password' is not valid Unicode text.") from None
+        if len(password) < self.min_length:
+            raise ApiError(400, "bad_request", f"The field 'password' must be at least {self.min_length} characters.")
+        if len(raw) > 72:
+            raise ApiError(400, "bad_request", "The field 'password' must be at most 72 bytes in UTF-8.")
+        if b"\x00" in raw:
+            raise ApiError(400, "bad_request", "The field 'password' must not contain NUL characters.")
+        return raw
+
+    async def register(self, username: str, password: str) -> dict:
+        if not _USERNAME_RE.fullmatch(username):
+            raise ApiError(400, "bad_request",
+                           "The field 'username' must be 3 to 32 characters of letters, digits, '_', '.' or '-'.")
+        raw = self._password_bytes(password)
+        if await self.store.player_by_name(username) is not None:
+            raise ApiError(409, "username_taken", f"The username {username!r} is taken.")
+        hashed = await self._hash(raw)
+        player_id, created = uuid.uuid4(), _now()
+        try:
+            await self.store.insert_player(player_id, username, hashed, created)
+        except UniqueViolation:  # a concurrent registration of the same name won the race
+            raise ApiError(409, "username_taken", f"The username {username!r} is taken.") from None
+        return {"id": str(player_id), "username": username, "created_at": _iso(created)}
+
+    async def login(self, username: str, password: str) -> dict:
+        """Unknown users and wrong passwords get the same answer after the same bcrypt work."""
+        if self._dummy_hash is None:
+            self._dummy_hash = (await self._hash(secrets.token_bytes(16))).encode("ascii")
+        raw = password.encode("utf-8", "surrogatepass")[:72].replace(b"\x00", b"")
+        player = await self.store.player_by_name(username) if _USERNAME_RE.fullmatch(username) else None
+        hashed = player["password_hash"].encode("ascii") if player else self._dummy_hash
+        ok = await self._check(raw, hashed)
+        if not ok or player is None or len(password.encode("utf-8", "surrogatepass")) > 72:
+            raise ApiError(401, "invalid_credentials", "The username or password is wrong.")
+        token = secrets.token_urlsafe(32)
+        now = _now()
+        expires = now + _dt.timedelta(seconds=self.ttl) if self.ttl else None
+        await self.store.insert_session(token_digest(token), player["id"], now, expires)
+        await self.store.set_last_login(player["id"], now)
+        return {"token": token, "player_id": str(player["id"]), "expires_at": _iso(expires)}
+
+    async def authenticate(self, token: str | None) -> Session | None:
+        """The live session of ``token``, or None when it is unknown, expired or logged out."""
+        if not token or len(token) > 256:
+            return None
+        digest = token_digest(token)
+        session = self._cache.get(digest)
+        if session is None:
+            row = await self.store.session(digest)
+            if row is None:
+                return None
+            expires = row[1].timestamp() if row[1] is not None else None
+            session = Session(digest, row[0], row[2], expires)
+            if len(self._cache) >= self.CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[digest] = session
+        if session.expires_at is not None and session.expires_at <= time.time():
+            self._cache.pop(digest, None)
+            return None
+        return session
+
+    async def logout(self, session: Session) -> None:
+        await self.store.delete_session(session.digest)
+        self._cache.pop(session.digest, None)
+
+    async def me(self, session: Session) -> dict:
+        player = await self.store.player_by_id(session.player_id)
+        if player is None:  # deleted behind the server's back
+            raise ApiError(401, "unauthorized", "The session's player no longer exists.")
+        return player
+
+
+# =============================================================================
+# Hub: connections, subscriptions, outboxes
+# =============================================================================
+
+#: Close codes beyond the standard ones.
+CLOSE_REPLACED = 4000   # the player connected again elsewhere
+CLOSE_SESSION_ENDED = 4001  # logout or session expiry
+CLOSE_TOO_SLOW = 4002   # the client fell behind and its outbox overflowed
+
+#: Bytes a client's socket may hold unsent before new ticks skip it (newest state wins).
+SEND_BUFFER_LIMIT = 256 * 1024
+#: Bytes past which the client is disconnected outright, whatever the messages.
+SEND_BUFFER_HARD_LIMIT = 4 * 1024 * 1024
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked WebSocket text frame (RFC 6455, server to client).
+
+    A tick's frame is built once per zone and written to every subscriber's transport as is.
+    """
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+class Connection:
+    """One player's live WebSocket.
+
+    Messages are written straight to the transport as prebuilt frames, so a send never
+    waits. A client that stops reading is skipped for ticks while its socket holds more
+    than ``SEND_BUFFER_LIMIT`` unsent bytes (it gets the newest tick once it catches up),
+    and is disconnected after ``max_behind`` skipped ticks or past ``SEND_BUFFER_HARD_LIMIT``.
+    """
+
+    __slots__ = ("ws", "transport", "session", "player_id", "username", "zone_id", "connected_at",
+                 "behind", "closed", "intent_generation", "intent_count", "told_rate_limited",
+                 "expiry_handle", "hub")
+
+    def __init__(self, hub: "Hub", ws: web.WebSocketResponse, transport: Any, session: Session):
+        self.hub = hub
+        self.ws = ws
+        self.transport = transport
+        self.session = session
+        self.player_id = session.player_id
+        self.username = session.username
+        self.zone_id: UUID | None = None
+        self.connected_at = _now()
+        self.behind = 0
+        self.closed = False
+        self.intent_generation = -1
+        self.intent_count = 0
+        self.told_rate_limited = False
+        self.expiry_handle: asyncio.TimerHandle | None = None
+
+    def _write(self, frame: bytes) -> bool:
+        t = self.transport
+        if self.closed or t is None or t.is_closing():
+            return False
+        if t.get_write_buffer_size() > SEND_BUFFER_HARD_LIMIT:
+            self.abort()
+            return False
+        t.write(frame)
+        m = self.hub.metrics
+        m.messages_sent_total += 1
+        m.bytes_sent_total += len(frame)
+        return True
+
+    def send(self, message: dict) -> None:
+        """Queue one control message (answers and errors); never waits."""
+        self._write(ws_text_frame(json_dumps(message).encode("utf-8")))
+
+    def error(self, code: str, message: str) -> None:
+        self.send({"type": "error", "code": code, "message": message})
+
+    def send_tick(self, frame: bytes, max_behind: int) -> None:
+        t = self.transport
+        if self.closed or t is None or t.is_closing():
+            return
+        if t.get_write_buffer_size() > SEND_BUFFER_LIMIT:
+            self.behind += 1
+            self.hub.metrics.ticks_dropped_total += 1
+            if self.behind > max_behind:
+                self.hub.metrics.slow_clients_disconnected_total += 1
+                log.info("disconnecting %s: %d ticks behind", self.username, self.behind)
+                self.abort()
+            return
+        self.behind = 0
+        self._write(frame)
+
+    def abort(self) -> None:
+        """Drop the connection at once (for clients that do not read)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send a close frame and wait (briefly) for the client's; aborts if it does not answer."""
+        self.closed = True
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 2.0)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            if self.transport is not None:
+                self.transport.abort()
+
+
+class Hub:
+    """Who is connected, who is in which zone, and the messages they are owed.
+
+    A player is a *member* of a zone from subscribing until leaving; a dropped connection
+    stays a member for ``reconnect_grace`` seconds, so a quick reconnect resumes the zone
+    without the game seeing a leave and a join. Join and leave events are queued on the
+    zone and delivered to the module at the start of the zone's next tick.
+    """
+
+    def __init__(self, world: World, metrics: Metrics, cfg: Config):
+        self.world = world
+        self.metrics = metrics
+        self.grace = cfg.get("websocket", "reconnect_grace")
+        self.max_intents = cfg.get("tick", "max_intents_per_player")
+        self.max_behind = cfg.get("websocket", "max_behind")
+        self.conns: dict[UUID, Connection] = {}
+        self.subscribers: dict[UUID, dict[UUID, Connection]] = collections.defaultdict(dict)
+        self.members: dict[UUID, set[UUID]] = collections.defaultdict(set)
+        self._grace: dict[UUID, tuple[UUID, asyncio.TimerHandle]] = {}
+        self._seq = itertools.count(1)
+
+    # -- membership ----------------------------------------------------------------------
+    def _join(self, zone_id: UUID, player_id: UUID) -> None:
+        zs = self.world.zones.get(zone_id)
+        if zs is not None and player_id not in self.members[zone_id]:
+            self.members[zone_id].add(player_id)
+            zs.events.append(("join", player_id))
+
+    def _leave(self, zone_id: UUID, player_id: UUID) -> None:
+        members = self.members.get(zone_id)
+        if members is not None and player_id in members:
+            members.discard(player_id)
+            zs = self.world.zones.get(zone_id)
+            if zs is not None:
+                zs.events.append(("leave", player_id))
+
+    def _grace_expired(self, player_id: UUID) -> None:
+        entry = self._grace.pop(player_id, None)
+        if entry is not None:
+            self._leave(entry[0], player_id)
+
+    # -- connections ---------------------------------------------------------------------
+    def attach(self, conn: Connection) -> UUID | None:
+        """Register a new connection; returns the zone it resumes, if any.
+
+        An older connection of the same player is closed with 4000 and its zone passes to
+        the new one; otherwise a zone kept in the grace period is resumed.
+        """
+        self.metrics.connections_total += 1
+        resume: UUID | None = None
+        old = self.conns.get(conn.player_id)
+        if old is not None:
+            resume = old.zone_id
+            self._unsubscribe_conn(old)
+            old.closed = True
+            asyncio.ensure_future(old.close(CLOSE_REPLACED, "replaced by a new connection"))
+        entry = self._grace.pop(conn.player_id, None)
+        if entry is not None:
+            entry[1].cancel()
+            resume = resume or entry[0]
+        self.conns[conn.player_id] = conn
+        if resume is not None and resume in self.world.zones:
+            conn.zone_id = resume
+            self.subscribers[resume][conn.player_id] = conn
+            self._join(resume, conn.player_id)  # no event if still a member
+            return resume
+        return None
+
+    def detach(self, conn: Connection, keep_zone: bool = True) -> None:
+        """Forget a closed connection; with ``keep_zone`` its zone is held for the grace period."""
+        conn.closed = True
+        if conn.expiry_handle is not None:
+            conn.expiry_handle.cancel()
+        if self.conns.get(conn.player_id) is not conn:
+            return  # replaced: the new connection owns the player now
+        del self.conns[conn.player_id]
+        zone_id = conn.zone_id
+        self._unsubscribe_conn(conn)
+        if zone_id is None:
+            return
+        if keep_zone and self.grace > 0:
+            handle = asyncio.get_running_loop().call_later(self.grace, self._grace_expired, conn.player_id)
+            self._grace[conn.player_id] = (zone_id, handle)
+        else:
+            self._leave(zone_id, conn.player_id)
+
+    def _unsubscribe_conn(self, conn: Connection) -> None:
+        if conn.zone_id is not None:
+            subs = self.subscribers.get(conn.zone_id)
+            if subs is not None and subs.get(conn.player_id) is conn:
+                del subs[conn.player_id]
+                if not subs:
+                    del self.subscribers[conn.zone_id]
+        conn.zone_id = None
+
+    def subscribe(self, conn: Connection, zone_id: UUID) -> None:
+        """Leave the current zone (if another) and join ``zone_id``; answer ``subscribed``.
+
+        Ticks are delivered only to connections whose ``zone_id`` matches at the moment of
+        delivery, so no tick of the old zone can follow the answer.
+        """
+        if conn.zone_id != zone_id:
+            if conn.zone_id is not None:
+                old = conn.zone_id
+                self._unsubscribe_conn(conn)
+                self._leave(old, conn.player_id)
+            conn.zone_id = zone_id
+            self.subscribers[zone_id][conn.player_id] = conn
+            self._join(zone_id, conn.player_id)
+        conn.send({"type": "subscribed", "zone_id": str(zone_id)})
+
+    def unsubscribe(self, conn: Connection) -> None:
+        if conn.zone_id is not None:
+            old = conn.zone_id
+            self._unsubscribe_conn(conn)
+            self._leave(old, conn.player_id)
+        conn.send({"type": "unsubscribed"})
+
+    def add_intent(self, conn: Connection, data: dict) -> None:
+        """Queue an intent for the next tick of the player's zone, within the per-tick limit.
+
+        The limit counts intents per zone tick: the count starts again when the zone's
+        tick takes its queue. Only the first intent dropped in a tick gets an error message.
+        """
+        zs = self.world.zones.get(conn.zone_id) if conn.zone_id is not None else None
+        if zs is None:
+            conn.error("not_subscribed", "Subscribe to a zone before sending intents.")
+            return
+        if conn.intent_generation != zs.intent_generation:
+            conn.intent_generation = zs.intent_generation
+            conn.intent_count = 0
+            conn.told_rate_limited = False
+        if conn.intent_count >= self.max_intents:
+            self.metrics.intents_dropped_total += 1
+            if not conn.told_rate_limited:
+                conn.told_rate_limited = True
+                conn.error("rate_limited", f"At most {self.max_intents} intents per tick; the rest are dropped.")
+            return
+        conn.intent_count += 1
+        zs.intents.append(Intent(conn.player_id, zs.zone.id, data, time.time(), next(self._seq)))
+        self.metrics.intents_accepted_total += 1
+
+    def zone_deleted(self, zone_id: UUID) -> None:
+        """Tell the zone's subscribers and forget everything about it."""
+        for conn in list(self.subscribers.pop(zone_id, {}).values()):
+            conn.zone_id = None
+            conn.error("zone_deleted", "The zone you were subscribed to was deleted.")
+        self.members.pop(zone_id, None)
+        for player_id, (zid, handle) in list(self._grace.items()):
+            if zid == zone_id:
+                handle.cancel()
+                del self._grace[player_id]
+
+    async def end_session(self, digest: str) -> None:
+        """Close the connection of a session that logged out or expired (no grace period)."""
+        for conn in list(self.conns.values()):
+            if conn.session.digest == digest:
+                self.detach(conn, keep_zone=False)
+                await conn.close(CLOSE_SESSION_ENDED, "session ended")
+
+    async def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
+        conns = list(self.conns.values())
+        for conn in conns:
+            conn.closed = True
+        await asyncio.gather(*(c.close(code, reason) for c in conns), return_exceptions=True)
+
+
+# =============================================================================
+# Tick engine
+# =============================================================================
+
+
+@dataclass(eq=False)
+class _ZoneJob:
+    """One zone's share of one tick, run in a game thread."""
+
+    zs: _ZoneState
+    tick_number: int
+    entities: list[Entity]
+    intents: list[Intent]
+    events: list[tuple[str, UUID]]
+    subscribers: list[Connection]
+    started: float = 0.0
+    finished: float = 0.0
+    stalled: bool = False
+    frames: list[tuple[Connection, bytes]] = field(default_factory=list)
+    error: str | None = None
+    error_kind: str = ""
+
+
+class _GameThreads:
+    """Runs zone jobs one after another in a game thread.
+
+    When a job overstays ``zone_timeout``, its thread is retired (it finishes that one job
+    and exits, whenever the module returns) and a fresh thread takes over the queue, so one
+    hanging zone never holds up the others.
+    """
+
+    def __init__(self, run_job: Callable[[_ZoneJob], None], on_done: Callable[[_ZoneJob], None]):
+        self._run_job = run_job
+        self._on_done = on_done
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._current: dict[threading.Thread, _ZoneJob] = {}
+        self._retired: set[threading.Thread] = set()
+        self._live = 0
+        self._spawn()
+
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._loop, name="gridserver-game", daemon=True)
+        with self._lock:
+            self._live += 1
+        t.start()
+
+    def _loop(self) -> None:
+        me = threading.current_thread()
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            with self._lock:
+                job.started = time.monotonic()
+                self._current[me] = job
+            try:
+                self._run_job(job)
+            finally:
+                job.finished = time.monotonic()
+                with self._lock:
+                    del self._current[me]
+                    retired = me in self._retired
+                self._on_done(job)
+            if retired:
+                break
+        with self._lock:
+            self._live -= 1
+            self._retired.discard(me)
+
+    def submit(self, job: _ZoneJob) -> None:
+        self._queue.put(job)
+
+    def retire_stuck(self, limit: float) -> list[_ZoneJob]:
+        now = time.monotonic()
+        stuck = []
+        with self._lock:
+            for t, job in self._current.items():
+                if t not in self._retired and now - job.started > limit:
+                    self._retired.add(t)
+                    stuck.append(job)
+        for _ in stuck:
+            self._spawn()
+        return stuck
+
+    def call(self, fn: Callable, *args: Any) -> "asyncio.Future":
+        """Run ``fn`` outside the event loop (module code such as ``on_init``)."""
+        return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    def stop(self) -> None:
+        with self._lock:
+            n = self._live - len(self._retired)
+        for _ in range(max(n, 1)):
+            self._queue.put(None)
+
+
+class TickEngine:
+    """The heartbeat: gathers intents, runs the module per zone, applies, broadcasts.
+
+    Policies:
+
+    * Ticks are scheduled on absolute times (start + n * interval), so they do not drift.
+      A tick that overruns the next slot makes the engine skip the missed slots (counted
+      in ``tick_overruns_total``) rather than run a burst of catch-up ticks.
+    * Each zone's module calls run in a game thread, never on the event loop. A zone
+      whose call runs past ``zone_timeout`` does not hold up the tick: the tick completes
+      without it, and the zone is skipped (its time slowed) until the call returns; its
+      late result is applied and broadcast when it does.
+    * A zone whose module raises or returns an invalid result loses that tick: nothing of
+      it is applied, the error is logged with zone and tick, counted, and shown as the
+      zone's ``last_error``. Other zones are untouched.
+    """
+
+    def __init__(self, world: World, hub: Hub, game: Any, metrics: Metrics, cfg: Config):
+        self.world, self.hub, self.game, self.metrics = world, hub, game, metrics
+        self.interval = cfg.get("tick", "interval")
+        self.zone_timeout = cfg.get("tick", "zone_timeout") or self.interval / 2
+        self.max_behind = cfg.get("websocket", "max_behind")
+        self.paused = cfg.get("tick", "paused")
+        self.tick_number = 0
+        self.last_tick_at: float | None = None
+        self._join = getattr(game, "on_player_join", None)
+        self._leave = getattr(game, "on_player_leave", None)
+        self._tick_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._pending: set[_ZoneJob] = set()
+        self._all_done = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._threads = _GameThreads(self._run_job, self._job_finished)
+        self._task: asyncio.Task | None = None
+        self._tick_started = 0.0
+        self._last_sent = 0.0
+
+    # -- in the game thread --------------------------------------------------------------
+    def _run_job(self, job: _ZoneJob) -> None:
+        zone_id = job.zs.zone.id
+        game = self.game
+        try:
+            extra: list[TickResult] = []
+            for kind, player_id in job.events:
+                hook = self._join if kind == "join" else self._leave
+                if hook is not None:
+                    r = hook(zone_id, player_id)
+                    if r is not None:
+                        extra.append(r)
+            result = game.on_tick(zone_id, job.entities, job.intents, job.tick_number)
+            if extra:
+                result = _merge_results(extra, result)
+            self.world.apply(zone_id, result)
+            state = result.broadcast_state if result is not None else {}
+        except TickRejected as exc:
+            job.error, job.error_kind = str(exc), "invalid_result"
+            return
+        except Exception as exc:  # noqa: BLE001 - a module's failure must not reach the server
+            job.error, job.error_kind = f"{type(exc).__name__}: {exc}", "exception"
+            log.error("zone %s tick %d: module raised", zone_id, job.tick_number, exc_info=True)
+            return
+        try:
+            job.frames = self._player_frames(job, state)
+        except Exception as exc:  # noqa: BLE001
+            job.error, job.error_kind = f"get_player_state: {type(exc).__name__}: {exc}", "exception"
+            log.error("zone %s tick %d: get_player_state failed", zone_id, job.tick_number, exc_info=True)
+
+    def _player_frames(self, job: _ZoneJob, full_state: dict) -> list[tuple[Connection, bytes]]:
+        """Each subscriber's tick frame; players given the same state object share one frame."""
+        if not job.subscribers:
+            return []
+        zone_id = job.zs.zone.id
+        prefix = (f'{{"type":"tick","zone_id":"{zone_id}","tick_number":{job.tick_number},'
+                  f'"sent_at":{time.time():.6f},"state":')
+        built: dict[int, tuple[Any, bytes]] = {}
+        frames = []
+        get_state = self.game.get_player_state
+        for conn in job.subscribers:
+            state = get_state(zone_id, conn.player_id, full_state)
+            cached = built.get(id(state))
+            if cached is None:
+                cached = (state, ws_text_frame((prefix + json_dumps(state) + "}").encode("utf-8")))
+                built[id(state)] = cached  # holding ``state`` keeps its id unique for this tick
+            frames.append((conn, cached[1]))
+        return frames
+
+    def _job_finished(self, job: _ZoneJob) -> None:
+        self._loop.call_soon_threadsafe(self._deliver, job)
+
+    # -- on the event loop ---------------------------------------------------------------
+    def _deliver(self, job: _ZoneJob) -> None:
+        zs = job.zs
+        zs.busy_since = None
+        zs.last_tick_ms = (job.finished - job.started) * 1000
+        if job.error is not None:
+            zs.errors += 1
+            zs.last_error = {"tick_number": job.tick_number, "kind": job.error_kind,
+                             "message": job.error[:2000], "at": _iso(_now())}
+            self.metrics.zone_errors_total += 1
+            if job.error_kind == "invalid_result":
+                log.error("zone %s tick %d: result rejected: %s", zs.zone.id, job.tick_number, job.error[:500])
+        else:
+            zs.ticks += 1
+            zone_id = zs.zone.id
+            max_behind = self.max_behind
+            for conn, frame in job.frames:
+                if conn.zone_id == zone_id:
+                    conn.send_tick(frame, max_behind)
+            if job.frames:
+                self._last_sent = time.monotonic()
+        if job.stalled:
+            log.warning("zone %s: late result of tick %d arrived after %.1f s",
+                        zs.zone.id, job.tick_number, job.finished - job.started)
+        self._pending.discard(job)
+        if not self._pending:
+            self._all_done.set()
+
+    async def _tick(self, scheduled: float | None = None) -> int:
+        """Run one full tick: every ready zone processed and broadcast (or declared stalled)."""
+        t0 = time.monotonic()
+        if scheduled is not None:
+            self.metrics.tick_lateness.observe(max(0.0, self._loop.time() - scheduled))
+        self.tick_number += 1
+        n = self.tick_number
+        self._tick_started = t0
+        self._last_sent = 0.0
+        jobs = []
+        subscribers = self.hub.subscribers
+        for zs in list(self.world.zones.values()):
+            if zs.busy_since is not None:
+                zs.skipped += 1
+                self.metrics.zone_ticks_skipped_total += 1
+                continue
+            intents, zs.intents = zs.intents, []
+            zs.intent_generation += 1
+            events, zs.events = zs.events, []
+            subs = subscribers.get(zs.zone.id)
+            job = _ZoneJob(zs, n, list(zs.entities.values()), intents, events,
+                           list(subs.values()) if subs else [])
+            zs.busy_since = t0
+            jobs.append(job)
+        self._pending = set(jobs)
+        self._all_done.clear()
+        for job in jobs:
+            self._threads.submit(job)
+        check = min(self.zone_timeout / 4, 0.05)
+        while self._pending:
+            try:
+                await asyncio.wait_for(self._all_done.wait(), check)
+            except asyncio.TimeoutError:
+                pass
+            for job in self._threads.retire_stuck(self.zone_timeout):
+                job.stalled = True
+                self._pending.discard(job)
+                log.warning("zone %s tick %d: module call still running after %.2f s; the zone is "
+                            "skipped until it returns", job.zs.zone.id, n, self.zone_timeout)
+        done = time.monotonic()
+        self.metrics.tick_work.observe(done - t0)
+        if self._last_sent:
+            self.metrics.broadcast_time.observe(self._last_sent - t0)
+        self.metrics.tick_duration.observe(time.monotonic() - t0)
+        self.metrics.ticks_total += 1
+        self.last_tick_at = time.time()
+        return n
+
+    async def step(self) -> int:
+        async with self._tick_lock:
+            return await self._tick()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The tick loop: absolute schedule, pause-aware, stops only when cancelled."""
+        loop = self._loop
+        next_at = loop.time() + self.interval
+        while True:
+            if self.paused:
+                self._wake.clear()
+                await self._wake.wait()
+                next_at = loop.time() + self.interval
+                continue
+            delay = next_at - loop.time()
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                continue  # woken early (pause/resume) or on time: look again
+            async with self._tick_lock:
+                await self._tick(next_at)
+            next_at += self.interval
+            now = loop.time()
+            if next_at <= now:
+                missed = int((now - next_at) // self.interval) + 1
+                self.metrics.tick_overruns_total += missed
+                next_at += missed * self.interval
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self.run())
+
+    async def stop(self) -> None:
+        """Stop scheduling; a tick under way finishes first."""
+        if self._task is not None:
+            async with self._tick_lock:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        self._threads.stop()
+
+    def zone_busy_seconds(self, zs: _ZoneState) -> float:
+        return 0.0 if zs.busy_since is None else time.monotonic() - zs.busy_since
+
+
+def _merge_results(first: list[TickResult], last: Any) -> Any:
+    """Hook results applied with the tick's own: creates, updates and deletes in order."""
+    if not isinstance(last, TickResult) and last is not None:
+        return last  # let validation reject it
+    merged = TickResult()
+    for r in [*first, *([last] if last is not None else [])]:
+        if not isinstance(r, TickResult):
+            raise TickRejected(f"a join/leave hook returned {type(r).__name__}, not a TickResult")
+        merged.entity_creates.extend(_as_list(r.entity_creates, "entity_creates"))
+        merged.entity_updates.extend(_as_list(r.entity_updates, "entity_updates"))
+        merged.entity_deletes.extend(_as_list(r.entity_deletes, "entity_deletes"))
+    merged.broadcast_state = last.broadcast_state if last is not None else {}
+    return merged
+
+
+# =============================================================================
+# Persistence
+# =============================================================================
+
+
+class Persister:
+    """Flushes changed entities every ``interval`` seconds, in one transaction per flush.
+
+    While the database is down the changes stay in memory (nothing is dropped), flushes are
+    retried with exponential backoff up to ``max_backoff``, and the outage is logged once
+    when it starts and once when it ends. Zone deletion takes the same lock, so a flush
+    never writes entities of a zone deleted under it.
+    """
+
+    def __init__(self, world: World, store: _Store, metrics: Metrics, cfg: Config):
+        self.world, self.store, self.metrics = world, store, metrics
+        self.interval = cfg.get("persistence", "interval")
+        self.max_backoff = cfg.get("persistence", "max_backoff")
+        self.lock = asyncio.Lock()
+        self.outage_since: float | None = None
+        self._task: asyncio.Task | None = None
+        self._sweeps = 0
+
+    async def flush(self) -> bool:
+        """Write everything changed since the last flush; False when the database is down."""
+        async with self.lock:
+            rows, deleted = self.world.take_changes()
+            t0 = time.monotonic()
+            try:
+                if rows or deleted:
+                    await self.store.flush(rows, deleted)
+                else:
+                    await self.store.ping()
+            except DatabaseUnavailable as exc:
+                self.world.restore_changes(rows, deleted)
+                self.metrics.flush_failures_total += 1
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                    log.warning("database unreachable (%s); keeping changes in memory and retrying", exc)
+                return False
+            if rows or deleted:
+                self.metrics.flushes_total += 1
+                self.metrics.entities_flushed_total += len(rows) + len(deleted)
+                self.metrics.flush_duration.observe(time.monotonic() - t0)
+            if self.outage_since is not None:
+                log.warning("database back after %.1f s; changes saved", time.monotonic() - self.outage_since)
+                self.outage_since = None
+            return True
+
+    async def run(self) -> None:
+        backoff = 0.0
+        while True:
+            await asyncio.sleep(backoff or self.interval)
+            if await self.flush():
+                backoff = 0.0
+                self._sweeps += 1
+                if self._sweeps % 100 == 0:
+                    with contextlib.suppress(DatabaseUnavailable):
+                        await self.store.delete_expired_sessions(_now())
+            else:
+                backoff = min(self.max_backoff, backoff * 2 if backoff else min(0.5, self.interval))
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self.run())
+
+    async def stop(self, deadline: float) -> None:
+        """Stop the schedule, then flush until it succeeds or ``deadline`` (monotonic) passes."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        delay = 0.2
+        while not await self.flush():
+            if time.monotonic() + delay > deadline:
+                n = len(self.world.dirty) + len(self.world.deleted)
+                log.error("shutting down with %d entity changes unsaved: the database is unreachable", n)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+# =============================================================================
+# Game modules and the framework API
+# =============================================================================
+
+
+class FrameworkAPI:
+    """What a game module may use outside a tick's arguments.
+
+    Reads are safe from any thread. ``create_zone`` writes to the database and waits for
+    it, so call it from ``on_init`` or ``on_tick`` (both run off the event loop).
+    """
+
+    def __init__(self, server: "Server", settings: dict[str, str]):
+        self._server = server
+        self.settings = settings
+        self.logger = logging.getLogger("gridserver.game")
+        self.tick_interval: float = server.cfg.get("tick", "interval")
+        self.tick_rate: float = 1.0 / self.tick_interval
+
+    def setting(self, key: str, default: Any = None, cast: Callable[[str], Any] = str) -> Any:
+        """The module's INI setting ``key`` converted by ``cast``; ``default`` when absent."""
+        if key not in self.settings:
+            return default
+        raw = self.settings[key]
+        if cast is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        try:
+            return cast(raw)
+        except ValueError:
+            raise ConfigError(f"[{self._server.cfg.get('game', 'module')}] {key}: cannot use {raw!r}") from None
+
+    def list_zones(self) -> list[Zone]:
+        return [zs.zone for zs in list(self._server.world.zones.values())]
+
+    def get_zone(self, zone_id: UUID) -> Zone | None:
+        zs = self._server.world.zones.get(_as_uuid(zone_id))
+        return None if zs is None else zs.zone
+
+    def create_zone(self, name: str, width: int, height: int, metadata: dict | None = None) -> Zone:
+        """Create and persist a zone (blocking until the database has it); ValueError if refused."""
+        loop = self._server.loop
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:
+                raise RuntimeError("create_zone blocks: call it from on_init or on_tick, not the event loop")
+        future = asyncio.run_coroutine_threadsafe(
+            self._server.create_zone(name, width, height, metadata or {}), loop)
+        try:
+            return future.result(self._server.cfg.get("database", "timeout") * 3)
+        except ApiError as exc:
+            raise ValueError(exc.message) from None
+
+    def username(self, player_id: UUID) -> str | None:
+        """The username of a connected player (None when not connected)."""
+        conn = self._server.hub.conns.get(_as_uuid(player_id))
+        return None if conn is None else conn.username
+
+    def get_entity(self, entity_id: UUID) -> Entity | None:
+        return self._server.world.get_entity(_as_uuid(entity_id))
+
+    def list_entities(self, zone_id: UUID) -> list[Entity]:
+        with self._server.world.lock:
+            return self._server.world.entities_of(_as_uuid(zone_id))
+
+    def query_area(self, zone_id: UUID, x: int, y: int, width: int, height: int) -> list[Entity]:
+        """Entities in ``[x, x+width) x [y, y+height)`` (sized ones sharing area, points inside)."""
+        return self._server.world.query_area(_as_uuid(zone_id), x, y, width, height)
+
+    def query_overlap(self, zone_id: UUID, x: int, y: int, width: int, height: int,
+                      exclude: UUID | None = None) -> list[Entity]:
+        """Sized entities whose rectangle shares area with this one (``exclude``: an id to skip)."""
+        return self._server.world.query_overlap(_as_uuid(zone_id), x, y, width, height,
+                                                None if exclude is None else _as_uuid(exclude))
+
+
+def load_game(path: str) -> Any:
+    """Import the game named by ``package.module`` or ``package.module:Name``.
+
+    A class is instantiated with no arguments. The working directory and the folder of this
+    file are on the import path. A missing module or method raises ``ConfigError``.
+    """
+    for folder in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"[game] module: cannot import {module_name!r}: {exc}") from None
+    game = module
+    if attr:
+        if not hasattr(module, attr):
+            raise ConfigError(f"[game] module: {module_name!r} has no attribute {attr!r}")
+        game = getattr(module, attr)
+        if inspect.isclass(game):
+            game = game()
+    missing = [m for m in _REQUIRED_METHODS if not callable(getattr(game, m, None))]
+    if missing:
+        raise ConfigError(f"[game] module: {path!r} lacks {', '.join(missing)} (see GameLogicModule)")
+    return game
+
+
+# =============================================================================
+# Server state
+# =============================================================================
+
+
+class Server:
+    """Everything one running gridserver holds; the app keeps it under ``SERVER``."""
+
+    def __init__(self, cfg: Config, game: Any = None):
+        self.cfg = cfg
+        self.game = game
+        self.metrics = Metrics()
+        self.world = World()
+        self.store = open_store(cfg)
+        self.accounts = Accounts(self.store, cfg)
+        self.hub = Hub(self.world, self.metrics, cfg)
+        self.debug = cfg.get("server", "debug")
+        self.debug_players = {n.strip() for n in cfg.get("server", "debug_players").split(",") if n.strip()}
+        self.max_body = cfg.get("server", "max_body_size")
+        self.max_zone = cfg.get("server", "max_zone_size")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.engine: TickEngine | None = None
+        self.persister = Persister(self.world, self.store, self.metrics, cfg)
+        self.started = time.time()
+        self._shut_down = False
+
+    def is_debug_player(self, username: str) -> bool:
+        return self.debug and (not self.debug_players or username in self.debug_players)
+
+    async def start(self) -> None:
+        """Open the database, load the world, load and initialise the game, start the loops."""
+        self.loop = asyncio.get_running_loop()
+        await self.store.open()
+        zones, entities = await self.store.load()
+        by_zone: dict[UUID, list[Entity]] = collections.defaultdict(list)
+        for e in entities:
+            by_zone[e.zone_id].append(e)
+        for zone in zones:
+            self.world.add_zone(zone, by_zone.get(zone.id, ()))
+        log.info("loaded %d zones and %d entities", len(zones), len(entities))
+        if self.game is None:
+            self.game = load_game(self.cfg.get("game", "module"))
+        settings = self.cfg.section(self.cfg.get("game", "module"))
+        await self.loop.run_in_executor(None, self.game.on_init, FrameworkAPI(self, settings))
+        # Long-lived objects (the world) leave the collector's view; collections get rarer.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        self.engine = TickEngine(self.world, self.hub, self.game, self.metrics, self.cfg)
+        self.engine.start()
+        self.persister.start()
+
+    async def shutdown(self) -> None:
+        """Ordered and idempotent: stop the tick, final flush, close sockets with 1001."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        deadline = time.monotonic() + self.cfg.get("server", "shutdown_timeout")
+        if self.engine is not None:
+            await self.engine.stop()
+        await self.persister.stop(deadline)
+        await self.hub.close_all(1001, "server shutting down")
+
+    async def close(self) -> None:
+        await self.store.close()
+        self.accounts.executor.shutdown(wait=False)
+
+    # -- zones -----------------------------------------------------------------------------
+    async def create_zone(self, name: Any, width: Any, height: Any, metadata: Any) -> Zone:
+        if not isinstance(name, str) or not 1 <= len(name) <= 64:
+            raise ApiError(400, "bad_request", "The field 'name' must be a string of 1 to 64 characters.")
+        for key, value in (("width", width), ("height", height)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.max_zone:
+                raise ApiError(400, "bad_request", f"The field '{key}' must be an integer from 1 to {self.max_zone}.")
+        if not isinstance(metadata, dict):
+            raise ApiError(400, "bad_request", "The field 'metadata' must be a JSON object.")
+        try:
+            name.encode("utf-8")
+            json_dumps(metadata)
+        except (ValueError, TypeError, OverflowError, UnicodeEncodeError):
+            raise ApiError(400, "bad_request", "The fields 'name' and 'metadata' must be valid JSON text.") from None
+        if self.world.zone_by_name(name) is not None:
+            raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.")
+        zone = Zone(uuid.uuid4(), name, width, height, metadata)
+        try:
+            await self.store.insert_zone(zone)
+        except UniqueViolation:
+            raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.") from None
+        if self.world.zone_by_name(name) is not None:  # created by a racing call meanwhile
+            raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.")
+        self.world.add_zone(zone)
+        return zone
+
+    async def delete_zone(self, zone_id: UUID) -> None:
+        """Delete a zone and its entities in one transaction, then tell its subscribers."""
+        async with self.persister.lock:
+            if zone_id not in self.world.zones:
+                raise ApiError(404, "zone_not_found", f"No zone has the id {zone_id}.")
+            await self.store.delete_zone(zone_id)
+            self.world.remove_zone(zone_id)
+        self.hub.zone_deleted(zone_id)
+
+    def zone_json(self, zs: _ZoneState) -> dict:
+        z = zs.zone
+        return {"id": str(z.id), "name": z.name, "width": z.width, "height": z.height, "metadata": z.metadata,
+                "created_at": _iso(z.created_at), "updated_at": _iso(z.updated_at),
+                "entity_count": len(zs.entities), "subscriber_count": len(self.hub.subscribers.get(z.id, ()))}
+
+    def zone_or_404(self, text: str) -> _ZoneState:
+        zs = self.world.zones.get(_parse_uuid(text, "zone_not_found", "zone"))
+        if zs is None:
+            raise ApiError(404, "zone_not_found", f"No zone has the id {text[:80]!r}.")
+        return zs
+
+
+#: gc thresholds once the world is loaded: young collections stay cheap, full collections
+#: over the frozen world become rare (the default stalls ticks at thousands of clients).
+GC_THRESHOLDS = (50_000, 50, 100)
+
+
+# =============================================================================
+# HTTP handlers
+# =============================================================================
+
+SERVER = web.AppKey("server", Server)
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
+async def _session(request: web.Request) -> Session:
+    session = await request.app[SERVER].accounts.authenticate(_bearer(request))
+    if session is None:
+        raise ApiError(401, "unauthorized", "A valid session token is required (Authorization: Bearer <token>).")
+    return session
+
+
+async def _debug_session(request: web.Request) -> Session:
+    """The caller's session if debug mode is on and the caller is a debug player."""
+    srv = request.app[SERVER]
+    if not srv.debug:
+        raise ApiError(404, "not_found", "Not found.")
+    session = await _session(request)
+    if not srv.is_debug_player(session.username):
+        raise ApiError(403, "forbidden", "Only debug players may use this.")
+    return session
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Every error leaves as the contract's JSON envelope; nothing else reaches the client."""
+    srv = request.app[SERVER]
+    if not srv.debug and request.path.startswith("/api/debug"):
+        return _error_response(404, "not_found", "Not found.")
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_response(exc.status, exc.code, exc.message)
+    except DatabaseUnavailable:
+        return _error_response(503, "database_unavailable", "The database is unavailable; try again shortly.")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "bad_request"}
+        status = 400 if exc.status == 413 else exc.status
+        return _error_response(status, codes.get(exc.status, "bad_request"), exc.reason or "Bad request.")
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:  # noqa: BLE001
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _error_response(500, "internal_error", "The server failed to handle this request.")
+
+
+async def register(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    body = await _read_object(request, srv.max_body)
+    username, password = _field(body, "username", str), _field(body, "password", str)
+    return _json_response(await srv.accounts.register(username, password), 201)
+
+
+async def login(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    body = await _read_object(request, srv.max_body)
+    username, password = _field(body, "username", str), _field(body, "password", str)
+    return _json_response(await srv.accounts.login(username, password))
+
+
+async def logout(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    session = await _session(request)
+    await srv.accounts.logout(session)
+    await srv.hub.end_session(session.digest)
+    return web.Response(status=204)
+
+
+async def me(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    session = await _session(request)
+    player = await srv.accounts.me(session)
+    return _json_response({"id": str(player["id"]), "username": player["username"],
+                           "created_at": _iso(player["created_at"]), "last_login": _iso(player["last_login"]),
+                           "is_debug": srv.is_debug_player(player["username"])})
+
+
+async def list_zones(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _session(request)
+    zones = sorted(srv.world.zones.values(), key=lambda zs: (zs.zone.created_at, zs.zone.name))
+    return _json_response({"zones": [srv.zone_json(zs) for zs in zones]})
+
+
+async def get_zone(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _session(request)
+    return _json_response(srv.zone_json(srv.zone_or_404(request.match_info["zone_id"])))
+
+
+async def create_zone(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    body = await _read_object(request, srv.max_body)
+    zone = await srv.create_zone(_field(body, "name", str), _field(body, "width", int),
+                                 _field(body, "height", int), _field(body, "metadata", dict, False, {}))
+    return _json_response(srv.zone_json(srv.world.zones[zone.id]), 201)
+
+
+async def delete_zone(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    zs = srv.zone_or_404(request.match_info["zone_id"])
+    await srv.delete_zone(zs.zone.id)
+    return web.Response(status=204)
+
+
+async def debug_pause(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    srv.engine.pause()
+    return _json_response({"paused": True, "tick_number": srv.engine.tick_number})
+
+
+async def debug_resume(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    srv.engine.resume()
+    return _json_response({"paused": False, "tick_number": srv.engine.tick_number})
+
+
+async def debug_step(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    if not srv.engine.paused:
+        raise ApiError(409, "not_paused", "Pause the tick before stepping it.")
+    return _json_response({"tick_number": await srv.engine.step()})
+
+
+async def debug_zone_state(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    zs = srv.zone_or_404(request.match_info["zone_id"])
+    with srv.world.lock:
+        entities = [e.to_json() for e in zs.entities.values()]
+    return _json_response({
+        "zone": srv.zone_json(zs), "entities": entities, "tick_number": srv.engine.tick_number,
+        "pending_intents": len(zs.intents), "last_error": zs.last_error,
+        "errors": zs.errors, "ticks": zs.ticks, "skipped_ticks": zs.skipped,
+        "stalled_seconds": round(srv.engine.zone_busy_seconds(zs), 3) if zs.busy_since else 0.0,
+        "last_tick_ms": round(zs.last_tick_ms, 3),
+        "members": sorted(str(p) for p in srv.hub.members.get(zs.zone.id, ())),
+    })
+
+
+async def debug_entity(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    entity_id = _parse_uuid(request.match_info["entity_id"], "entity_not_found", "entity")
+    with srv.world.lock:
+        e = srv.world.get_entity(entity_id)
+        if e is None:
+            raise ApiError(404, "entity_not_found", f"No entity has the id {entity_id}.")
+        return _json_response(e.to_json())
+
+
+async def debug_connections(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    return _json_response({"connections": [
+        {"player_id": str(c.player_id), "username": c.username,
+         "zone_id": None if c.zone_id is None else str(c.zone_id), "connected_at": _iso(c.connected_at)}
+        for c in srv.hub.conns.values()]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    ok = srv.store.healthy and srv.persister.outage_since is None
+    engine = srv.engine
+    return _json_response({"status": "ok" if ok else "degraded", "database": "ok" if ok else "down",
+                           "tick_number": engine.tick_number if engine else 0,
+                           "paused": engine.paused if engine else False}, 200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    srv = request.app[SERVER]
+    engine, world = srv.engine, srv.world
+    stalled = sum(1 for zs in list(world.zones.values()) if zs.busy_since is not None
+                  and engine is not None and engine.zone_busy_seconds(zs) > engine.zone_timeout)
+    gauges = {
+        "tick_number": (engine.tick_number if engine else 0, "the last tick's number"),
+        "tick_paused": (1 if engine and engine.paused else 0, "1 while the tick is paused"),
+        "connections": (len(srv.hub.conns), "open WebSocket connections"),
+        "zones": (len(world.zones), "zones"),
+        "zones_stalled": (stalled, "zones whose module call is still running past zone_timeout"),
+        "entities": (len(world.entity_zone), "entities"),
+        "dirty_entities": (len(world.dirty) + len(world.deleted), "entity changes waiting for the next flush"),
+        "database_up": (1 if srv.store.healthy and srv.persister.outage_since is None else 0,
+                        "1 when the database answered the last call"),
+        "process_cpu_seconds": (time.process_time(), "CPU time used by this process"),
+        "process_resident_bytes": (_rss_bytes(), "resident memory of this process"),
+    }
+    return web.Response(text=srv.metrics.render(gauges), content_type="text/plain")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+# =============================================================================
+# WebSocket handler
+# =============================================================================
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """``/ws``: authenticate before the upgrade, then read messages until the socket closes.
+
+    Abuse that closes the socket (everything else gets an error message): a frame over 16x
+    ``max_message_size`` (1009), a text frame that is not UTF-8 (1007), a client that lets
+    its unsent messages pile up (dropped, see ``Connection``).
+    """
+    srv = request.app[SERVER]
+    token = request.query.get("token") or _bearer(request)
+    session = await srv.accounts.authenticate(token)
+    if session is None:
+        raise ApiError(401, "unauthorized", "A valid session token is required (?token= or Authorization).")
+    max_size = srv.cfg.get("websocket", "max_message_size")
+    heartbeat = srv.cfg.get("websocket", "heartbeat") or None
+    ws = web.WebSocketResponse(heartbeat=heartbeat, compress=False, max_msg_size=max_size * 16)
+    await ws.prepare(request)
+    conn = Connection(srv.hub, ws, request.transport, session)
+    resumed = srv.hub.attach(conn)
+    if session.expires_at is not None:
+        delay = max(0.0, session.expires_at - time.time())
+        conn.expiry_handle = asyncio.get_running_loop().call_later(
+            delay, lambda: asyncio.ensure_future(srv.hub.end_session(session.digest)))
+    if resumed is not None:
+        conn.send({"type": "subscribed", "zone_id": str(resumed), "resumed": True})
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                _handle_message(srv, conn, msg.data, max_size)
+            elif msg.type == WSMsgType.BINARY:
+                conn.error("bad_message", "Binary frames are not supported; send JSON text.")
+            elif msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        srv.hub.detach(conn)
+    return ws
+
+
+def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> None:
+    if len(text) > max_size or (len(text) * 4 > max_size and len(text.encode("utf-8", "surrogatepass")) > max_size):
+        conn.error("message_too_large", f"Messages may be at most {max_size} bytes.")
+        return
+    try:
+        msg = json_loads(text)
+    except (ValueError, RecursionError, OverflowError):
+        conn.error("bad_message", "The message is not valid JSON.")
+        return
+    if not isinstance(msg, dict):
+        conn.error("bad_message", "The message must be a JSON object.")
+        return
+    kind = msg.get("type")
+    if kind == "intent":
+        data = msg.get("data")
+        if not isinstance(data, dict):
+            conn.error("bad_message", "The field 'data' must be a JSON object.")
+            return
+        srv.hub.add_intent(conn, data)
+    elif kind == "subscribe":
+        zone_text = msg.get("zone_id")
+        if not isinstance(zone_text, str):
+            conn.error("bad_message", "The field 'zone_id' must be a string.")
+            return
+        try:
+            zone_id = UUID(zone_text)
+        except ValueError:
+            zone_id = None
+        if zone_id is None or zone_id not in srv.world.zones:
+            conn.error("zone_not_found", f"No zone has the id {zone_text[:80]!r}.")
+            return
+        srv.hub.subscribe(conn, zone_id)
+    elif kind == "unsubscribe":
+        srv.hub.unsubscribe(conn)
+    elif kind == "ping":
+        conn.send({"type": "pong"})
+    elif not isinstance(kind, str):
+        conn.error("bad_message", "The field 'type' must be a string.")
+    else:
+        conn.error("unknown_type", f"Unknown message type {kind[:40]!r}.")
+
+
+# =============================================================================
+# App factory and CLI
+# =============================================================================
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    await app[SERVER].shutdown()
+
+
+async def _lifecycle(app: web.Application) -> Any:
+    srv = app[SERVER]
+    await srv.start()
+    yield
+    await srv.shutdown()
+    await srv.close()
+
+
+def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
+    """The aiohttp application. ``game`` (an object) replaces the module named in the config."""
+    cfg = cfg or Config.load()
+    app = web.Application(middlewares=[_errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024)
+    app[SERVER] = Server(cfg, game)
+    app.router.add_routes([
+        web.post("/api/auth/register", register),
+        web.post("/api/auth/login", login),
+        web.post("/api/auth/logout", logout),
+        web.get("/api/auth/me", me),
+        web.get("/api/zones", list_zones),
+        web.post("/api/zones", create_zone),
+        web.get("/api/zones/{zone_id}", get_zone),
+        web.delete("/api/zones/{zone_id}", delete_zone),
+        web.post("/api/debug/tick/pause", debug_pause),
+        web.post("/api/debug/tick/resume", debug_resume),
+        web.post("/api/debug/tick/step", debug_step),
+        web.get("/api/debug/zones/{zone_id}/state", debug_zone_state),
+        web.get("/api/debug/entities/{entity_id}", debug_entity),
+        web.get("/api/debug/connections", debug_connections),
+        web.get("/healthz", healthz),
+        web.get("/metrics", metrics),
+        web.get("/ws", websocket),
+    ])
+    app.on_shutdown.append(_on_shutdown)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _serve(cfg: Config) -> int:
+    app = create_app(cfg)
+    runner = web.AppRunner(app, access_log=log if cfg.get("debug", "access_log") else None,
+                           shutdown_timeout=cfg.get("server", "shutdown_timeout"))
+    try:
+        await runner.setup()
+    except (DatabaseUnavailable, ConfigError) as exc:
+        print(f"gridserver: {exc}", file=sys.stderr)
+        return 2
+    host, port = cfg.get("server", "host"), cfg.get("server", "port")
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        print(f"gridserver: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        await runner.cleanup()
+        return 2
+    log.info("gridserver listening on http://%s:%d (game %s)", host, port, cfg.get("game", "module"))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: final flush, then closing connections")
+    await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``gridserver [--config PATH]``: run the server until SIGINT or SIGTERM."""
+    parser = argparse.ArgumentParser(prog="gridserver", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", metavar="PATH", help="INI file (default: config.ini when present)")
+    parser.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
+    parser.add_argument("--print-schema", action="store_true", help="print the PostgreSQL schema and exit")
+    args = parser.parse_args(argv)
+    if args.print_config:
+        print(_example_ini(), end="")
+        return 0
+    if args.print_schema:
+        print(PG_SCHEMA.strip())
+        return 0
+    try:
+        cfg = Config.load(args.config)
+    except ConfigError as exc:
+        print(f"gridserver: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.get("debug", "log_level").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_serve(cfg))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    # One module object whether run as a script or imported by a game module.
+    sys.modules.setdefault("gridserver", sys.modules["__main__"])
+    sys.exit(main())

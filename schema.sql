@@ -1,0 +1,40 @@
+CREATE TABLE IF NOT EXISTS players (
+    id            UUID PRIMARY KEY,
+    username      TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL,
+    last_login    TIMESTAMPTZ,
+    CONSTRAINT players_username_key UNIQUE (username)
+);
+
+CREATE TABLE IF NOT EXISTS sessions (
+    token_digest TEXT PRIMARY KEY,
+    player_id    UUID NOT NULL REFERENCES players (id) ON DELETE CASCADE,
+    created_at   TIMESTAMPTZ NOT NULL,
+    expires_at   TIMESTAMPTZ
+);
+CREATE INDEX IF NOT EXISTS sessions_player_id_idx ON sessions (player_id);
+
+CREATE TABLE IF NOT EXISTS zones (
+    id         UUID PRIMARY KEY,
+    name       TEXT NOT NULL,
+    width      INTEGER NOT NULL CHECK (width > 0),
+    height     INTEGER NOT NULL CHECK (height > 0),
+    metadata   JSONB NOT NULL DEFAULT '{}'::jsonb,
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    CONSTRAINT zones_name_key UNIQUE (name)
+);
+
+CREATE TABLE IF NOT EXISTS entities (
+    id         UUID PRIMARY KEY,
+    zone_id    UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
+    x          INTEGER NOT NULL CHECK (x >= 0),
+    y          INTEGER NOT NULL CHECK (y >= 0),
+    width      INTEGER NOT NULL CHECK (width >= 0),
+    height     INTEGER NOT NULL CHECK (height >= 0),
+    metadata   JSONB NOT NULL DEFAULT '{}'::jsonb,
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
