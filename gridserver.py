@@ -375,12 +375,16 @@ async def _read_object(request: web.Request, max_size: int) -> dict:
     """The request body as a JSON object, or ``ApiError(400)`` saying what is wrong."""
     if request.content_length is not None and request.content_length > max_size:
         raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
+    chunks, total = [], 0
     try:
-        raw = await request.content.read(max_size + 1)
+        while chunk := await request.content.read(65536):
+            total += len(chunk)
+            if total > max_size:
+                raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
+            chunks.append(chunk)
     except (asyncio.TimeoutError, ConnectionError):
         raise ApiError(400, "bad_request", "The body could not be read.") from None
-    if len(raw) > max_size:
-        raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
+    raw = b"".join(chunks)
     if not raw.strip():
         raise ApiError(400, "bad_request", "The body must be a JSON object.")
     try:
@@ -781,8 +785,7 @@ class World:
                 raise TickRejected(f"negative size in {c!r}")
             if not _in_bounds(zone, x, y, w, h):
                 raise TickRejected(f"out of bounds of the {zone.width}x{zone.height} zone: {c!r}")
-            if not isinstance(c.metadata, dict):
-                raise TickRejected(f"metadata must be a dict in {c!r}")
+            _check_metadata(c.metadata, c)
             try:
                 eid = uuid.uuid4() if c.id is None else _as_uuid(c.id)
             except ValueError:
@@ -810,8 +813,8 @@ class World:
                 raise TickRejected(f"negative size in {u!r}")
             if not _in_bounds(zone, x, y, w, h):
                 raise TickRejected(f"out of bounds of the {zone.width}x{zone.height} zone: {u!r}")
-            if u.metadata is not None and not isinstance(u.metadata, dict):
-                raise TickRejected(f"metadata must be a dict in {u!r}")
+            if u.metadata is not None:
+                _check_metadata(u.metadata, u)
             shadow[eid] = (x, y, w, h)
             updates.append((eid, x, y, w, h, None if u.metadata is None else dict(u.metadata)))
         deletes = []
@@ -888,6 +891,16 @@ class World:
             for eid in deleted:
                 if eid not in self.entity_zone:
                     self.deleted.add(eid)
+
+
+def _check_metadata(meta: Any, change: Any) -> None:
+    """Metadata must be a JSON object the database and clients can take as it is."""
+    if not isinstance(meta, dict):
+        raise TickRejected(f"metadata must be a dict in {change!r}")
+    try:
+        json_dumps(meta)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TickRejected(f"metadata is not JSON ({exc}) in {change!r}") from None
 
 
 def _as_list(value: Any, what: str) -> list:
@@ -2189,8 +2202,10 @@ class Persister:
                     await self.store.flush(rows, deleted)
                 else:
                     await self.store.ping()
-            except DatabaseUnavailable as exc:
+            except BaseException as exc:  # nothing taken out of the dirty set may be lost
                 self.world.restore_changes(rows, deleted)
+                if not isinstance(exc, DatabaseUnavailable):
+                    raise
                 self.metrics.flush_failures_total += 1
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
@@ -2224,7 +2239,8 @@ class Persister:
     async def stop(self, deadline: float) -> None:
         """Stop the schedule, then flush until it succeeds or ``deadline`` (monotonic) passes."""
         if self._task is not None:
-            self._task.cancel()
+            async with self.lock:  # let a flush under way finish rather than cut it off
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None

@@ -1,0 +1,195 @@
+"""Shared fixtures: a real gridserver on a real socket, on SQLite or PostgreSQL.
+
+The backend is chosen per test by the ``backend`` fixture (both by default). PostgreSQL
+tests use ``GRIDSERVER_TEST_PG_DSN`` (default ``postgresql://root@127.0.0.1:5432/test``) and
+give every server its own schema; they are skipped, with the reason, when that database
+cannot be reached, unless ``GRIDSERVER_REQUIRE_PG=1`` (as CI sets) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+
+import pytest
+from aiohttp import ClientSession, web
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import gridserver  # noqa: E402
+
+PG_DSN = os.environ.get("GRIDSERVER_TEST_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
+REQUIRE_PG = os.environ.get("GRIDSERVER_REQUIRE_PG") == "1"
+BACKENDS = os.environ.get("GRIDSERVER_TEST_BACKENDS", "sqlite,postgres").split(",")
+
+_pg_reachable: bool | None = None
+
+
+def pg_available() -> bool:
+    global _pg_reachable
+    if _pg_reachable is None:
+        try:
+            import psycopg2
+            psycopg2.connect(PG_DSN, connect_timeout=3).close()
+            _pg_reachable = True
+        except Exception as exc:  # noqa: BLE001
+            _pg_reachable = False
+            print(f"\nPostgreSQL at {PG_DSN} unreachable: {exc}", file=sys.stderr)
+    return _pg_reachable
+
+
+def pg_exec(sql: str, dsn: str = PG_DSN) -> list:
+    """Run one statement on PostgreSQL (autocommit) and return its rows."""
+    import psycopg2
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def dsn_with_schema(schema: str, dsn: str = PG_DSN) -> str:
+    sep = "&" if "?" in dsn else "?"
+    return f"{dsn}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b])
+def backend(request):
+    if request.param == "postgres" and not pg_available():
+        if REQUIRE_PG:
+            pytest.fail(f"PostgreSQL required (GRIDSERVER_REQUIRE_PG=1) but {PG_DSN} is unreachable")
+        pytest.skip(f"PostgreSQL at {PG_DSN} is unreachable")
+    return request.param
+
+
+@pytest.fixture
+def dsn(backend, tmp_path):
+    """A fresh, empty database for one test: a SQLite file or a PostgreSQL schema."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gridserver.db'}"
+        return
+    schema = "t_" + uuid.uuid4().hex[:16]
+    pg_exec(f"CREATE SCHEMA {schema}")
+    yield dsn_with_schema(schema)
+    pg_exec(f"DROP SCHEMA {schema} CASCADE")
+
+
+def make_config(dsn: str, **overrides) -> gridserver.Config:
+    """Test defaults (cheap bcrypt, fast flushes) plus ``section_key=value`` overrides."""
+    values = {
+        "database_dsn": dsn,
+        "auth_bcrypt_rounds": 4,
+        "persistence_interval": 0.2,
+        "tick_interval": 0.1,
+        "websocket_heartbeat": 5.0,
+        "server_port": 0,
+    }
+    values.update(overrides)
+    cfg = gridserver.Config.load(None, environ={})
+    return cfg.with_values(**values)
+
+
+class Running:
+    """A server started by ``start_server``: its base URL, app, and helpers to call it."""
+
+    def __init__(self, server, session: ClientSession):
+        self.server = server  # aiohttp.test_utils.TestServer
+        self.app = server.app
+        self.srv: gridserver.Server = server.app[gridserver.SERVER]
+        self.http = session
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/"))[:-1]
+
+    def ws_url(self, token: str) -> str:
+        return str(self.server.make_url("/ws")).replace("http://", "ws://") + f"?token={token}"
+
+    async def call(self, method: str, path: str, token: str | None = None, json=None, data=None,
+                   headers=None) -> tuple[int, object]:
+        hdrs = dict(headers or {})
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        async with self.http.request(method, self.url + path, json=json, data=data, headers=hdrs) as resp:
+            text = await resp.text()
+            body = None
+            if text:
+                try:
+                    body = gridserver.json_loads(text)
+                except ValueError:
+                    body = text
+            return resp.status, body
+
+    async def player(self, username: str | None = None, password: str = "correct horse") -> dict:
+        """Register and log in a fresh player; returns {"username", "password", "token", "id"}."""
+        username = username or "p_" + uuid.uuid4().hex[:10]
+        status, body = await self.call("POST", "/api/auth/register", json={"username": username, "password": password})
+        assert status == 201, body
+        status, login = await self.call("POST", "/api/auth/login", json={"username": username, "password": password})
+        assert status == 200, login
+        return {"username": username, "password": password, "token": login["token"], "id": login["player_id"]}
+
+    async def zone(self, token: str, name: str | None = None, width: int = 32, height: int = 32,
+                   metadata: dict | None = None) -> dict:
+        body = {"name": name or "z_" + uuid.uuid4().hex[:8], "width": width, "height": height}
+        if metadata is not None:
+            body["metadata"] = metadata
+        status, zone = await self.call("POST", "/api/zones", token, json=body)
+        assert status == 201, zone
+        return zone
+
+
+@pytest.fixture
+async def start_server(aiohttp_server):
+    """``await start_server(cfg, game=None)`` starts a real server on 127.0.0.1; stopped after the test."""
+    sessions = []
+
+    async def start(cfg: gridserver.Config, game=None) -> Running:
+        app = gridserver.create_app(cfg, game)
+        server = await aiohttp_server(app)
+        session = ClientSession()
+        sessions.append(session)
+        return Running(server, session)
+
+    yield start
+    for s in sessions:
+        await s.close()
+
+
+async def stop_server(running: Running) -> None:
+    """Stop gracefully (final flush, sockets closed), as SIGTERM would."""
+    await running.http.close()
+    await running.server.close()
+
+
+async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
+    """Poll ``predicate`` (sync or async) until it is truthy; fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+class Passive:
+    """A game module that does nothing: the server's own behaviour is what a test sees."""
+
+    def on_init(self, framework):
+        self.framework = framework
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        return gridserver.TickResult(broadcast_state={"tick": tick_number, "n": len(entities)})
+
+    def get_player_state(self, zone_id, player_id, full_state):
+        return full_state
