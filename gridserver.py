@@ -54,6 +54,7 @@ import queue
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -200,6 +201,11 @@ class Config:
     def __init__(self, values: dict[tuple[str, str], Any], sections: dict[str, dict[str, str]]):
         self._values = values
         self._sections = sections
+
+    @property
+    def unused_sections(self) -> list[str]:
+        """Sections that are neither the server's nor the configured game module's (typos?)."""
+        return sorted(set(self._sections) - {self._values[("game", "module")]})
 
     def get(self, section: str, key: str) -> Any:
         return self._values[(section, key)]
@@ -1221,7 +1227,7 @@ class PostgresStore(_Store):
                     raise
                 self.healthy = True
                 return result
-            except psycopg2.IntegrityError as exc:
+            except psycopg2.errors.UniqueViolation as exc:
                 self.healthy = True
                 name = getattr(getattr(exc, "diag", None), "constraint_name", "") or ""
                 raise UniqueViolation("username" if "players" in name else "zone_name") from None
@@ -1332,6 +1338,8 @@ class SqliteStore(_Store):
         try:
             result = await asyncio.wait_for(loop.run_in_executor(self._executor, fn, *args), self.timeout * 4)
         except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):
+                raise
             raise UniqueViolation("username" if "players" in str(exc) else "zone_name") from None
         except (sqlite3.OperationalError, asyncio.TimeoutError) as exc:
             self.healthy = False
@@ -1576,6 +1584,8 @@ CLOSE_TOO_SLOW = 4002   # the client fell behind and its outbox overflowed
 SEND_BUFFER_LIMIT = 256 * 1024
 #: Bytes past which the client is disconnected outright, whatever the messages.
 SEND_BUFFER_HARD_LIMIT = 4 * 1024 * 1024
+#: The kernel's send buffer per WebSocket (it would otherwise grow to megabytes per client).
+KERNEL_SEND_BUFFER = 128 * 1024
 
 
 def ws_text_frame(payload: bytes) -> bytes:
@@ -2710,6 +2720,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     heartbeat = srv.cfg.get("websocket", "heartbeat") or None
     ws = web.WebSocketResponse(heartbeat=heartbeat, compress=False, max_msg_size=max_size * 16)
     await ws.prepare(request)
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:  # bound what the kernel buffers for a client that stops reading
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
     conn = Connection(srv.hub, ws, request.transport, session)
     resumed = srv.hub.attach(conn)
     if session.expires_at is not None:
@@ -2867,6 +2881,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=cfg.get("debug", "log_level").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in cfg.unused_sections:
+        log.warning("config section [%s] is not used: it is neither a gridserver section nor the game module's", name)
     try:
         return asyncio.run(_serve(cfg))
     except KeyboardInterrupt:
