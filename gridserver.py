@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import configparser
 import contextlib
@@ -923,7 +924,8 @@ def _as_list(value: Any, what: str) -> list:
 class _Histogram:
     """A Prometheus histogram that also keeps the last values for p50/p99 gauges."""
 
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+               0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self, keep: int = 1000):
         self.counts = [0] * (len(self.BUCKETS) + 1)
@@ -935,11 +937,7 @@ class _Histogram:
         self.sum += value
         self.count += 1
         self.recent.append(value)
-        for i, bound in enumerate(self.BUCKETS):
-            if value <= bound:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+        self.counts[bisect.bisect_left(self.BUCKETS, value)] += 1
 
     def quantile(self, q: float) -> float:
         if not self.recent:
@@ -1879,15 +1877,23 @@ class _GameThreads:
     When a job overstays ``zone_timeout``, its thread is retired (it finishes that one job
     and exits, whenever the module returns) and a fresh thread takes over the queue, so one
     hanging zone never holds up the others.
+
+    Finished jobs are collected and the event loop is woken once for a batch (when the queue
+    runs dry, or every ``NOTIFY_EVERY`` seconds of work), not once per zone: every wake-up
+    costs a GIL hand-off between the game thread and the loop.
     """
 
-    def __init__(self, run_job: Callable[[_ZoneJob], None], on_done: Callable[[_ZoneJob], None]):
+    NOTIFY_EVERY = 0.02
+
+    def __init__(self, run_job: Callable[[_ZoneJob], None], notify: Callable[[], None]):
         self._run_job = run_job
-        self._on_done = on_done
+        self._notify = notify
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._current: dict[threading.Thread, _ZoneJob] = {}
         self._retired: set[threading.Thread] = set()
+        self._done: list[_ZoneJob] = []
+        self._last_notify = 0.0
         self._live = 0
         self._spawn()
 
@@ -1909,11 +1915,16 @@ class _GameThreads:
             try:
                 self._run_job(job)
             finally:
-                job.finished = time.monotonic()
+                job.finished = now = time.monotonic()
                 with self._lock:
                     del self._current[me]
                     retired = me in self._retired
-                self._on_done(job)
+                    self._done.append(job)
+                    notify = retired or self._queue.empty() or now - self._last_notify > self.NOTIFY_EVERY
+                    if notify:
+                        self._last_notify = now
+                if notify:
+                    self._notify()
             if retired:
                 break
         with self._lock:
@@ -1922,6 +1933,11 @@ class _GameThreads:
 
     def submit(self, job: _ZoneJob) -> None:
         self._queue.put(job)
+
+    def take_done(self) -> list[_ZoneJob]:
+        with self._lock:
+            done, self._done = self._done, []
+        return done
 
     def retire_stuck(self, limit: float) -> list[_ZoneJob]:
         now = time.monotonic()
@@ -1978,7 +1994,7 @@ class TickEngine:
         self._pending: set[_ZoneJob] = set()
         self._all_done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._threads = _GameThreads(self._run_job, self._job_finished)
+        self._threads = _GameThreads(self._run_job, self._jobs_finished)
         self._task: asyncio.Task | None = None
         self._tick_started = 0.0
         self._last_sent = 0.0
@@ -2032,10 +2048,14 @@ class TickEngine:
             frames.append((conn, cached[1]))
         return frames
 
-    def _job_finished(self, job: _ZoneJob) -> None:
-        self._loop.call_soon_threadsafe(self._deliver, job)
+    def _jobs_finished(self) -> None:
+        self._loop.call_soon_threadsafe(self._drain)
 
     # -- on the event loop ---------------------------------------------------------------
+    def _drain(self) -> None:
+        for job in self._threads.take_done():
+            self._deliver(job)
+
     def _deliver(self, job: _ZoneJob) -> None:
         zs = job.zs
         zs.busy_since = None
@@ -2096,7 +2116,7 @@ class TickEngine:
             try:
                 await asyncio.wait_for(self._all_done.wait(), check)
             except asyncio.TimeoutError:
-                pass
+                self._drain()  # results finished behind a job that is still running
             for job in self._threads.retire_stuck(self.zone_timeout):
                 job.stalled = True
                 self._pending.discard(job)

@@ -193,3 +193,116 @@ class Passive:
 
     def get_player_state(self, zone_id, player_id, full_state):
         return full_state
+
+
+import contextlib  # noqa: E402  (for TcpProxy)
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 (port 0) to ``upstream`` that a test can cut and restore.
+
+    ``cut()`` aborts every open proxied connection and, until ``restore()``, accepts new ones
+    only to close them at once: to its clients it looks like a database that went away.
+    """
+
+    def __init__(self, upstream_host: str = "127.0.0.1", upstream_port: int = 5432):
+        self.upstream = (upstream_host, upstream_port)
+        self.port: int | None = None
+        self.is_cut = False
+        self.refused = 0  # connections accepted and closed while cut
+        self._server: asyncio.AbstractServer | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> "TcpProxy":
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @staticmethod
+    def _abort(*writers: asyncio.StreamWriter) -> None:
+        for w in writers:
+            if w.transport is not None and not w.transport.is_closing():
+                w.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            if self.is_cut:
+                self.refused += 1
+                writer.close()
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            except OSError:
+                self._abort(writer)
+                return
+            if self.is_cut:  # cut while connecting upstream
+                self.refused += 1
+                self._abort(writer, up_writer)
+                return
+            pair = (writer, up_writer)
+            self._pairs.add(pair)
+            try:
+                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            finally:
+                self._pairs.discard(pair)
+                self._abort(writer, up_writer)
+        except asyncio.CancelledError:
+            self._abort(writer)
+        finally:
+            self._tasks.discard(task)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if writer.transport is not None and not writer.transport.is_closing():
+                writer.close()
+
+    def cut(self) -> None:
+        """Abort every open proxied connection and refuse (accept-and-close) new ones."""
+        self.is_cut = True
+        for pair in list(self._pairs):
+            self._abort(*pair)
+
+    def restore(self) -> None:
+        """Forward new connections to the upstream again."""
+        self.is_cut = False
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+
+@pytest.fixture
+async def tcp_proxy():
+    """``await tcp_proxy(host=PG host, port=PG port)`` starts a ``TcpProxy``; closed after the test."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(PG_DSN)
+    proxies: list[TcpProxy] = []
+
+    async def make(host: str | None = None, port: int | None = None) -> TcpProxy:
+        proxy = await TcpProxy(host or parts.hostname or "127.0.0.1", port or parts.port or 5432).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        await proxy.close()
