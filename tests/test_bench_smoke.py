@@ -1,0 +1,34 @@
+"""The query benchmark runs: ``python bench/bench_queries.py --quick`` exits 0 and prints its table.
+
+No timing is asserted here (CI machines vary); the benchmark's full run checks the 2x claim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_queries_quick_runs_and_prints_the_table(tmp_path):
+    out = tmp_path / "queries.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_queries.py"), "--quick",
+                           "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = [i for i, line in enumerate(lines) if "entities" in line and "area us/q" in line and "overlap us/q" in line]
+    assert header, proc.stdout
+    rows = [line.split() for line in lines[header[0] + 2:header[0] + 4]]
+    assert [r[0] for r in rows] == ["1000", "100000"], proc.stdout
+    for r in rows:
+        assert float(r[4]) > 0 and float(r[5]) > 0, proc.stdout       # us per area / overlap query
+    assert any(line.startswith("ratio 100k/1k:") for line in lines), proc.stdout
+
+    result = json.loads(out.read_text())
+    assert [z["entities"] for z in result["zones"]] == [1000, 100000]
+    assert result["zones"][0]["entities_per_bucket"] == result["zones"][1]["entities_per_bucket"]
+    assert set(result["ratio_large_to_small"]) == {"area", "overlap"}
