@@ -29,7 +29,8 @@ import uuid
 from gridserver import EntityCreate, EntityUpdate, TickResult
 
 _fw = None
-_settings = {"fog_radius": 8, "walls": 6, "items": 10, "lobby_size": 32}
+_DEFAULTS = {"fog_radius": 8, "walls": 6, "items": 10, "lobby_size": 32}
+_settings = dict(_DEFAULTS)
 _avatars: dict[tuple, uuid.UUID] = {}      # (zone_id, player_id) -> avatar entity id
 _positions: dict[tuple, tuple] = {}        # (zone_id, player_id) -> (x, y) after the last tick
 _seeded: set = set()
@@ -39,8 +40,11 @@ _MOVES = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
 def on_init(framework):
     global _fw
     _fw = framework
-    for key in _settings:
-        _settings[key] = framework.setting(key, _settings[key], int)
+    _avatars.clear()
+    _positions.clear()
+    _seeded.clear()
+    for key, default in _DEFAULTS.items():
+        _settings[key] = framework.setting(key, default, int)
     if not framework.list_zones():
         size = _settings["lobby_size"]
         framework.create_zone("lobby", size, size, {"game": "walkers"})

@@ -1,0 +1,385 @@
+"""gridserver benchmarks: ``python bench/run.py [--quick] [--scenario NAME ...]``.
+
+Starts a real server process (``python gridserver.py``) per scenario, drives it from thin
+load-driver processes (``bench/driver.py``) over real sockets on 127.0.0.1, prints one
+table row per run and writes the rows to ``bench/results/<scenario>.json``. Every process
+it starts is stopped before it exits. Scenarios: grid-walk, grid-walk-fog, world, logins,
+queries (``bench/bench_queries.py``), baseline (the thinnest Python fan-out, for comparison).
+
+PostgreSQL is used when ``GRIDSERVER_BENCH_PG_DSN`` (default
+``postgresql://root@127.0.0.1:5432/test``) answers; each run gets a fresh schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import aiohttp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+PG_DSN = os.environ.get("GRIDSERVER_BENCH_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
+HOST = "127.0.0.1"
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def pg_ok() -> bool:
+    try:
+        import psycopg2
+        psycopg2.connect(PG_DSN, connect_timeout=3).close()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def pg_exec(sql: str) -> None:
+    import psycopg2
+    conn = psycopg2.connect(PG_DSN)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql)
+    conn.close()
+
+
+class Database:
+    """A fresh schema on PostgreSQL (or a temporary SQLite file) for one run."""
+
+    def __init__(self, use_pg: bool):
+        self.use_pg = use_pg
+        self.name = "bench_" + uuid.uuid4().hex[:10]
+        if use_pg:
+            pg_exec(f"CREATE SCHEMA {self.name}")
+            sep = "&" if "?" in PG_DSN else "?"
+            self.dsn = f"{PG_DSN}{sep}options=-csearch_path%3D{self.name}"
+        else:
+            self.path = os.path.join("/tmp", self.name + ".db")
+            self.dsn = f"sqlite:///{self.path}"
+
+    def drop(self) -> None:
+        if self.use_pg:
+            pg_exec(f"DROP SCHEMA {self.name} CASCADE")
+        else:
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.remove(self.path + suffix)
+
+
+class ServerProcess:
+    """``python gridserver.py`` with settings given as GRIDSERVER_* environment variables."""
+
+    def __init__(self, dsn: str, settings: dict[str, str]):
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
+        env.update({"GRIDSERVER_DATABASE_DSN": dsn, "GRIDSERVER_SERVER_PORT": str(self.port),
+                    "GRIDSERVER_SERVER_DEBUG": "true", "GRIDSERVER_AUTH_BCRYPT_ROUNDS": "4",
+                    "GRIDSERVER_DEBUG_LOG_LEVEL": "warning"})
+        env.update(settings)
+        self.log = open(os.path.join("/tmp", f"gridserver-bench-{self.port}.log"), "w")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "gridserver.py")], cwd=ROOT, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://{HOST}:{self.port}"
+
+    async def wait_ready(self, http: aiohttp.ClientSession, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                async with http.get(self.url + "/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def metrics(http: aiohttp.ClientSession, server: ServerProcess) -> dict[str, float]:
+    async with http.get(server.url + "/metrics") as r:
+        return parse_metrics(await r.text())
+
+
+def hist_quantile(m0: dict, m1: dict, name: str, q: float) -> float | None:
+    """The q-quantile of a histogram's observations between two scrapes (linear in a bucket)."""
+    pattern = re.compile(re.escape(name) + r'_bucket\{le="([^"]+)"\}')
+    buckets = []
+    for key, v1 in m1.items():
+        m = pattern.fullmatch(key)
+        if m:
+            le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+            buckets.append((le, v1 - m0.get(key, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            span = count - prev_count
+            return prev_le + (le - prev_le) * ((rank - prev_count) / span if span else 1.0)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def make_players(http: aiohttp.ClientSession, server: ServerProcess, n: int, prefix: str,
+                       concurrency: int = 64) -> list[dict]:
+    """Register and log in ``n`` players over REST."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> dict:
+        name = f"{prefix}{i}"
+        body = {"username": name, "password": "bench-password"}
+        async with sem:
+            async with http.post(server.url + "/api/auth/register", json=body) as r:
+                if r.status not in (201, 409):
+                    raise RuntimeError(f"register {name}: {r.status} {await r.text()}")
+            async with http.post(server.url + "/api/auth/login", json=body) as r:
+                login = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"login {name}: {r.status} {login}")
+        return {"username": name, "token": login["token"]}
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def make_zones(http, server, token: str, n: int, size: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        async with http.post(server.url + "/api/zones", headers={"Authorization": f"Bearer {token}"},
+                             json={"name": f"bench-{i}-{uuid.uuid4().hex[:6]}", "width": size, "height": size}) as r:
+            zone = await r.json()
+            if r.status != 201:
+                raise RuntimeError(f"zone: {r.status} {zone}")
+            ids.append(zone["id"])
+    return ids
+
+
+class Drivers:
+    """Driver processes, each with its share of the players."""
+
+    def __init__(self, server_port: int, players: list[dict], processes: int, intents_per_second: float = 1.0):
+        self.procs = []
+        shares = [players[i::processes] for i in range(processes)]
+        for share in shares:
+            p = subprocess.Popen([sys.executable, os.path.join(HERE, "driver.py")], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, cwd=HERE)
+            p.stdin.write(json.dumps({"host": HOST, "port": server_port, "players": share,
+                                      "intents_per_second": intents_per_second}) + "\n")
+            p.stdin.flush()
+            self.procs.append(p)
+
+    async def ready(self) -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        connected = failed = 0
+        for p in self.procs:
+            line = await loop.run_in_executor(None, p.stdout.readline)
+            if not line.startswith("READY"):
+                raise RuntimeError(f"driver failed: {line!r}")
+            _, n, f = line.split()
+            connected += int(n)
+            failed += int(f)
+        return connected, failed
+
+    def go(self, seconds: float) -> None:
+        for p in self.procs:
+            p.stdin.write(f"GO {seconds}\n")
+            p.stdin.flush()
+
+    async def results(self) -> list[dict]:
+        loop = asyncio.get_running_loop()
+        out = []
+        for p in self.procs:
+            line = await loop.run_in_executor(None, p.stdout.readline)
+            out.append(json.loads(line))
+        return out
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict], extra: dict | None = None) -> dict:
+    clients = sum(r["clients"] for r in results)
+    alive = sum(r["alive"] for r in results)
+    expected = m1["gridserver_tick_number"] - m0["gridserver_tick_number"]
+    t0 = max(r["window"][0] for r in results)
+    latencies, received = [], 0
+    first_tick = m0["gridserver_tick_number"] + 1
+    last_tick = m1["gridserver_tick_number"]
+    for r in results:
+        for ticks in r["ticks"]:
+            for tick, lat in ticks:
+                if first_tick <= tick <= last_tick:
+                    received += 1
+                    latencies.append(lat)
+    cpu = (m1["gridserver_process_cpu_seconds"] - m0["gridserver_process_cpu_seconds"]) / window
+    driver_cpu = sum(r["cpu_seconds"] for r in results) / window
+
+    def ms(v):
+        return None if v is None else round(v * 1000, 1)
+
+    row = {
+        "scenario": name, "clients": clients + sum(r["connect_failures"] for r in results),
+        "connected": clients, "alive": alive, "window_s": round(window, 1), "ticks": int(expected),
+        "ticks_received_pct": round(100.0 * received / (clients * expected), 2) if clients and expected else None,
+        "server_cpu_s_per_s": round(cpu, 3),
+        "cpu_us_per_player_tick": round(cpu / clients / (expected / window) * 1e6, 1) if clients and expected else None,
+        "rss_mib": round(m1["gridserver_process_resident_bytes"] / 2**20, 1),
+        "lateness_p50_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.5)),
+        "lateness_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.99)),
+        "work_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_work_seconds", 0.99)),
+        "broadcast_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_broadcast_seconds", 0.99)),
+        "latency_p50_ms": ms(percentile(latencies, 0.5)), "latency_p99_ms": ms(percentile(latencies, 0.99)),
+        "driver_cpu_s_per_s": round(driver_cpu, 3),
+        "driver_cpu_max_process": round(max(r["cpu_seconds"] for r in results) / window, 3),
+        "intents_sent": sum(r["intents_sent"] for r in results),
+        "intents_accepted": int(m1["gridserver_intents_accepted_total"] - m0["gridserver_intents_accepted_total"]),
+    }
+    if extra:
+        row.update(extra)
+    return row
+
+
+COLUMNS = [("scenario", 16), ("clients", 7), ("alive", 6), ("ticks_received_pct", 7), ("server_cpu_s_per_s", 7),
+           ("cpu_us_per_player_tick", 8), ("rss_mib", 7), ("lateness_p50_ms", 7), ("lateness_p99_ms", 7),
+           ("work_p99_ms", 7), ("broadcast_p99_ms", 8), ("latency_p50_ms", 7), ("latency_p99_ms", 7),
+           ("driver_cpu_s_per_s", 7)]
+HEADERS = ["scenario", "clients", "alive", "recv%", "cpu/s", "us/p/t", "RSS MiB", "late50", "late99",
+           "work99", "bcast99", "lat50", "lat99", "drvcpu"]
+
+
+def print_header() -> None:
+    print(" | ".join(h.rjust(w) for h, (_, w) in zip(HEADERS, COLUMNS)), flush=True)
+
+
+def print_row(row: dict) -> None:
+    print(" | ".join(str(row.get(k, "-") if row.get(k) is not None else "-").rjust(w) for k, w in COLUMNS), flush=True)
+
+
+def save(name: str, rows: list[dict]) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as fh:
+        json.dump({"machine": machine(), "rows": rows}, fh, indent=1)
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+# -- scenarios -----------------------------------------------------------------------------
+
+async def grid_walk(players_total: int, per_zone: int, fog: int, window: float, use_pg: bool,
+                    drivers: int) -> dict:
+    db = Database(use_pg)
+    server = ServerProcess(db.dsn, {"GRIDSERVER_GAME_MODULES_WALKERS_FOG_RADIUS": str(fog),
+                                    "GRIDSERVER_WEBSOCKET_HEARTBEAT": "30"})
+    drv = None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+            await server.wait_ready(http)
+            players = await make_players(http, server, players_total, "walker")
+            zones = await make_zones(http, server, players[0]["token"], max(1, players_total // per_zone), 64)
+            for i, p in enumerate(players):
+                p["zone_id"] = zones[i % len(zones)]
+            drv = Drivers(server.port, players, drivers)
+            await drv.ready()
+            await asyncio.sleep(3)  # joins processed, avatars spawned
+            m0 = await metrics(http, server)
+            t0 = time.monotonic()
+            drv.go(window)
+            results = await drv.results()
+            m1 = await metrics(http, server)
+            elapsed = time.monotonic() - t0
+            name = "grid-walk-fog" if fog else "grid-walk"
+            return summarize(name, m0, m1, elapsed, results, {"zones": len(zones), "fog_radius": fog})
+    finally:
+        if drv:
+            drv.stop()
+        server.stop()
+        db.drop()
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small, short smoke run (what CI runs)")
+    parser.add_argument("--scenario", action="append", help="run only these (repeatable)")
+    parser.add_argument("--clients", type=int, action="append", help="grid-walk client counts")
+    parser.add_argument("--window", type=float, help="seconds measured per run")
+    parser.add_argument("--drivers", type=int, default=2, help="driver processes")
+    parser.add_argument("--sqlite", action="store_true", help="use SQLite even when PostgreSQL answers")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    use_pg = not args.sqlite and pg_ok()
+    window = args.window or (4.0 if args.quick else 30.0)
+    scenarios = args.scenario or ["grid-walk", "grid-walk-fog"]
+    print(f"database: {'PostgreSQL' if use_pg else 'SQLite'}; window {window:.0f} s; {os.cpu_count()} CPUs")
+    print_header()
+    for scenario in scenarios:
+        rows = []
+        if scenario in ("grid-walk", "grid-walk-fog"):
+            counts = args.clients or ([40] if args.quick else ([1000, 5000, 10000] if scenario == "grid-walk" else [5000]))
+            for n in counts:
+                row = await grid_walk(n, 50 if n >= 50 else n, 8 if scenario.endswith("fog") else 0, window,
+                                      use_pg, 1 if args.quick else args.drivers)
+                print_row(row)
+                rows.append(row)
+        else:
+            print(f"unknown scenario {scenario}", file=sys.stderr)
+            return 2
+        save(scenario, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
