@@ -448,12 +448,12 @@ class Entity:
                 "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at)}
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Intent:
     """What a player asked for, queued for the zone's next tick in arrival order.
 
     ``data`` is the client's JSON object as sent; ``received_at`` is seconds since the epoch;
-    ``seq`` increases with every intent the server accepts.
+    ``seq`` increases with every intent the server accepts. Read it; do not change it.
     """
 
     player_id: UUID
@@ -583,6 +583,21 @@ class SpatialIndex:
 
     def move(self, e: Entity, x: int, y: int, w: int, h: int) -> None:
         """Set the entity's rectangle, re-bucketing it only when its buckets change."""
+        if e.width <= 1 and e.height <= 1 and w <= 1 and h <= 1:  # points and single cells: one bucket
+            s = self._size
+            old_key, new_key = (e.x // s) << 32 | (e.y // s), (x // s) << 32 | (y // s)
+            e.x, e.y, e.width, e.height = x, y, w, h
+            if old_key != new_key:
+                buckets = self._buckets
+                bucket = buckets[old_key]
+                bucket.discard(e)
+                if not bucket:
+                    del buckets[old_key]
+                bucket = buckets.get(new_key)
+                if bucket is None:
+                    buckets[new_key] = bucket = set()
+                bucket.add(e)
+            return
         old = self._keys(e.x, e.y, e.width, e.height)
         new = self._keys(x, y, w, h)
         if old != new:
@@ -671,15 +686,15 @@ class World:
     """The authority while the server runs: zones, their entities and what changed.
 
     Every mutation goes through a method here under ``lock`` (the game thread applies tick
-    results while the event loop serves requests). ``dirty`` and ``deleted`` hold the entity
-    ids the next persistence flush must write or remove.
+    results while the event loop serves requests). ``dirty`` (id -> entity) and ``deleted``
+    (ids) are what the next persistence flush must write or remove.
     """
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.zones: dict[UUID, _ZoneState] = {}
         self.entity_zone: dict[UUID, _ZoneState] = {}
-        self.dirty: set[UUID] = set()
+        self.dirty: dict[UUID, Entity] = {}
         self.deleted: set[UUID] = set()
 
     # -- zones ---------------------------------------------------------------------------
@@ -700,7 +715,7 @@ class World:
             if zs is not None:
                 for eid in zs.entities:
                     self.entity_zone.pop(eid, None)
-                    self.dirty.discard(eid)
+                    self.dirty.pop(eid, None)
                     self.deleted.discard(eid)
             return zs
 
@@ -769,13 +784,10 @@ class World:
         if not isinstance(result.broadcast_state, dict):
             raise TickRejected(f"broadcast_state must be a dict, got {type(result.broadcast_state).__name__}")
         zone = zs.zone
-        shadow: dict[UUID, tuple[int, int, int, int] | None] = {}  # id -> rect after earlier changes
-
-        def rect_of(eid: UUID) -> tuple[int, int, int, int] | None:
-            if eid in shadow:
-                return shadow[eid]
-            e = zs.entities.get(eid)
-            return None if e is None else (e.x, e.y, e.width, e.height)
+        width, height = zone.width, zone.height
+        entities = zs.entities
+        born: dict[UUID, tuple[int, int, int, int]] = {}  # rects of entities created by this result
+        moved: dict[int, tuple[int, int, int, int]] = {}  # id(entity) -> rect after an earlier update
 
         creates = []
         for c in _as_list(result.entity_creates, "entity_creates"):
@@ -786,48 +798,63 @@ class World:
             if w < 0 or h < 0:
                 raise TickRejected(f"negative size in {c!r}")
             if not _in_bounds(zone, x, y, w, h):
-                raise TickRejected(f"out of bounds of the {zone.width}x{zone.height} zone: {c!r}")
+                raise TickRejected(f"out of bounds of the {width}x{height} zone: {c!r}")
             _check_metadata(c.metadata, c)
             try:
                 eid = uuid.uuid4() if c.id is None else _as_uuid(c.id)
             except ValueError:
                 raise TickRejected(f"invalid id in {c!r}") from None
-            if eid in shadow or eid in self.entity_zone:
+            if eid in born or eid in self.entity_zone:
                 raise TickRejected(f"an entity with id {eid} exists already")
-            shadow[eid] = (x, y, w, h)
+            born[eid] = (x, y, w, h)
             creates.append((eid, x, y, w, h, dict(c.metadata)))
+
         updates = []
         for u in _as_list(result.entity_updates, "entity_updates"):
-            if not isinstance(u, EntityUpdate):
+            if type(u) is not EntityUpdate and not isinstance(u, EntityUpdate):
                 raise TickRejected(f"entity_updates holds {type(u).__name__}, not EntityUpdate")
-            try:
-                eid = _as_uuid(u.id)
-            except ValueError:
-                raise TickRejected(f"invalid id in {u!r}") from None
-            rect = rect_of(eid)
-            if rect is None:
+            eid = u.id
+            if type(eid) is not UUID:
+                try:
+                    eid = _as_uuid(eid)
+                except ValueError:
+                    raise TickRejected(f"invalid id in {u!r}") from None
+            e = entities.get(eid)
+            if e is not None:
+                rect = moved.get(id(e)) or (e.x, e.y, e.width, e.height)
+            elif born and eid in born:
+                rect = born[eid]
+            else:
                 raise TickRejected(f"update of unknown entity {eid}")
-            x = rect[0] if u.x is None else _check_int(u.x, "update x")
-            y = rect[1] if u.y is None else _check_int(u.y, "update y")
-            w = rect[2] if u.width is None else _check_int(u.width, "update width")
-            h = rect[3] if u.height is None else _check_int(u.height, "update height")
+            x, y, w, h = u.x, u.y, u.width, u.height
+            x = rect[0] if x is None else (x if type(x) is int else _check_int(x, "update x"))
+            y = rect[1] if y is None else (y if type(y) is int else _check_int(y, "update y"))
+            w = rect[2] if w is None else (w if type(w) is int else _check_int(w, "update width"))
+            h = rect[3] if h is None else (h if type(h) is int else _check_int(h, "update height"))
             if w < 0 or h < 0:
                 raise TickRejected(f"negative size in {u!r}")
-            if not _in_bounds(zone, x, y, w, h):
-                raise TickRejected(f"out of bounds of the {zone.width}x{zone.height} zone: {u!r}")
-            if u.metadata is not None:
-                _check_metadata(u.metadata, u)
-            shadow[eid] = (x, y, w, h)
-            updates.append((eid, x, y, w, h, None if u.metadata is None else dict(u.metadata)))
+            if not (0 <= x and 0 <= y and x + w <= width and y + h <= height and x < width and y < height):
+                raise TickRejected(f"out of bounds of the {width}x{height} zone: {u!r}")
+            meta = u.metadata
+            if meta is not None:
+                _check_metadata(meta, u)
+                meta = dict(meta)
+            if e is not None:
+                moved[id(e)] = (x, y, w, h)
+            else:
+                born[eid] = (x, y, w, h)
+            updates.append((e, eid, x, y, w, h, meta))
+
         deletes = []
+        gone: set[UUID] = set()
         for d in _as_list(result.entity_deletes, "entity_deletes"):
             try:
                 eid = _as_uuid(d)
             except ValueError:
                 raise TickRejected(f"invalid id {d!r} in entity_deletes") from None
-            if rect_of(eid) is None:
+            if eid in gone or (eid not in entities and eid not in born):
                 raise TickRejected(f"delete of unknown entity {eid}")
-            shadow[eid] = None
+            gone.add(eid)
             deletes.append(eid)
         return creates, updates, deletes
 
@@ -845,42 +872,39 @@ class World:
                 zs.entities[eid] = e
                 zs.index.insert(e)
                 self.entity_zone[eid] = zs
-                self.dirty.add(eid)
+                self.dirty[eid] = e
                 self.deleted.discard(eid)
                 created.append(e)
-            for eid, x, y, w, h, meta in updates:
-                e = zs.entities[eid]
-                if (x, y, w, h) != (e.x, e.y, e.width, e.height):
+            dirty = self.dirty
+            for e, eid, x, y, w, h, meta in updates:
+                if e is None:  # created by this same result
+                    e = zs.entities[eid]
+                if x != e.x or y != e.y or w != e.width or h != e.height:
                     zs.index.move(e, x, y, w, h)
                 if meta is not None:
                     e.metadata = meta
                 e.updated_at = now
-                self.dirty.add(eid)
+                dirty[eid] = e
             for eid in deletes:
                 e = zs.entities.pop(eid)
                 zs.index.remove(e)
                 del self.entity_zone[eid]
-                self.dirty.discard(eid)
+                self.dirty.pop(eid, None)
                 self.deleted.add(eid)
             return created, len(updates), len(deletes)
 
     def take_changes(self) -> tuple[list[tuple], list[UUID]]:
         """Snapshot and clear what the next flush must write: (rows, deleted ids).
 
-        A row holds references to the entity's current values (metadata objects are replaced,
-        never mutated, by the registry), so the snapshot is one consistent state.
+        A row is ``(id, entity, x, y, width, height, metadata, updated_at)``: the values as
+        they are now (metadata objects are replaced, never mutated, by the registry), taken
+        under the lock, so the snapshot is one state that existed.
         """
         with self.lock:
-            rows = []
-            ez = self.entity_zone
-            for eid in self.dirty:
-                zs = ez.get(eid)
-                if zs is None:
-                    continue
-                e = zs.entities[eid]
-                rows.append((eid, e.zone_id, e.x, e.y, e.width, e.height, e.metadata, e.created_at, e.updated_at))
+            rows = [(eid, e, e.x, e.y, e.width, e.height, e.metadata, e.updated_at)
+                    for eid, e in self.dirty.items()]
             deleted = list(self.deleted)
-            self.dirty = set()
+            self.dirty = {}
             self.deleted = set()
             return rows, deleted
 
@@ -888,8 +912,9 @@ class World:
         """Put back a snapshot whose flush failed; later changes stay as they are."""
         with self.lock:
             for row in rows:
-                if row[0] in self.entity_zone:
-                    self.dirty.add(row[0])
+                zs = self.entity_zone.get(row[0])
+                if zs is not None:
+                    self.dirty[row[0]] = zs.entities[row[0]]
             for eid in deleted:
                 if eid not in self.entity_zone:
                     self.deleted.add(eid)
@@ -981,6 +1006,7 @@ class Metrics:
         self.tick_lateness = _Histogram()
         self.tick_work = _Histogram()
         self.broadcast_time = _Histogram()
+        self.zone_time = _Histogram()
         self.flush_duration = _Histogram()
 
     def render(self, gauges: dict[str, tuple[float, str]]) -> str:
@@ -996,6 +1022,8 @@ class Metrics:
                                      "time from tick start until every zone's result was applied")
         out += self.broadcast_time.render("gridserver_tick_broadcast_seconds",
                                           "time from tick start until the last subscriber's message was handed to its socket")
+        out += self.zone_time.render("gridserver_zone_tick_seconds",
+                                     "one zone's share of a tick in the game thread: hooks, on_tick, apply, player states")
         out += self.flush_duration.render("gridserver_flush_duration_seconds", "persistence flush time")
         for name, (value, help_text) in gauges.items():
             out += [f"# HELP gridserver_{name} {help_text}", f"# TYPE gridserver_{name} gauge",
@@ -1153,7 +1181,8 @@ class _Store:
     async def insert_zone(self, zone: Zone) -> None: ...
     async def delete_zone(self, zone_id: UUID) -> None: ...
     async def load(self) -> tuple[list[Zone], list[Entity]]: ...
-    async def flush(self, rows: list[tuple], deleted: list[UUID]) -> None: ...
+    def prepare_flush(self, rows: list[tuple], deleted: list[UUID]) -> Any: ...
+    async def flush(self, prepared: Any) -> None: ...
 
 
 def _player_row(row: tuple) -> dict:
@@ -1301,21 +1330,37 @@ class PostgresStore(_Store):
             return zones, [_entity_row(r) for r in await cur.fetchall()]
         return await self._run(fetch)
 
-    async def flush(self, rows, deleted):
+    def prepare_flush(self, rows, deleted):
+        """In the flush thread: one JSON array per statement, serialized 1,000 rows at a time
+        so that no single call holds the GIL for long."""
+        zone_ids: dict[UUID, str] = {}
+        pieces = []
+        for start in range(0, len(rows), 1000):
+            chunk = []
+            for eid, e, x, y, w, h, meta, updated in rows[start:start + 1000]:
+                zid = zone_ids.get(e.zone_id) or zone_ids.setdefault(e.zone_id, str(e.zone_id))
+                chunk.append((str(eid), zid, x, y, w, h, meta, e.created_at, updated))
+            pieces.append(json_dumps(chunk)[1:-1])
+        per = max(1, FLUSH_CHUNK // 1000)
+        statements = ["[" + ",".join(pieces[i:i + per]) + "]" for i in range(0, len(pieces), per)]
+        return statements, [str(d) for d in deleted], len(rows)
+
+    async def flush(self, prepared):
+        statements, deleted, count = prepared
+
         async def write(cur: Any) -> None:
             await cur.execute("BEGIN")
             try:
                 if deleted:
-                    await cur.execute(_PG_DELETE_ENTITIES, ([str(d) for d in deleted],))
-                for start in range(0, len(rows), FLUSH_CHUNK):
-                    payload = json_dumps(rows[start:start + FLUSH_CHUNK])  # serialized on the loop, in chunks
+                    await cur.execute(_PG_DELETE_ENTITIES, (deleted,))
+                for payload in statements:
                     await cur.execute(_PG_UPSERT_ENTITIES, (payload,))
                 await cur.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(Exception):
                     await cur.execute("ROLLBACK")
                 raise
-        await self._run(write, timeout=self.timeout * (1 + len(rows) // 20000))  # big flushes take longer
+        await self._run(write, timeout=self.timeout * (1 + count // 20000))  # big flushes take longer
 
 
 class SqliteStore(_Store):
@@ -1421,13 +1466,14 @@ class SqliteStore(_Store):
             return zones, [_entity_row(r) for r in self._conn.execute(_SQL["entities"])]
         return await self._call(fetch)
 
-    async def flush(self, rows, deleted):
-        def write() -> None:
-            upserts = [(str(r[0]), str(r[1]), r[2], r[3], r[4], r[5], json_dumps(r[6]), _iso(r[7]), _iso(r[8]),
-                        str(r[1])) for r in rows]
-            self._tx([(_SQLITE_DELETE_ENTITY, [(str(d),) for d in deleted], True),
-                      (_SQLITE_UPSERT_ENTITY, upserts, True)])
-        await self._call(write)
+    def prepare_flush(self, rows, deleted):
+        upserts = [(str(eid), str(e.zone_id), x, y, w, h, json_dumps(meta), _iso(e.created_at), _iso(updated),
+                    str(e.zone_id)) for eid, e, x, y, w, h, meta, updated in rows]
+        return upserts, [(str(d),) for d in deleted]
+
+    async def flush(self, prepared):
+        upserts, deleted = prepared
+        await self._call(self._tx, [(_SQLITE_DELETE_ENTITY, deleted, True), (_SQLITE_UPSERT_ENTITY, upserts, True)])
 
 
 def open_store(cfg: Config) -> _Store:
@@ -1873,12 +1919,10 @@ class _GameThreads:
     and exits, whenever the module returns) and a fresh thread takes over the queue, so one
     hanging zone never holds up the others.
 
-    Finished jobs are collected and the event loop is woken once for a batch (when the queue
-    runs dry, or every ``NOTIFY_EVERY`` seconds of work), not once per zone: every wake-up
-    costs a GIL hand-off between the game thread and the loop.
+    Finished jobs are collected and the event loop is woken once, when the queue runs dry
+    (or a retired thread's late job returns), not once per zone: sending while module code
+    runs would make the loop and the game thread trade the GIL at every socket write.
     """
-
-    NOTIFY_EVERY = 0.02
 
     def __init__(self, run_job: Callable[[_ZoneJob], None], notify: Callable[[], None]):
         self._run_job = run_job
@@ -1888,7 +1932,6 @@ class _GameThreads:
         self._current: dict[threading.Thread, _ZoneJob] = {}
         self._retired: set[threading.Thread] = set()
         self._done: list[_ZoneJob] = []
-        self._last_notify = 0.0
         self._live = 0
         self._spawn()
 
@@ -1910,14 +1953,12 @@ class _GameThreads:
             try:
                 self._run_job(job)
             finally:
-                job.finished = now = time.monotonic()
+                job.finished = time.monotonic()
                 with self._lock:
                     del self._current[me]
                     retired = me in self._retired
                     self._done.append(job)
-                    notify = retired or self._queue.empty() or now - self._last_notify > self.NOTIFY_EVERY
-                    if notify:
-                        self._last_notify = now
+                    notify = retired or self._queue.empty()
                 if notify:
                     self._notify()
             if retired:
@@ -2055,6 +2096,7 @@ class TickEngine:
         zs = job.zs
         zs.busy_since = None
         zs.last_tick_ms = (job.finished - job.started) * 1000
+        self.metrics.zone_time.observe(job.finished - job.started)
         if job.error is not None:
             zs.errors += 1
             zs.last_error = {"tick_number": job.tick_number, "kind": job.error_kind,
@@ -2111,7 +2153,7 @@ class TickEngine:
             try:
                 await asyncio.wait_for(self._all_done.wait(), check)
             except asyncio.TimeoutError:
-                self._drain()  # results finished behind a job that is still running
+                self._drain()  # a slow zone is still running: send what the others finished
             for job in self._threads.retire_stuck(self.zone_timeout):
                 job.stalled = True
                 self._pending.discard(job)
@@ -2216,15 +2258,22 @@ class Persister:
         self.outage_since: float | None = None
         self._task: asyncio.Task | None = None
         self._sweeps = 0
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-flush")
 
     async def flush(self) -> bool:
-        """Write everything changed since the last flush; False when the database is down."""
+        """Write everything changed since the last flush; False when the database is down.
+
+        The snapshot and its serialization run in the flush thread, not on the event loop:
+        a flush of 100,000 entities must not delay a tick.
+        """
         async with self.lock:
-            rows, deleted = self.world.take_changes()
+            loop = asyncio.get_running_loop()
+            rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes)
             t0 = time.monotonic()
             try:
                 if rows or deleted:
-                    await self.store.flush(rows, deleted)
+                    prepared = await loop.run_in_executor(self.executor, self.store.prepare_flush, rows, deleted)
+                    await self.store.flush(prepared)
                 else:
                     await self.store.ping()
             except BaseException as exc:  # nothing taken out of the dirty set may be lost
@@ -2446,6 +2495,7 @@ class Server:
     async def close(self) -> None:
         await self.store.close()
         self.accounts.executor.shutdown(wait=False)
+        self.persister.executor.shutdown(wait=False)
 
     # -- zones -----------------------------------------------------------------------------
     async def create_zone(self, name: Any, width: Any, height: Any, metadata: Any) -> Zone:

@@ -1,9 +1,10 @@
 """One load-driver process: connects its share of players, subscribes them, plays, reports.
 
 Run by ``bench/run.py``, not by hand. Protocol on stdin/stdout, one line each:
-it prints ``READY <n>`` once every client is subscribed, waits for ``GO <seconds>``, plays
-for that long (each player sends one move intent a second, at its own phase), then writes
-its results as one JSON line and exits.
+it prints ``READY <n> <failed>`` once every client is subscribed, waits for
+``GO <seconds> <linger>``, plays for that long (each player sends one move intent a second,
+at its own phase), keeps receiving for ``linger`` more seconds, then writes its results as
+one JSON line and exits.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ async def main() -> None:
             failures += 1
     print(f"READY {len(clients)} {failures}", flush=True)
     line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    duration = float(line.split()[1])
+    duration, linger = float(line.split()[1]), float(line.split()[2])
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.time()
     record_from[0] = t0
@@ -71,6 +72,7 @@ async def main() -> None:
     t1 = time.time()
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    await asyncio.sleep(linger)  # ticks counted by the server at the window's end are still on their way
     out = {
         "clients": len(clients), "connect_failures": failures, "alive": sum(1 for c in clients if not c.closed),
         "close_codes": [c.close_code for c in clients if c.closed], "intents_sent": sent,

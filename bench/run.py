@@ -227,9 +227,9 @@ class Drivers:
             failed += int(f)
         return connected, failed
 
-    def go(self, seconds: float) -> None:
+    def go(self, seconds: float, linger: float = 3.0) -> None:
         for p in self.procs:
-            p.stdin.write(f"GO {seconds}\n")
+            p.stdin.write(f"GO {seconds} {linger}\n")
             p.stdin.flush()
 
     async def results(self) -> list[dict]:
@@ -276,8 +276,13 @@ def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict],
         "rss_mib": round(m1["gridserver_process_resident_bytes"] / 2**20, 1),
         "lateness_p50_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.5)),
         "lateness_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.99)),
+        "work_p50_ms": ms(hist_quantile(m0, m1, "gridserver_tick_work_seconds", 0.5)),
         "work_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_work_seconds", 0.99)),
+        "broadcast_p50_ms": ms(hist_quantile(m0, m1, "gridserver_tick_broadcast_seconds", 0.5)),
         "broadcast_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_broadcast_seconds", 0.99)),
+        "zone_tick_p99_ms": ms(hist_quantile(m0, m1, "gridserver_zone_tick_seconds", 0.99)),
+        "zone_tick_sum_s_per_tick": round((m1.get("gridserver_zone_tick_seconds_sum", 0)
+                                           - m0.get("gridserver_zone_tick_seconds_sum", 0)) / max(1.0, expected), 4),
         "latency_p50_ms": ms(percentile(latencies, 0.5)), "latency_p99_ms": ms(percentile(latencies, 0.99)),
         "driver_cpu_s_per_s": round(driver_cpu, 3),
         "driver_cpu_max_process": round(max(r["cpu_seconds"] for r in results) / window, 3),
@@ -316,6 +321,20 @@ def machine() -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+PROFILE_DIR: str | None = None
+
+
+def profile(server: ServerProcess, seconds: float) -> subprocess.Popen | None:
+    """With ``--profile DIR``: py-spy samples the server for the window (collapsed stacks)."""
+    if not PROFILE_DIR:
+        return None
+    os.makedirs(PROFILE_DIR, exist_ok=True)
+    out = os.path.join(PROFILE_DIR, f"server-{server.port}.txt")
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return subprocess.Popen([spy, "record", "-p", str(server.proc.pid), "-d", str(int(seconds)), "-f", "raw",
+                             "-o", out, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 # -- scenarios -----------------------------------------------------------------------------
 
 async def grid_walk(players_total: int, per_zone: int, fog: int, window: float, use_pg: bool,
@@ -336,9 +355,13 @@ async def grid_walk(players_total: int, per_zone: int, fog: int, window: float, 
             await asyncio.sleep(3)  # joins processed, avatars spawned
             m0 = await metrics(http, server)
             t0 = time.monotonic()
+            spy = profile(server, window)
             drv.go(window)
-            results = await drv.results()
+            await asyncio.sleep(window)
             m1 = await metrics(http, server)
+            results = await drv.results()
+            if spy:
+                spy.wait()
             elapsed = time.monotonic() - t0
             name = "grid-walk-fog" if fog else "grid-walk"
             return summarize(name, m0, m1, elapsed, results, {"zones": len(zones), "fog_radius": fog})
@@ -349,6 +372,49 @@ async def grid_walk(players_total: int, per_zone: int, fog: int, window: float, 
         db.drop()
 
 
+def proc_cpu_rss(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) and resident bytes of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def baseline(players_total: int, per_zone: int, window: float, drivers: int) -> dict:
+    """The same workload against ``bench/baseline_fanout.py``: what the thinnest fan-out costs."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline_fanout.py"), str(port), str(per_zone)],
+                            stdout=subprocess.PIPE, text=True)
+    drv = None
+    try:
+        assert proc.stdout.readline().startswith("READY")
+        zones = [str(uuid.uuid4()) for _ in range(max(1, players_total // per_zone))]
+        players = [{"token": "none", "zone_id": zones[i % len(zones)]} for i in range(players_total)]
+        drv = Drivers(port, players, drivers)
+        await drv.ready()
+        await asyncio.sleep(2)
+        cpu0, _ = proc_cpu_rss(proc.pid)
+        t0 = time.monotonic()
+        drv.go(window)
+        await asyncio.sleep(window)
+        cpu1, rss = proc_cpu_rss(proc.pid)
+        elapsed = time.monotonic() - t0
+        results = await drv.results()
+        seen = [t for r in results for ticks in r["ticks"] for t, _ in ticks]
+        first, last = min(seen) + 1, min(seen) + round(elapsed)  # the ticks due in the window
+        zero = {"gridserver_intents_accepted_total": 0}
+        m0 = dict(zero, gridserver_tick_number=first - 1, gridserver_process_cpu_seconds=cpu0)
+        m1 = dict(zero, gridserver_tick_number=last, gridserver_process_cpu_seconds=cpu1,
+                  gridserver_process_resident_bytes=rss)
+        return summarize("baseline", m0, m1, elapsed, results, {"zones": len(zones)})
+    finally:
+        if drv:
+            drv.stop()
+        proc.kill()
+        proc.wait()
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small, short smoke run (what CI runs)")
@@ -357,7 +423,10 @@ async def main() -> int:
     parser.add_argument("--window", type=float, help="seconds measured per run")
     parser.add_argument("--drivers", type=int, default=2, help="driver processes")
     parser.add_argument("--sqlite", action="store_true", help="use SQLite even when PostgreSQL answers")
+    parser.add_argument("--profile", metavar="DIR", help="sample the server with py-spy into DIR")
     args = parser.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     use_pg = not args.sqlite and pg_ok()
@@ -372,6 +441,11 @@ async def main() -> int:
             for n in counts:
                 row = await grid_walk(n, 50 if n >= 50 else n, 8 if scenario.endswith("fog") else 0, window,
                                       use_pg, 1 if args.quick else args.drivers)
+                print_row(row)
+                rows.append(row)
+        elif scenario == "baseline":
+            for n in args.clients or ([40] if args.quick else [1000, 5000, 10000]):
+                row = await baseline(n, 50 if n >= 50 else n, window, 1 if args.quick else args.drivers)
                 print_row(row)
                 rows.append(row)
         else:

@@ -31,9 +31,10 @@ from gridserver import EntityCreate, EntityUpdate, TickResult
 _fw = None
 _DEFAULTS = {"fog_radius": 8, "walls": 6, "items": 10, "lobby_size": 32}
 _settings = dict(_DEFAULTS)
-_avatars: dict[tuple, uuid.UUID] = {}      # (zone_id, player_id) -> avatar entity id
-_positions: dict[tuple, tuple] = {}        # (zone_id, player_id) -> (x, y) after the last tick
+_avatars: dict = {}    # zone_id -> {player_id: avatar entity id}
+_positions: dict = {}  # zone_id -> {player_id: (x, y)} after the last tick
 _seeded: set = set()
+_rng = random.Random()
 _MOVES = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
 
 
@@ -68,17 +69,20 @@ def _free_cell(zone, taken: set, rng: random.Random):
 
 
 def on_player_join(zone_id, player_id):
+    avatars = _avatars.setdefault(zone_id, {})
+    positions = _positions.setdefault(zone_id, {})
     for e in _fw.list_entities(zone_id):  # an avatar kept from before a restart
         if _kind(e) == "avatar" and e.metadata.get("player_id") == str(player_id):
-            _avatars[(zone_id, player_id)] = e.id
+            avatars[player_id] = e.id
+            positions[player_id] = (e.x, e.y)
             return None
     zone = _fw.get_zone(zone_id)
-    cell = _free_cell(zone, set(_positions_in(zone_id)), random.Random())
+    cell = _free_cell(zone, set(positions.values()), _rng)
     if cell is None:
         return None  # a full zone: the player watches without an avatar
     eid = uuid.uuid4()
-    _avatars[(zone_id, player_id)] = eid
-    _positions[(zone_id, player_id)] = cell
+    avatars[player_id] = eid
+    positions[player_id] = cell
     name = _fw.username(player_id) or str(player_id)[:8]
     meta = {"kind": "avatar", "player_id": str(player_id), "name": name, "score": 0, "color": "#2f7ed8",
             "label": name}
@@ -86,15 +90,11 @@ def on_player_join(zone_id, player_id):
 
 
 def on_player_leave(zone_id, player_id):
-    eid = _avatars.pop((zone_id, player_id), None)
-    _positions.pop((zone_id, player_id), None)
+    eid = _avatars.get(zone_id, {}).pop(player_id, None)
+    _positions.get(zone_id, {}).pop(player_id, None)
     if eid is None or _fw.get_entity(eid) is None:
         return None
     return TickResult(entity_deletes=[eid])
-
-
-def _positions_in(zone_id):
-    return [pos for (z, _), pos in list(_positions.items()) if z == zone_id]
 
 
 def _seed(zone, entities, rng):
@@ -116,7 +116,8 @@ def _seed(zone, entities, rng):
 
 def on_tick(zone_id, entities, intents, tick_number):
     zone = _fw.get_zone(zone_id)
-    rng = random.Random()
+    rng = _rng
+    avatars = _avatars.get(zone_id, {})
     creates, updates, deletes = [], [], []
     if zone_id not in _seeded:
         _seeded.add(zone_id)
@@ -139,7 +140,7 @@ def on_tick(zone_id, entities, intents, tick_number):
     picked = set()
     scores = {}
     for player_id, (dx, dy) in wanted.items():
-        eid = _avatars.get((zone_id, player_id))
+        eid = avatars.get(player_id)
         if eid not in pos:
             continue
         x, y = pos[eid]
@@ -173,9 +174,10 @@ def on_tick(zone_id, entities, intents, tick_number):
         creates.append(EntityCreate(cell[0], cell[1], 0, 0, {"kind": "item", "value": 1, "color": "#e8b000"},
                                     id=uuid.uuid4()))
         items_left += 1
-    for player_key, eid in list(_avatars.items()):
-        if player_key[0] == zone_id and eid in pos:
-            _positions[player_key] = pos[eid]
+    positions = _positions.setdefault(zone_id, {})
+    for player_id, eid in avatars.items():
+        if eid in pos:
+            positions[player_id] = pos[eid]
     state = []
     for e in entities:
         if e.id in picked:
@@ -196,7 +198,7 @@ def get_player_state(zone_id, player_id, full_state):
     radius = _settings["fog_radius"]
     if radius <= 0:
         return full_state
-    here = _positions.get((zone_id, player_id))
+    here = _positions.get(zone_id, {}).get(player_id)
     if here is None:
         return {"tick": full_state.get("tick"), "entities": [], "fog_radius": radius}
     x0, y0 = here

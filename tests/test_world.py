@@ -55,7 +55,7 @@ def test_add_zone_loads_entities_into_registry_and_index_without_marking_them():
     assert {e.id for e in world.entities_of(zone.id)} == {a.id, b.id, c.id}
     assert world.get_entity(b.id) is b
     assert area_ids(world, zone, 0, 0, W, H) == {a.id, b.id, c.id}
-    assert world.dirty == set() and world.deleted == set()
+    assert not world.dirty and world.deleted == set()
     assert world.entities_of(uuid.uuid4()) == [] and world.get_entity(uuid.uuid4()) is None
 
 
@@ -148,7 +148,7 @@ def test_apply_valid_result_applies_everything_and_marks_it():
     assert (b.x, b.y, b.metadata, b.updated_at) == (20, 20, {"kind": "b2"}, 7.0)
     assert world.get_entity(c.id) is None
 
-    assert world.dirty == {wall.id, point.id, third.id, a.id, b.id}
+    assert set(world.dirty) == {wall.id, point.id, third.id, a.id, b.id}
     assert world.deleted == {c.id}
     everyone = {wall.id, point.id, third.id, a.id, b.id}
     assert {e.id for e in world.entities_of(zone.id)} == everyone
@@ -326,7 +326,7 @@ def test_creates_are_all_applied_or_none(rects):
     if all(fits(c.x, c.y, c.width, c.height) for c in creates):
         created, _, _ = world.apply(zone.id, TickResult(entity_creates=creates))
         assert [(e.x, e.y, e.width, e.height) for e in created] == [(c.x, c.y, c.width, c.height) for c in creates]
-        assert world.dirty == {e.id for e in created}
+        assert set(world.dirty) == {e.id for e in created}
     else:
         with pytest.raises(TickRejected):
             world.apply(zone.id, TickResult(entity_creates=creates))
@@ -342,15 +342,20 @@ def test_take_changes_then_restore_puts_the_ids_back():
     world.delete_entity(c.id)
 
     rows, deleted = world.take_changes()
-    assert world.dirty == set() and world.deleted == set()
+    assert not world.dirty and world.deleted == set()
     by_id = {r[0]: r for r in rows}
     assert set(by_id) == {e.id, a.id} and deleted == [c.id]
-    assert by_id[e.id] == (e.id, zone.id, 1, 1, 1, 1, {"m": 1}, 5.0, 5.0)
-    assert by_id[a.id][2:6] == (3, 10, 2, 2) and by_id[a.id][8] == 6.0
+    # (id, entity, x, y, width, height, metadata, updated_at): values as of the snapshot
+    assert by_id[e.id] == (e.id, e, 1, 1, 1, 1, {"m": 1}, 5.0)
+    assert by_id[e.id][1].zone_id == zone.id and by_id[e.id][1].created_at == 5.0
+    assert by_id[a.id][2:6] == (3, 10, 2, 2) and by_id[a.id][7] == 6.0
+    world.update_entity(a.id, x=4, now=7.0)                  # later changes leave the snapshot alone
+    assert by_id[a.id][2] == 3 and by_id[a.id][7] == 6.0
+    world.update_entity(a.id, x=3, now=6.0)
 
     later = world.create_entity(zone.id, 2, 2)               # a change made while the flush runs
     world.restore_changes(rows, deleted)                    # the flush failed
-    assert world.dirty == {e.id, a.id, later.id}
+    assert set(world.dirty) == {e.id, a.id, later.id}
     assert world.deleted == {c.id}
 
     rows2, deleted2 = world.take_changes()
@@ -391,7 +396,7 @@ def test_remove_zone_forgets_its_entities_and_their_changes():
     world.delete_entity(c.id)
     assert world.remove_zone(zone.id).zone is zone
     assert zone.id not in world.zones and world.get_entity(a.id) is None and world.get_entity(b.id) is None
-    assert world.dirty == set()
+    assert not world.dirty
     assert world.remove_zone(zone.id) is None
     with pytest.raises(TickRejected):
         world.update_entity(a.id, x=1)
