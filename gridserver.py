@@ -686,15 +686,15 @@ class World:
     """The authority while the server runs: zones, their entities and what changed.
 
     Every mutation goes through a method here under ``lock`` (the game thread applies tick
-    results while the event loop serves requests). ``dirty`` (id -> entity) and ``deleted``
-    (ids) are what the next persistence flush must write or remove.
+    results while the event loop serves requests). ``dirty`` (entities, hashed by identity)
+    and ``deleted`` (ids) are what the next persistence flush must write or remove.
     """
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.zones: dict[UUID, _ZoneState] = {}
         self.entity_zone: dict[UUID, _ZoneState] = {}
-        self.dirty: dict[UUID, Entity] = {}
+        self.dirty: set[Entity] = set()
         self.deleted: set[UUID] = set()
 
     # -- zones ---------------------------------------------------------------------------
@@ -713,9 +713,9 @@ class World:
         with self.lock:
             zs = self.zones.pop(zone_id, None)
             if zs is not None:
-                for eid in zs.entities:
+                for eid, e in zs.entities.items():
                     self.entity_zone.pop(eid, None)
-                    self.dirty.pop(eid, None)
+                    self.dirty.discard(e)
                     self.deleted.discard(eid)
             return zs
 
@@ -787,7 +787,6 @@ class World:
         width, height = zone.width, zone.height
         entities = zs.entities
         born: dict[UUID, tuple[int, int, int, int]] = {}  # rects of entities created by this result
-        moved: dict[int, tuple[int, int, int, int]] = {}  # id(entity) -> rect after an earlier update
 
         creates = []
         for c in _as_list(result.entity_creates, "entity_creates"):
@@ -809,8 +808,36 @@ class World:
             born[eid] = (x, y, w, h)
             creates.append((eid, x, y, w, h, dict(c.metadata)))
 
+        updates = self._validate_updates(zs, _as_list(result.entity_updates, "entity_updates"), born, False)
+        if len({id(t[0]) for t in updates}) != len(updates):
+            # An entity updated twice: check again, each update against the one before it.
+            updates = self._validate_updates(zs, result.entity_updates, born, True)
+
+        deletes = []
+        gone: set[UUID] = set()
+        for d in _as_list(result.entity_deletes, "entity_deletes"):
+            try:
+                eid = _as_uuid(d)
+            except ValueError:
+                raise TickRejected(f"invalid id {d!r} in entity_deletes") from None
+            if eid in gone or (eid not in entities and eid not in born):
+                raise TickRejected(f"delete of unknown entity {eid}")
+            gone.add(eid)
+            deletes.append(eid)
+        return creates, updates, deletes
+
+    def _validate_updates(self, zs: _ZoneState, changes: list, born: dict, repeated: bool) -> list[tuple]:
+        """Check updates; ``repeated`` follows an entity through several updates of one result.
+
+        Returns ``(entity or None, id, x, y, w, h, metadata)`` per update; None stands for an
+        entity created by the same result (``born`` holds its rectangle, kept up to date).
+        """
+        entities = zs.entities
+        width, height = zs.zone.width, zs.zone.height
+        moved: dict[int, tuple[int, int, int, int]] = {}  # id(entity) -> rect after an earlier update
         updates = []
-        for u in _as_list(result.entity_updates, "entity_updates"):
+        born = dict(born) if repeated else born
+        for u in changes:
             if type(u) is not EntityUpdate and not isinstance(u, EntityUpdate):
                 raise TickRejected(f"entity_updates holds {type(u).__name__}, not EntityUpdate")
             eid = u.id
@@ -821,7 +848,7 @@ class World:
                     raise TickRejected(f"invalid id in {u!r}") from None
             e = entities.get(eid)
             if e is not None:
-                rect = moved.get(id(e)) or (e.x, e.y, e.width, e.height)
+                rect = (repeated and moved.get(id(e))) or (e.x, e.y, e.width, e.height)
             elif born and eid in born:
                 rect = born[eid]
             else:
@@ -839,24 +866,12 @@ class World:
             if meta is not None:
                 _check_metadata(meta, u)
                 meta = dict(meta)
-            if e is not None:
-                moved[id(e)] = (x, y, w, h)
-            else:
+            if e is None:
                 born[eid] = (x, y, w, h)
+            elif repeated:
+                moved[id(e)] = (x, y, w, h)
             updates.append((e, eid, x, y, w, h, meta))
-
-        deletes = []
-        gone: set[UUID] = set()
-        for d in _as_list(result.entity_deletes, "entity_deletes"):
-            try:
-                eid = _as_uuid(d)
-            except ValueError:
-                raise TickRejected(f"invalid id {d!r} in entity_deletes") from None
-            if eid in gone or (eid not in entities and eid not in born):
-                raise TickRejected(f"delete of unknown entity {eid}")
-            gone.add(eid)
-            deletes.append(eid)
-        return creates, updates, deletes
+        return updates
 
     def apply(self, zone_id: UUID, result: Any, now: float | None = None) -> tuple[list[Entity], int, int]:
         """Validate and apply one zone's result atomically; returns (created, updated, deleted)."""
@@ -872,10 +887,10 @@ class World:
                 zs.entities[eid] = e
                 zs.index.insert(e)
                 self.entity_zone[eid] = zs
-                self.dirty[eid] = e
+                self.dirty.add(e)
                 self.deleted.discard(eid)
                 created.append(e)
-            dirty = self.dirty
+            dirty_add = self.dirty.add
             for e, eid, x, y, w, h, meta in updates:
                 if e is None:  # created by this same result
                     e = zs.entities[eid]
@@ -884,12 +899,12 @@ class World:
                 if meta is not None:
                     e.metadata = meta
                 e.updated_at = now
-                dirty[eid] = e
+                dirty_add(e)
             for eid in deletes:
                 e = zs.entities.pop(eid)
                 zs.index.remove(e)
                 del self.entity_zone[eid]
-                self.dirty.pop(eid, None)
+                self.dirty.discard(e)
                 self.deleted.add(eid)
             return created, len(updates), len(deletes)
 
@@ -901,10 +916,9 @@ class World:
         under the lock, so the snapshot is one state that existed.
         """
         with self.lock:
-            rows = [(eid, e, e.x, e.y, e.width, e.height, e.metadata, e.updated_at)
-                    for eid, e in self.dirty.items()]
+            rows = [(e.id, e, e.x, e.y, e.width, e.height, e.metadata, e.updated_at) for e in self.dirty]
             deleted = list(self.deleted)
-            self.dirty = {}
+            self.dirty = set()
             self.deleted = set()
             return rows, deleted
 
@@ -914,7 +928,7 @@ class World:
             for row in rows:
                 zs = self.entity_zone.get(row[0])
                 if zs is not None:
-                    self.dirty[row[0]] = zs.entities[row[0]]
+                    self.dirty.add(zs.entities[row[0]])
             for eid in deleted:
                 if eid not in self.entity_zone:
                     self.deleted.add(eid)

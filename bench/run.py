@@ -415,6 +415,56 @@ async def baseline(players_total: int, per_zone: int, window: float, drivers: in
         proc.wait()
 
 
+async def world(zones: int, per_zone: int, window: float, use_pg: bool) -> dict:
+    """1,000 zones of entities the module moves every tick, no players: tick cost and flush cost."""
+    db = Database(use_pg)
+    server = ServerProcess(db.dsn, {"GRIDSERVER_GAME_MODULE": "bench.movers",
+                                    "GRIDSERVER_BENCH_MOVERS_ZONES": str(zones),
+                                    "GRIDSERVER_BENCH_MOVERS_ENTITIES": str(per_zone),
+                                    "GRIDSERVER_TICK_ZONE_TIMEOUT": "5"})
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+            await server.wait_ready(http, timeout=300)
+            await asyncio.sleep(8)  # entities created and a first flush of all of them done
+            m0 = await metrics(http, server)
+            t0 = time.monotonic()
+            spy = profile(server, window)
+            await asyncio.sleep(window)
+            m1 = await metrics(http, server)
+            if spy:
+                spy.wait()
+            elapsed = time.monotonic() - t0
+
+        def ms(v):
+            return None if v is None else round(v * 1000, 1)
+
+        ticks = m1["gridserver_tick_number"] - m0["gridserver_tick_number"]
+        flushes = m1["gridserver_flushes_total"] - m0["gridserver_flushes_total"]
+        rows = m1["gridserver_entities_flushed_total"] - m0["gridserver_entities_flushed_total"]
+        return {
+            "scenario": "world", "clients": 0, "alive": 0, "zones": zones, "entities": int(m1["gridserver_entities"]),
+            "window_s": round(elapsed, 1), "ticks": int(ticks),
+            "server_cpu_s_per_s": round((m1["gridserver_process_cpu_seconds"] - m0["gridserver_process_cpu_seconds"])
+                                        / elapsed, 3),
+            "rss_mib": round(m1["gridserver_process_resident_bytes"] / 2**20, 1),
+            "lateness_p50_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.5)),
+            "lateness_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.99)),
+            "lateness_max_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 1.0)),
+            "work_p50_ms": ms(hist_quantile(m0, m1, "gridserver_tick_work_seconds", 0.5)),
+            "work_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_work_seconds", 0.99)),
+            "zone_tick_sum_s_per_tick": round((m1["gridserver_zone_tick_seconds_sum"]
+                                               - m0["gridserver_zone_tick_seconds_sum"]) / max(1.0, ticks), 4),
+            "flushes": int(flushes), "rows_per_flush": int(rows / flushes) if flushes else 0,
+            "flush_p50_ms": ms(hist_quantile(m0, m1, "gridserver_flush_duration_seconds", 0.5)),
+            "flush_max_ms": ms(hist_quantile(m0, m1, "gridserver_flush_duration_seconds", 1.0)),
+            "overruns": int(m1["gridserver_tick_overruns_total"] - m0["gridserver_tick_overruns_total"]),
+            "database": "PostgreSQL" if use_pg else "SQLite",
+        }
+    finally:
+        server.stop()
+        db.drop()
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small, short smoke run (what CI runs)")
@@ -443,6 +493,12 @@ async def main() -> int:
                                       use_pg, 1 if args.quick else args.drivers)
                 print_row(row)
                 rows.append(row)
+        elif scenario == "world":
+            zones, per_zone = (20, 50) if args.quick else (1000, 100)
+            row = await world(zones, per_zone, window if not args.quick else 4.0, use_pg)
+            print("world: " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("scenario", "clients", "alive")),
+                  flush=True)
+            rows.append(row)
         elif scenario == "baseline":
             for n in args.clients or ([40] if args.quick else [1000, 5000, 10000]):
                 row = await baseline(n, 50 if n >= 50 else n, window, 1 if args.quick else args.drivers)

@@ -39,7 +39,7 @@ def snapshot(world: World, zone: Zone):
             for eid, e in zs.entities.items()}
     found = sorted(str(e.id) for e in world.query_area(zone.id, 0, 0, zone.width, zone.height))
     overlaps = sorted(str(e.id) for e in world.query_overlap(zone.id, 0, 0, zone.width, zone.height))
-    return (ents, found, overlaps, set(world.dirty), set(world.deleted),
+    return (ents, found, overlaps, {e.id for e in world.dirty}, set(world.deleted),
             {eid for eid, z in world.entity_zone.items() if z is zs})
 
 
@@ -64,7 +64,7 @@ def test_create_update_delete_entity():
     e = world.create_entity(zone.id, 5, 6, 3, 4, {"hp": 3}, now=42.0)
     assert isinstance(e, Entity) and (e.zone_id, e.x, e.y, e.width, e.height) == (zone.id, 5, 6, 3, 4)
     assert e.metadata == {"hp": 3} and e.created_at == e.updated_at == 42.0
-    assert world.get_entity(e.id) is e and e.id in world.dirty
+    assert world.get_entity(e.id) is e and e in world.dirty
     assert area_ids(world, zone, 7, 9, 1, 1) == {e.id}
 
     fixed = uuid.uuid4()
@@ -78,12 +78,12 @@ def test_create_update_delete_entity():
     assert area_ids(world, zone, 99, 9, 1, 1) == {e.id}
 
     world.update_entity(a.id, y=0)
-    assert (a.x, a.y) == (10, 0) and a.id in world.dirty and a.metadata == {"kind": "a"}
+    assert (a.x, a.y) == (10, 0) and a in world.dirty and a.metadata == {"kind": "a"}
 
     world.delete_entity(e.id)
     assert world.get_entity(e.id) is None and e.id not in world.entities_of(zone.id)
     assert area_ids(world, zone, 0, 0, W, H) == {a.id, b.id, c.id, fixed}
-    assert e.id in world.deleted and e.id not in world.dirty
+    assert e.id in world.deleted and e not in world.dirty
 
 
 def test_simple_calls_reject_bad_input_and_change_nothing():
@@ -148,7 +148,7 @@ def test_apply_valid_result_applies_everything_and_marks_it():
     assert (b.x, b.y, b.metadata, b.updated_at) == (20, 20, {"kind": "b2"}, 7.0)
     assert world.get_entity(c.id) is None
 
-    assert set(world.dirty) == {wall.id, point.id, third.id, a.id, b.id}
+    assert {e.id for e in world.dirty} == {wall.id, point.id, third.id, a.id, b.id}
     assert world.deleted == {c.id}
     everyone = {wall.id, point.id, third.id, a.id, b.id}
     assert {e.id for e in world.entities_of(zone.id)} == everyone
@@ -326,7 +326,7 @@ def test_creates_are_all_applied_or_none(rects):
     if all(fits(c.x, c.y, c.width, c.height) for c in creates):
         created, _, _ = world.apply(zone.id, TickResult(entity_creates=creates))
         assert [(e.x, e.y, e.width, e.height) for e in created] == [(c.x, c.y, c.width, c.height) for c in creates]
-        assert set(world.dirty) == {e.id for e in created}
+        assert {e.id for e in world.dirty} == {e.id for e in created}
     else:
         with pytest.raises(TickRejected):
             world.apply(zone.id, TickResult(entity_creates=creates))
@@ -355,7 +355,7 @@ def test_take_changes_then_restore_puts_the_ids_back():
 
     later = world.create_entity(zone.id, 2, 2)               # a change made while the flush runs
     world.restore_changes(rows, deleted)                    # the flush failed
-    assert set(world.dirty) == {e.id, a.id, later.id}
+    assert {e.id for e in world.dirty} == {e.id, a.id, later.id}
     assert world.deleted == {c.id}
 
     rows2, deleted2 = world.take_changes()
@@ -371,8 +371,8 @@ def test_restore_does_not_resurrect_what_changed_since():
     world.delete_entity(a.id)                                # deleted after the snapshot
     world.create_entity(zone.id, 0, 0, 1, 1, entity_id=c.id)  # the deleted id is back, as a new entity
     world.restore_changes(rows, deleted)
-    assert a.id not in world.dirty and a.id in world.deleted
-    assert c.id in world.dirty and c.id not in world.deleted
+    assert a not in world.dirty and a.id in world.deleted
+    assert world.get_entity(c.id) in world.dirty and c.id not in world.deleted
 
 
 def test_created_then_deleted_before_a_flush_ends_only_in_deleted():
@@ -380,11 +380,11 @@ def test_created_then_deleted_before_a_flush_ends_only_in_deleted():
     e = world.create_entity(zone.id, 4, 4, 1, 1)
     world.update_entity(e.id, x=5)
     world.delete_entity(e.id)
-    assert e.id not in world.dirty and e.id in world.deleted
+    assert e not in world.dirty and e.id in world.deleted
     # the same within one result
     fresh = uuid.uuid4()
     world.apply(zone.id, TickResult(entity_creates=[EntityCreate(6, 6, id=fresh)], entity_deletes=[fresh]))
-    assert fresh not in world.dirty and fresh in world.deleted
+    assert fresh not in {d.id for d in world.dirty} and fresh in world.deleted
     assert world.get_entity(fresh) is None and area_ids(world, zone, 6, 6, 1, 1) == set()
     rows, deleted = world.take_changes()
     assert rows == [] and set(deleted) == {e.id, fresh}
