@@ -5,6 +5,7 @@ Quickstart::
 
     pip install aiohttp bcrypt ujson         # aiopg too, for PostgreSQL
     python gridserver.py                     # http://127.0.0.1:8080, SQLite file gridserver.db
+                                             # open that URL in a browser to play and watch
 
 Every tick (default once a second) the server gathers the intents players sent over
 WebSocket, hands each zone's entities and intents to the game module named in the INI file,
@@ -27,6 +28,7 @@ Sections of this file (``grep -n '^# ==' gridserver.py``):
     World state                         HTTP handlers
     Metrics                             WebSocket handler
                                         App factory and CLI
+                                        Browser page (GET /)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import bisect
 import collections
 import configparser
@@ -2906,6 +2909,7 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
         web.get("/healthz", healthz),
         web.get("/metrics", metrics),
         web.get("/ws", websocket),
+        web.get("/", index),
     ])
     app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_lifecycle)
@@ -2966,6 +2970,455 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_serve(cfg))
     except KeyboardInterrupt:
         return 130
+
+
+# =============================================================================
+# Browser page
+# =============================================================================
+#
+# ``GET /`` serves one self-contained page: plain HTML, a canvas and the browser's own
+# WebSocket, no build step, nothing loaded from elsewhere. It logs in, lists zones, draws
+# the chosen zone on every tick, sends the example game's move intents from the arrow
+# keys / WASD, and, for debug players, pauses, resumes and steps the tick and shows an
+# entity's JSON and the connected players. It knows no game: it draws ``state.entities``
+# from the tick state when that is a list of objects with ``x`` and ``y`` (``w``/``h`` or
+# ``width``/``height``), otherwise the debug zone state's entities. An entity's ``color``
+# (any CSS colour) and ``label``, top level or in ``metadata``, are used when present;
+# colours otherwise follow a hash of ``kind``. Its state is ``window.gridserver``.
+# ``create_app`` routes ``GET /`` to ``index`` at the end of this section; the page is kept
+# last so that the code above reads without scrolling past it.
+
+#: The page. Its inline script and style are allowed by their SHA-256 in the CSP header,
+#: so nothing else can run or style it; the hashes are computed from this text at import.
+PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>gridserver</title>
+<link rel="icon" href="data:,">
+<style>
+:root { color-scheme: light dark; --bg: #f3f4f7; --panel: #fff; --fg: #1c2230; --muted: #697186;
+  --line: #d8dce5; --accent: #2f7ed8; --bad: #c62828; --ok: #2e7d32; --warn: #a86400; }
+@media (prefers-color-scheme: dark) { :root { --bg: #13161b; --panel: #1c2028; --fg: #e3e6ed;
+  --muted: #8d95a7; --line: #303644; --accent: #5aa0f0; --bad: #ef6c6c; --ok: #6cc070; --warn: #e0a040; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, sans-serif; background: var(--bg); color: var(--fg); }
+header { display: flex; gap: 12px; align-items: center; padding: 8px 14px; background: var(--panel);
+  border-bottom: 1px solid var(--line); }
+header h1 { font-size: 16px; margin: 0; }
+#status { margin-left: auto; cursor: default; }
+.ok { color: var(--ok); } .warn { color: var(--warn); } .bad { color: var(--bad); } .muted { color: var(--muted); }
+main { display: grid; grid-template-columns: 210px minmax(0, 1fr) 300px; gap: 12px; padding: 12px;
+  height: calc(100vh - 44px); }
+section, form { background: var(--panel); border: 1px solid var(--line); border-radius: 6px; padding: 10px;
+  overflow: auto; }
+h2 { font-size: 12px; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); margin: 12px 0 6px; }
+h2:first-child { margin-top: 0; }
+button { font: inherit; padding: 4px 10px; border: 1px solid var(--line); border-radius: 4px;
+  background: var(--bg); color: var(--fg); cursor: pointer; }
+button:hover { border-color: var(--accent); }
+button.on { background: var(--accent); border-color: var(--accent); color: #fff; }
+input { font: inherit; width: 100%; padding: 6px; margin-bottom: 8px; border: 1px solid var(--line);
+  border-radius: 4px; background: var(--bg); color: var(--fg); }
+#login { max-width: 340px; margin: 60px auto; }
+#zones button { display: block; width: 100%; text-align: left; margin-bottom: 4px; }
+#stage { display: flex; flex-direction: column; }
+#wrap { flex: 1; min-height: 0; display: flex; align-items: center; justify-content: center; margin-top: 8px; }
+canvas { background: #0e1116; cursor: crosshair; }
+pre { margin: 0; font-size: 12px; white-space: pre-wrap; word-break: break-all; }
+ul { margin: 0; padding-left: 18px; }
+#errors div { color: var(--bad); font-size: 12px; }
+[hidden] { display: none !important; }
+</style>
+</head>
+<body>
+<header><h1>gridserver</h1><span id="who" class="muted"></span><button id="logout" hidden>Log out</button>
+<span id="status" class="muted">not connected</span></header>
+<form id="login" hidden>
+<h2>Log in or register</h2>
+<input id="username" autocomplete="username" placeholder="username (3-32 of A-Z a-z 0-9 _ . -)" required>
+<input id="password" type="password" autocomplete="current-password" placeholder="password" required>
+<button id="do-login" type="submit">Log in</button> <button id="do-register" type="button">Register</button>
+<p id="login-error" class="bad"></p>
+</form>
+<main id="app" hidden>
+<section><h2>Zones</h2><div id="zones"></div><button id="reload-zones">Refresh</button>
+<h2>Keys</h2><p class="muted">Arrows or WASD send <code>{"move": "up|down|left|right"}</code>.
+Click an entity to see it.</p></section>
+<section id="stage"><div><b id="zone-name">pick a zone</b> · tick <b id="tick">–</b> · <span id="since">–</span>
+since the last tick · <span id="count">0</span> entities <span id="source" class="muted"></span></div>
+<div id="wrap"><canvas id="grid" width="300" height="300"></canvas></div></section>
+<section><h2>Me</h2><div id="me"></div>
+<div id="debug" hidden><h2>Debug</h2><button id="pause">Pause</button> <button id="resume">Resume</button>
+<button id="step">Step</button> <span id="paused" class="muted"></span>
+<h2>Connected players</h2><ul id="connections"></ul></div>
+<h2>Entity</h2><pre id="entity" class="muted">click an entity on the grid</pre>
+<h2>Errors</h2><div id="errors"></div></section>
+</main>
+<script>
+"use strict";
+const $ = id => document.getElementById(id);
+const G = window.gridserver = {token: sessionStorage.getItem("gridserver.token"), me: null, zones: [], zone: null,
+  subscribed: null, resumed: false, tick: null, ticks: 0, lastTickAt: null, entities: [], source: null, ws: null,
+  connected: false, attempt: 0, paused: null, selected: null, entityJson: null, connections: [], errors: [], scale: 0,
+  statusLog: []};
+G.avatar = () => G.entities.find(e => e.mine) || null;
+
+function setStatus(text, cls) {
+  $("status").textContent = text; $("status").className = cls || "muted";
+  G.statusLog.push(text);
+  if (G.statusLog.length > 50) G.statusLog.shift();
+}
+function showError(text) {
+  G.errors.push(text);
+  const div = document.createElement("div");
+  div.textContent = new Date().toLocaleTimeString() + " " + text;
+  $("errors").prepend(div);
+  while ($("errors").children.length > 8) $("errors").lastChild.remove();
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  if (G.token) headers.Authorization = "Bearer " + G.token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
+  const text = await resp.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (e) { data = {message: text}; }
+  if (!resp.ok) {
+    const err = new Error((data && data.message) || resp.status + " " + resp.statusText);
+    err.status = resp.status; err.code = data && data.error;
+    throw err;
+  }
+  return data;
+}
+
+async function login(register) {
+  const username = $("username").value, password = $("password").value;
+  $("login-error").textContent = "";
+  try {
+    if (register) await api("POST", "/api/auth/register", {username, password});
+    const r = await api("POST", "/api/auth/login", {username, password});
+    G.token = r.token;
+    sessionStorage.setItem("gridserver.token", r.token);
+    await start();
+  } catch (e) { $("login-error").textContent = e.message; }
+}
+
+async function start() {
+  try { G.me = await api("GET", "/api/auth/me"); } catch (e) {
+    if (e.status === 401) return toLogin("Your session has ended: log in again.");
+    setStatus("server unreachable (" + e.message + "), retrying…", "bad");
+    G.retryTimer = setTimeout(start, 2000);
+    return;
+  }
+  $("login").hidden = true; $("app").hidden = false; $("logout").hidden = false; $("debug").hidden = !G.me.is_debug;
+  $("who").textContent = G.me.username + (G.me.is_debug ? " (debug)" : "");
+  await loadZones();
+  connect();
+  if (G.me.is_debug) { refreshDebug(); G.debugTimer = setInterval(refreshDebug, 3000); }
+}
+
+function toLogin(message) {
+  clearTimeout(G.retryTimer); clearInterval(G.debugTimer);
+  if (G.ws) { G.ws.onclose = null; G.ws.close(); }
+  Object.assign(G, {token: null, me: null, ws: null, connected: false, zone: null, subscribed: null, tick: null,
+    lastTickAt: null, entities: [], attempt: 0});
+  sessionStorage.removeItem("gridserver.token");
+  $("app").hidden = true; $("logout").hidden = true; $("login").hidden = false; $("who").textContent = "";
+  $("login-error").textContent = message || "";
+  setStatus("not connected");
+}
+
+async function loadZones() {
+  try { G.zones = (await api("GET", "/api/zones")).zones; } catch (e) { return showError("zones: " + e.message); }
+  const box = $("zones");
+  box.textContent = G.zones.length ? "" : "no zones yet";
+  for (const z of G.zones) {
+    const b = document.createElement("button");
+    b.textContent = z.name + " (" + z.width + "×" + z.height + ", " + z.subscriber_count + " in)";
+    b.dataset.zone = z.id;
+    b.className = G.zone && G.zone.id === z.id ? "on" : "";
+    b.addEventListener("click", () => pick(z, true));
+    box.append(b);
+  }
+}
+
+function pick(z, subscribe) {
+  if (!G.zone || G.zone.id !== z.id) {
+    Object.assign(G, {entities: [], tick: null, lastTickAt: null, selected: null, source: null});
+  }
+  G.zone = z;
+  for (const b of $("zones").children) b.className = b.dataset.zone === z.id ? "on" : "";
+  $("zone-name").textContent = z.name;
+  if (subscribe && G.connected) send({type: "subscribe", zone_id: z.id});
+  draw();
+}
+
+function send(msg) {
+  if (!G.ws || G.ws.readyState !== WebSocket.OPEN) { showError("not connected: " + msg.type + " not sent"); return; }
+  G.ws.send(JSON.stringify(msg));
+}
+
+function connect() {
+  clearTimeout(G.retryTimer);
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  const ws = G.ws = new WebSocket(scheme + location.host + "/ws?token=" + encodeURIComponent(G.token));
+  setStatus(G.attempt ? "reconnecting… (attempt " + G.attempt + ")" : "connecting…", "warn");
+  ws.onopen = () => {
+    G.connected = true; G.attempt = 0;
+    setStatus("connected", "ok");
+    if (G.zone) ws.send(JSON.stringify({type: "subscribe", zone_id: G.zone.id}));  // a no-op when resumed
+  };
+  ws.onmessage = ev => {
+    let m;
+    try { m = JSON.parse(ev.data); } catch (e) { return showError("a frame from the server is not JSON"); }
+    onMessage(m);
+  };
+  ws.onclose = ev => {
+    if (ws !== G.ws) return;
+    G.connected = false; G.subscribed = null; G.resumed = false;
+    if (ev.code === 4001) return toLogin("Session ended (logged out or expired): log in again.");
+    if (ev.code === 4000) return setStatus("replaced by a newer connection (another tab?): click to reconnect", "bad");
+    G.attempt += 1;
+    const delay = Math.min(10000, 500 * 2 ** Math.min(G.attempt - 1, 5)) * (0.75 + Math.random() / 2);
+    setStatus("reconnecting… in " + (delay / 1000).toFixed(1) + " s (attempt " + G.attempt + ")", "warn");
+    G.retryTimer = setTimeout(retry, delay);
+  };
+}
+
+async function retry() {
+  try { await api("GET", "/api/auth/me"); } catch (e) {
+    if (e.status === 401) return toLogin("Your session has ended: log in again.");
+  }
+  connect();
+}
+
+function onMessage(m) {
+  if (m.type === "tick") {
+    if (!G.zone || m.zone_id !== G.zone.id) return;
+    G.tick = m.tick_number; G.ticks += 1; G.lastTickAt = performance.now();
+    const list = entitiesOf(m.state);
+    if (list) { G.entities = list; G.source = "tick state"; draw(); }
+    else if (G.me && G.me.is_debug) debugState();
+    else { G.entities = []; G.source = "no entities in the tick state"; draw(); }
+  } else if (m.type === "subscribed") {
+    G.subscribed = m.zone_id;
+    if (m.resumed) G.resumed = true;  // the answer to our own subscribe follows it
+    const z = G.zones.find(z => z.id === m.zone_id);
+    if (z && (!G.zone || G.zone.id !== z.id)) pick(z, false);
+    if (m.resumed) setStatus("connected (resumed " + (z ? z.name : m.zone_id) + ")", "ok");
+    if (G.me && G.me.is_debug) refreshDebug();
+  } else if (m.type === "unsubscribed") {
+    G.subscribed = null;
+  } else if (m.type === "error") {
+    showError(m.code + ": " + m.message);
+    if (m.code === "zone_deleted") { G.zone = null; G.subscribed = null; G.entities = []; loadZones(); draw(); }
+  }
+}
+
+function entitiesOf(state) {
+  const list = state && Array.isArray(state.entities) ? state.entities : null;
+  if (!list) return null;
+  const out = [];
+  for (const e of list) {
+    const n = normalize(e);
+    if (!n) return null;
+    out.push(n);
+  }
+  return out;
+}
+
+function normalize(e) {
+  if (!e || typeof e !== "object" || !Number.isFinite(e.x) || !Number.isFinite(e.y)) return null;
+  const meta = e.metadata && typeof e.metadata === "object" ? e.metadata : {};
+  const get = k => (e[k] !== undefined && e[k] !== null ? e[k] : meta[k]);
+  const pid = get("player_id"), label = get("label") ?? get("name");
+  return {id: e.id == null ? null : String(e.id), x: e.x, y: e.y, w: Number(e.w ?? e.width) || 0,
+    h: Number(e.h ?? e.height) || 0, kind: String(get("kind") ?? ""), color: get("color"),
+    label: label == null ? "" : String(label), player_id: pid == null ? null : String(pid),
+    mine: pid != null && G.me != null && String(pid) === G.me.id, data: e};
+}
+
+async function debugState() {
+  if (G.loadingState || !G.zone) return;
+  G.loadingState = true;
+  try {
+    const s = await api("GET", "/api/debug/zones/" + G.zone.id + "/state");
+    G.entities = s.entities.map(normalize).filter(Boolean); G.source = "debug state"; draw();
+  } catch (e) { showError("debug state: " + e.message); } finally { G.loadingState = false; }
+}
+
+function colorOf(e) {
+  if (typeof e.color === "string" && e.color) return e.color;
+  let h = 7;
+  for (const c of e.kind) h = (h * 31 + c.charCodeAt(0)) >>> 0;
+  return "hsl(" + (h % 360) + ", 65%, 55%)";
+}
+const isPoint = e => e.w <= 0 && e.h <= 0;
+
+function draw() {
+  const c = $("grid"), ctx = c.getContext("2d"), z = G.zone, wrap = $("wrap");
+  const W = Math.max(120, wrap.clientWidth - 4), H = Math.max(120, wrap.clientHeight - 4);
+  const s = G.scale = z ? Math.min(W / z.width, H / z.height) : 0;
+  const cw = z ? Math.max(1, Math.floor(z.width * s)) : W, ch = z ? Math.max(1, Math.floor(z.height * s)) : H;
+  const dpr = window.devicePixelRatio || 1;
+  if (c.width !== Math.round(cw * dpr) || c.height !== Math.round(ch * dpr)) {
+    c.width = Math.round(cw * dpr); c.height = Math.round(ch * dpr);
+    c.style.width = cw + "px"; c.style.height = ch + "px";
+  }
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.fillStyle = "#0e1116"; ctx.fillRect(0, 0, cw, ch);
+  $("count").textContent = G.entities.length;
+  $("source").textContent = G.source ? "(" + G.source + ")" : "";
+  if (!z) return;
+  if (s >= 6) {
+    ctx.strokeStyle = "#1d232d"; ctx.lineWidth = 1; ctx.beginPath();
+    for (let x = 1; x < z.width; x++) { ctx.moveTo(Math.round(x * s) + .5, 0); ctx.lineTo(Math.round(x * s) + .5, ch); }
+    for (let y = 1; y < z.height; y++) { ctx.moveTo(0, Math.round(y * s) + .5); ctx.lineTo(cw, Math.round(y * s) + .5); }
+    ctx.stroke();
+  }
+  const order = G.entities.slice().sort((a, b) => isPoint(a) - isPoint(b) || b.w * b.h - a.w * a.h || a.mine - b.mine);
+  const fs = Math.max(9, Math.min(13, s * 0.6));
+  ctx.font = fs + "px system-ui, sans-serif";
+  ctx.textAlign = "center"; ctx.textBaseline = "bottom";
+  for (const e of order) {
+    ctx.fillStyle = colorOf(e);
+    if (isPoint(e)) {  // a 0x0 entity: a diamond in the cell at (x, y)
+      const cx = (e.x + .5) * s, cy = (e.y + .5) * s, r = Math.max(2.5, s * 0.3);
+      ctx.beginPath(); ctx.moveTo(cx, cy - r); ctx.lineTo(cx + r, cy); ctx.lineTo(cx, cy + r); ctx.lineTo(cx - r, cy);
+      ctx.closePath(); ctx.fill();
+    } else {
+      ctx.fillRect(e.x * s, e.y * s, Math.max(1, e.w * s), Math.max(1, e.h * s));
+    }
+    if (e.mine || e.id === G.selected) {
+      const pad = isPoint(e) ? Math.max(3, s * 0.4) : 0, x0 = isPoint(e) ? (e.x + .5) * s - pad : e.x * s;
+      const y0 = isPoint(e) ? (e.y + .5) * s - pad : e.y * s;
+      ctx.lineWidth = 2; ctx.setLineDash(e.mine ? [] : [4, 3]);
+      ctx.strokeStyle = e.mine ? "#ffffff" : "#ff4f9a";
+      ctx.strokeRect(x0 - 2, y0 - 2, (isPoint(e) ? 2 * pad : Math.max(1, e.w * s)) + 4, (isPoint(e) ? 2 * pad : Math.max(1, e.h * s)) + 4);
+      ctx.setLineDash([]);
+    }
+    if (e.label && s >= 10) {  // above the entity (below it on the top row), kept inside the canvas
+      const half = ctx.measureText(e.label).width / 2 + 2;
+      const lx = Math.max(half, Math.min(cw - half, (e.x + Math.max(e.w, 1) / 2) * s));
+      const ly = e.y * s - 2 >= fs ? e.y * s - 2 : (e.y + Math.max(e.h, 1)) * s + fs + 2;
+      ctx.fillStyle = e.mine ? "#ffffff" : "#c9d1e0";
+      ctx.fillText(e.label, lx, ly);
+    }
+  }
+  const me = G.avatar();
+  $("me").textContent = (G.me ? G.me.username : "") + (me ? " at (" + me.x + ", " + me.y + ")" +
+    (me.data.score !== undefined ? ", score " + me.data.score : "") : z ? ", no avatar in this zone" : "");
+}
+
+function hit(ev) {
+  const r = $("grid").getBoundingClientRect();
+  const x = (ev.clientX - r.left) / G.scale, y = (ev.clientY - r.top) / G.scale;
+  return G.entities.filter(e => isPoint(e) ? Math.abs(x - e.x - .5) + Math.abs(y - e.y - .5) <= .6
+    : x >= e.x && x < e.x + e.w && y >= e.y && y < e.y + e.h)
+    .sort((a, b) => (isPoint(b) - isPoint(a)) || a.w * a.h - b.w * b.h)[0];
+}
+
+async function inspect(e) {
+  G.selected = e ? e.id : null; G.entityJson = null; draw();
+  if (!e) { $("entity").textContent = "nothing there"; return; }
+  if (!(G.me.is_debug && e.id)) { $("entity").textContent = JSON.stringify(e.data, null, 2); return; }
+  try {
+    G.entityJson = await api("GET", "/api/debug/entities/" + encodeURIComponent(e.id));
+    $("entity").textContent = JSON.stringify(G.entityJson, null, 2);
+  } catch (err) { $("entity").textContent = JSON.stringify(e.data, null, 2); showError("entity: " + err.message); }
+}
+
+async function refreshDebug() {
+  try {
+    const [health, conns] = await Promise.all([api("GET", "/healthz").catch(() => null),
+                                               api("GET", "/api/debug/connections")]);
+    if (health) { G.paused = health.paused; showPaused(health.tick_number); }
+    G.connections = conns.connections;
+    const ul = $("connections");
+    ul.textContent = "";
+    for (const c of G.connections) {
+      const z = G.zones.find(z => z.id === c.zone_id), li = document.createElement("li");
+      li.textContent = c.username + (c.zone_id ? " in " + (z ? z.name : c.zone_id.slice(0, 8)) : " (no zone)");
+      ul.append(li);
+    }
+  } catch (e) { showError("connections: " + e.message); }
+}
+
+function showPaused(tick) {
+  $("paused").textContent = G.paused == null ? "" : (G.paused ? "paused" : "running") + " at tick " + tick;
+  $("pause").className = G.paused ? "on" : "";
+}
+
+async function control(what) {
+  try {
+    const r = await api("POST", "/api/debug/tick/" + what);
+    if ("paused" in r) G.paused = r.paused;
+    showPaused(r.tick_number);
+  } catch (e) { showError(what + ": " + e.message); }
+}
+
+const KEYS = {ArrowUp: "up", KeyW: "up", ArrowDown: "down", KeyS: "down",
+              ArrowLeft: "left", KeyA: "left", ArrowRight: "right", KeyD: "right"};
+document.addEventListener("keydown", ev => {
+  const dir = KEYS[ev.code];
+  if (!dir || !G.me || ev.target.tagName === "INPUT" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  ev.preventDefault();
+  if (!G.subscribed) return showError("pick a zone first: moves go to the zone you are in");
+  send({type: "intent", data: {move: dir}});
+});
+$("login").addEventListener("submit", ev => { ev.preventDefault(); login(false); });
+$("do-register").addEventListener("click", () => login(true));
+$("logout").addEventListener("click", async () => {
+  if (G.ws) G.ws.onclose = null;
+  try { await api("POST", "/api/auth/logout"); } catch (e) { /* the session is gone either way */ }
+  toLogin("Logged out.");
+});
+$("reload-zones").addEventListener("click", loadZones);
+$("status").addEventListener("click", () => { if (G.token && !G.connected) { G.attempt = Math.max(G.attempt, 1); connect(); } });
+$("grid").addEventListener("click", ev => { if (G.zone && G.scale) inspect(hit(ev)); });
+for (const what of ["pause", "resume", "step"]) $(what).addEventListener("click", () => control(what));
+window.addEventListener("resize", draw);
+setInterval(() => {
+  $("tick").textContent = G.tick ?? "–";
+  $("since").textContent = G.lastTickAt == null ? "–" : ((performance.now() - G.lastTickAt) / 1000).toFixed(1) + " s";
+}, 100);
+if (G.token) start(); else toLogin("");
+</script>
+</body>
+</html>
+"""
+
+
+def _csp_source(tag: str) -> str:
+    """The CSP source that allows exactly the page's inline ``<tag>`` block: its SHA-256."""
+    match = re.search(rf"<{tag}>(.*?)</{tag}>", PAGE_HTML, re.S)
+    if match is None:  # only an edit of the page can cause this
+        raise RuntimeError(f"the page has no <{tag}> block")
+    return "'sha256-" + base64.b64encode(hashlib.sha256(match.group(1).encode("utf-8")).digest()).decode() + "'"
+
+
+_PAGE_CSP = ("default-src 'none'; script-src {script}; style-src {style}; img-src data:; connect-src 'self'{ws}; "
+             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+_PAGE_CSP = _PAGE_CSP.replace("{script}", _csp_source("script")).replace("{style}", _csp_source("style"))
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+async def index(request: web.Request) -> web.Response:
+    """``GET /``: the page, with a Content-Security-Policy that allows only what it contains.
+
+    Scripts and styles run only when their hash matches the page's own blocks (no inline
+    handlers, nothing from other origins); fetches and the WebSocket go only to this
+    server. ``ws://`` and ``wss://`` of the request's host are named as well as ``'self'``
+    for browsers that do not yet count WebSocket URLs as ``'self'``.
+    """
+    host = request.headers.get("Host", "")
+    ws = f" ws://{host} wss://{host}" if _HOST_RE.fullmatch(host) else ""
+    return web.Response(text=PAGE_HTML, content_type="text/html", charset="utf-8", headers={
+        "Content-Security-Policy": _PAGE_CSP.replace("{ws}", ws),
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
   Two avatars never share a cell.
 * Items are 0x0 points. Stepping on one (an area query) picks it up: it is deleted, the
   avatar's ``score`` grows by its ``value`` and a new item appears elsewhere.
+* Every entity's metadata has a ``color`` (and avatars a ``label``), copied into the tick
+  state, which is how the page served at ``/`` knows how to draw them.
 * Fog of war: with ``fog_radius`` > 0 a player sees only entities within that many cells of
   their avatar (``get_player_state``); with 0 everyone sees the whole zone, and the server
   serializes the state once per zone.
@@ -184,14 +186,21 @@ def on_tick(zone_id, entities, intents, tick_number):
             continue
         x, y = pos.get(e.id, (e.x, e.y))
         item = {"id": str(e.id), "x": x, "y": y, "w": e.width, "h": e.height, "kind": _kind(e)}
+        item.update(_look(e.metadata))
         if _kind(e) == "avatar":
             item.update(player_id=e.metadata.get("player_id"), name=e.metadata.get("name"),
                         score=scores.get(e.id, e.metadata.get("score", 0)))
         state.append(item)
     for c in creates:
-        state.append({"id": str(c.id), "x": c.x, "y": c.y, "w": c.width, "h": c.height, "kind": c.metadata["kind"]})
+        state.append({"id": str(c.id), "x": c.x, "y": c.y, "w": c.width, "h": c.height, "kind": c.metadata["kind"],
+                      **_look(c.metadata)})
     return TickResult(entity_creates=creates, entity_updates=updates, entity_deletes=deletes,
                       broadcast_state={"tick": tick_number, "entities": state})
+
+
+def _look(metadata) -> dict:
+    """``color`` and ``label`` from an entity's metadata, for the state: the browser page draws with them."""
+    return {k: metadata[k] for k in ("color", "label") if k in metadata}
 
 
 def get_player_state(zone_id, player_id, full_state):

@@ -1,0 +1,328 @@
+"""The page served at ``/``, in a real headless Chromium driven by Playwright.
+
+Chromium is Debian's ``chromium`` package (``GRIDSERVER_TEST_CHROMIUM``, default
+``/usr/bin/chromium``), started with the flags below and a fresh profile in ``tmp_path``;
+Playwright's own browser downloads are never used. Without Chromium or the ``playwright``
+package the browser tests are skipped with the reason (``-rs`` in setup.cfg prints it),
+unless ``GRIDSERVER_REQUIRE_BROWSER=1`` (CI sets it once Chromium is installed) makes that
+a failure. The server runs in-process on a real port; the test reads what the page shows
+from ``window.gridserver`` (its state), the DOM and canvas pixels, and checks it against
+the server's own world.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import sys
+import uuid
+
+import pytest
+
+import gridserver
+from conftest import make_config, wait_for
+
+CHROMIUM = os.environ.get("GRIDSERVER_TEST_CHROMIUM", "/usr/bin/chromium")
+REQUIRE_BROWSER = os.environ.get("GRIDSERVER_REQUIRE_BROWSER") == "1"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+AVATAR_RGB = (0x2F, 0x7E, 0xD8)     # walkers' avatar colour
+BACKGROUND_RGB = (0x0E, 0x11, 0x16)  # the page's empty cell
+PASSWORD = "correct horse"
+
+
+def _missing_browser() -> str | None:
+    if not os.path.exists(CHROMIUM):
+        return f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install playwright)"
+    return None
+
+
+@pytest.fixture
+async def page(tmp_path):
+    """A page in a fresh headless Chromium profile; skipped (with the reason) without Chromium."""
+    reason = _missing_browser()
+    if reason:
+        if REQUIRE_BROWSER:
+            pytest.fail(f"browser required (GRIDSERVER_REQUIRE_BROWSER=1): {reason}")
+        print(f"\nbrowser test skipped: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    from playwright.async_api import async_playwright
+    pw = await async_playwright().start()
+    context = await pw.chromium.launch_persistent_context(
+        str(tmp_path / "profile"), executable_path=CHROMIUM, args=FLAGS, headless=True,
+        viewport={"width": 1200, "height": 720})
+    page = context.pages[0] if context.pages else await context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: problems.append(f"console: {msg.text}") if "Content Security Policy" in msg.text else None)
+    page.set_default_timeout(15000)
+    try:
+        yield page
+    finally:
+        await context.close()
+        await pw.stop()
+    assert not problems, problems
+
+
+def walkers_config(tmp_path, **overrides) -> gridserver.Config:
+    """Walkers without walls, items or fog, so every move succeeds."""
+    ini = tmp_path / "walkers.ini"
+    ini.write_text("[game_modules.walkers]\nfog_radius = 0\nwalls = 0\nitems = 0\nlobby_size = 20\n")
+    values = {"database_dsn": f"sqlite:///{tmp_path / 'db'}", "auth_bcrypt_rounds": 4, "tick_interval": 0.1,
+              "persistence_interval": 0.5, "websocket_heartbeat": 5.0, "server_port": 0, "server_debug": True}
+    values.update(overrides)
+    return gridserver.Config.load(str(ini), environ={}).with_values(**values)
+
+
+async def until(page, js: str, arg=None, timeout: float = 15.0):
+    """Wait until the JavaScript function ``js`` returns something truthy; return it."""
+    handle = await page.wait_for_function(js, arg=arg, timeout=timeout * 1000)
+    return await handle.json_value()
+
+
+async def g(page, expr: str):
+    """The value of a JavaScript expression on the page (``gridserver`` is its state)."""
+    return await page.evaluate(f"() => {{ const gridserver = window.gridserver; return ({expr}); }}")
+
+
+async def avatar(page) -> dict:
+    return await until(page, "() => { const a = window.gridserver.avatar(); return a && {id: a.id, x: a.x, y: a.y}; }")
+
+
+async def pixel(page, x: float, y: float) -> tuple:
+    """The canvas colour at the centre of cell (x, y)."""
+    rgba = await page.evaluate("""([x, y]) => {
+        const c = document.getElementById('grid'), s = window.gridserver.scale, d = window.devicePixelRatio || 1;
+        return Array.from(c.getContext('2d').getImageData(Math.floor((x + .5) * s * d), Math.floor((y + .5) * s * d), 1, 1).data);
+    }""", [x, y])
+    return tuple(rgba[:3])
+
+
+async def click_cell(page, x: float, y: float) -> None:
+    box = await page.locator("#grid").bounding_box()
+    scale = await g(page, "gridserver.scale")
+    await page.mouse.click(box["x"] + (x + .5) * scale, box["y"] + (y + .5) * scale)
+
+
+async def log_in(page, url: str, username: str, register: bool) -> None:
+    await page.goto(url + "/")
+    await page.fill("#username", username)
+    await page.fill("#password", PASSWORD)
+    await page.click("#do-register" if register else "#do-login")
+    await page.wait_for_selector("#zones button")
+
+
+def server_avatar(running, player_id: str):
+    with running.srv.world.lock:
+        for e in running.srv.world.entity_zone:
+            entity = running.srv.world.get_entity(e)
+            if entity and entity.metadata.get("player_id") == player_id:
+                return entity
+    return None
+
+
+async def test_play_and_debug_in_chromium(tmp_path, start_server, page):
+    running = await start_server(walkers_config(tmp_path))
+    engine = running.srv.engine
+    username = "br_" + uuid.uuid4().hex[:8]
+    await log_in(page, running.url, username, register=True)
+    assert await page.is_visible("#debug")
+    assert username in await page.inner_text("#who")
+
+    # Pick the lobby: the player's avatar appears, highlighted, where the server has it.
+    await page.click("#zones button:has-text('lobby')")
+    me = await g(page, "gridserver.me.id")
+    a = await avatar(page)
+    assert await g(page, "gridserver.subscribed") == await g(page, "gridserver.zone.id")
+    ent = server_avatar(running, me)
+    assert ent is not None and str(ent.id) == a["id"] and (ent.x, ent.y) == (a["x"], a["y"])
+    assert await pixel(page, a["x"], a["y"]) == AVATAR_RGB
+    assert await g(page, "gridserver.tick") > 0
+    assert re.search(r"\d+\.\d s", await page.inner_text("#since"))
+
+    # Keys move the avatar one cell per press: arrows and WASD (no walls, nobody else).
+    for forward, back, axis in (("ArrowRight", "ArrowLeft", "x"), ("d", "a", "x"),
+                                ("ArrowDown", "ArrowUp", "y"), ("s", "w", "y")):
+        before = await avatar(page)
+        key, step = (forward, 1) if before[axis] < 19 else (back, -1)
+        await page.keyboard.press(key)
+        want = dict(before, **{axis: before[axis] + step})
+        moved = await until(page, "(w) => { const a = window.gridserver.avatar();"
+                                  " return a && a.x === w.x && a.y === w.y && {x: a.x, y: a.y}; }", want)
+        assert moved == {"x": want["x"], "y": want["y"]}
+        assert await pixel(page, want["x"], want["y"]) == AVATAR_RGB
+        assert await pixel(page, before["x"], before["y"]) != AVATAR_RGB  # (the label may be drawn there)
+    a = await avatar(page)
+    await wait_for(lambda: (lambda e: e is not None and (e.x, e.y) == (a["x"], a["y"]))(server_avatar(running, me)))
+
+    # An error from the server is shown, not swallowed.
+    await page.evaluate("() => window.gridserver.ws.send('not json')")
+    await until(page, "() => document.getElementById('errors').textContent.includes('bad_message')")
+
+    # Pause: the tick stops, on the server and on the page.
+    await page.click("#pause")
+    await until(page, "() => document.getElementById('paused').textContent.startsWith('paused')")
+    assert engine.paused
+    await wait_for(lambda: not engine._tick_lock.locked())  # a tick already under way finishes
+    paused_at = engine.tick_number
+    await until(page, "(t) => window.gridserver.tick === t", paused_at)
+    await asyncio.sleep(0.6)  # six tick intervals
+    assert engine.tick_number == paused_at and await g(page, "gridserver.tick") == paused_at
+
+    # A move sent while paused happens on the step; the step advances exactly one tick.
+    before = await avatar(page)
+    key, step = ("ArrowRight", 1) if before["x"] < 19 else ("ArrowLeft", -1)
+    await page.keyboard.press(key)
+    await asyncio.sleep(0.2)
+    assert (await avatar(page))["x"] == before["x"]
+    await page.click("#step")
+    await until(page, "(t) => window.gridserver.tick === t", paused_at + 1)
+    await until(page, "(x) => window.gridserver.avatar().x === x", before["x"] + step)
+    await until(page, "(t) => document.getElementById('paused').textContent === 'paused at tick ' + t", paused_at + 1)
+    await asyncio.sleep(0.6)
+    assert engine.tick_number == paused_at + 1 and await g(page, "gridserver.tick") == paused_at + 1
+
+    # Click the avatar on the canvas: the entity's JSON from the debug endpoint.
+    a = await avatar(page)
+    await click_cell(page, a["x"], a["y"])
+    text = await until(page, "(id) => { const t = document.getElementById('entity').textContent;"
+                             " return t.includes(id) && t.includes('zone_id') && t; }", a["id"])
+    shown = json.loads(text)
+    assert shown["id"] == a["id"] and (shown["x"], shown["y"]) == (a["x"], a["y"])
+    assert shown["metadata"]["player_id"] == me and shown["zone_id"] == await g(page, "gridserver.zone.id")
+
+    # Stepping while running is refused, and the page says so.
+    await page.click("#resume")
+    await until(page, "(t) => window.gridserver.tick > t + 2", paused_at + 1)
+    assert not engine.paused
+    await page.click("#step")
+    await until(page, "() => document.getElementById('errors').textContent.includes('Pause the tick')")
+
+    # The list of connected players (refreshed every few seconds).
+    await until(page, "(u) => document.getElementById('connections').textContent.includes(u + ' in lobby')", username)
+
+    # The socket drops: the page says it is reconnecting, comes back and resumes the zone.
+    ticks = await g(page, "gridserver.ticks")
+    running.srv.hub.conns[uuid.UUID(me)].abort()
+    await until(page, "() => document.getElementById('status').textContent.startsWith('reconnecting')")
+    await until(page, "() => window.gridserver.connected && window.gridserver.resumed")
+    assert "connected (resumed lobby)" in await page.inner_text("#status")
+    await until(page, "(n) => window.gridserver.ticks > n + 3", ticks)
+    assert (await avatar(page))["id"] == a["id"]  # the same avatar: the game saw no leave
+
+
+async def test_login_errors_and_no_debug_panel(tmp_path, start_server, page):
+    running = await start_server(walkers_config(tmp_path, server_debug_players="somebody_else"))
+    player = await running.player()
+    await page.goto(running.url + "/")
+    await page.fill("#username", player["username"])
+    await page.fill("#password", "wrong password")
+    await page.click("#do-login")
+    await until(page, "() => document.getElementById('login-error').textContent.includes('wrong')")
+    await page.click("#do-register")  # the name is taken: the server's 409 is shown
+    await until(page, "() => document.getElementById('login-error').textContent.includes('taken')")
+    await page.fill("#password", PASSWORD)
+    await page.click("#do-login")
+    await page.wait_for_selector("#zones button")
+    assert await g(page, "gridserver.me.is_debug") is False
+    assert not await page.is_visible("#debug")
+
+    # Moving before picking a zone is explained; then play without debug rights.
+    await page.keyboard.press("ArrowUp")
+    await until(page, "() => document.getElementById('errors').textContent.includes('pick a zone')")
+    await page.click("#zones button:has-text('lobby')")
+    a = await avatar(page)
+    assert await g(page, "gridserver.source") == "tick state"
+
+    # Without debug rights a click shows the tick state's entry for the entity.
+    await click_cell(page, a["x"], a["y"])
+    text = await until(page, "(id) => { const t = document.getElementById('entity').textContent;"
+                             " return t.includes(id) && t; }", a["id"])
+    assert json.loads(text)["player_id"] == player["id"]
+
+    # A reload keeps the session (sessionStorage) and the zone (resumed or resubscribed).
+    await page.reload()
+    await until(page, "() => window.gridserver.subscribed && window.gridserver.avatar()")
+    # Logging out forgets the token and returns to the form.
+    await page.click("#logout")
+    await page.wait_for_selector("#login")
+    assert await page.evaluate("() => sessionStorage.getItem('gridserver.token')") is None
+    status, _ = await running.call("GET", "/api/auth/me", player["token"])
+    assert status == 200  # only the page's own session ended
+
+
+class Shapes:
+    """A game that keeps its entities out of the tick state: the page must use the debug state."""
+
+    def on_init(self, framework):
+        self.fw = framework
+        if not framework.list_zones():
+            framework.create_zone("shapes", 10, 5)
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        creates = [] if entities else [
+            gridserver.EntityCreate(1, 1, 3, 2, {"kind": "block", "color": "#ff0000", "label": "red block"}),
+            gridserver.EntityCreate(7, 3, 0, 0, {"kind": "beacon", "color": "rgb(0, 255, 0)"}),
+            gridserver.EntityCreate(8, 0, 1, 1, {"kind": "thing"}),
+        ]
+        return gridserver.TickResult(entity_creates=creates, broadcast_state={"tick": tick_number, "count": len(entities)})
+
+    def get_player_state(self, zone_id, player_id, full_state):
+        return full_state
+
+
+async def test_any_game_drawn_from_the_debug_state(tmp_path, start_server, page):
+    cfg = make_config(f"sqlite:///{tmp_path / 'db'}", server_debug=True)
+    running = await start_server(cfg, Shapes())
+    await log_in(page, running.url, "sh_" + uuid.uuid4().hex[:8], register=True)
+    await page.click("#zones button:has-text('shapes')")
+    await until(page, "() => window.gridserver.source === 'debug state' && window.gridserver.entities.length === 3")
+    assert await pixel(page, 2, 2) == (255, 0, 0)          # the 3x2 block covers (1..3, 1..2)
+    assert await pixel(page, 7, 3) == (0, 255, 0)          # the 0x0 point: a marker in its cell
+    assert await pixel(page, 5, 2) == BACKGROUND_RGB
+    thing = await pixel(page, 8, 0)                        # no colour: one chosen from its kind
+    assert thing not in (BACKGROUND_RGB, (255, 0, 0), (0, 255, 0))
+    assert await g(page, "gridserver.entities.find(e => e.kind === 'block').label") == "red block"
+    await click_cell(page, 7, 3)
+    text = await until(page, "() => { const t = document.getElementById('entity').textContent;"
+                             " return t.includes('beacon') && t; }")
+    assert json.loads(text)["width"] == 0
+
+
+async def test_page_is_self_contained(tmp_path, start_server):
+    running = await start_server(make_config(f"sqlite:///{tmp_path / 'db'}"))  # debug off: the page is there
+    async with running.http.get(running.url + "/") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+        csp = resp.headers["Content-Security-Policy"]
+        html = await resp.text()
+    async with running.http.head(running.url + "/") as resp:
+        assert resp.status == 200
+    assert html == gridserver.PAGE_HTML
+    # Nothing from elsewhere: no absolute URL anywhere, every src/href local or data:.
+    url = re.search(r".{0,40}(?:(?:https?|wss?|ftp)://|(?<![:/])//)[a-z0-9\[].{0,40}", html, re.I)
+    assert url is None, url.group(0)
+    for ref in re.findall(r"""(?:src|href|action)\s*=\s*["']([^"']*)""", html, re.I):
+        assert ref.startswith("data:") or not re.match(r"[a-z][a-z0-9+.-]*:|//", ref, re.I), ref
+    assert "<script src" not in html and "@import" not in html and "url(" not in html
+    # The CSP allows exactly the page's own script and style, and connections to itself only.
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["default-src"] == "'none'"
+    for tag in ("script", "style"):
+        body = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.S).group(1)
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert directives[f"{tag}-src"] == f"'sha256-{digest}'"
+        assert html.count(f"<{tag}") == 1
+    assert directives["connect-src"].split()[0] == "'self'"
+    assert all(src.startswith(("'self'", "ws://127.0.0.1:", "wss://127.0.0.1:"))
+               for src in directives["connect-src"].split())
+    markup = re.sub(r"<(script|style)>.*?</\1>", "", html, flags=re.S)
+    assert not re.search(r"<[^>]*\s(on[a-z]+|style)\s*=", markup, re.I)  # no inline handlers or styles
