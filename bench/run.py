@@ -465,6 +465,74 @@ async def world(zones: int, per_zone: int, window: float, use_pg: bool) -> dict:
         db.drop()
 
 
+async def logins(players_total: int, burst: int, use_pg: bool, drivers: int) -> dict:
+    """A burst of concurrent logins at the default bcrypt cost (12) while players play."""
+    db = Database(use_pg)
+    accounts = 20
+    server = ServerProcess(db.dsn, {"GRIDSERVER_GAME_MODULES_WALKERS_FOG_RADIUS": "0"})
+    drv = None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+            await server.wait_ready(http)
+            players = await make_players(http, server, players_total, "walker")
+            zones = await make_zones(http, server, players[0]["token"], max(1, players_total // 50), 64)
+            server.stop()  # again at the default cost: the burst's accounts get cost-12 hashes
+            server = ServerProcess(db.dsn, {"GRIDSERVER_GAME_MODULES_WALKERS_FOG_RADIUS": "0",
+                                            "GRIDSERVER_AUTH_BCRYPT_ROUNDS": "12"})
+            await server.wait_ready(http)
+            await make_players(http, server, accounts, "slow", concurrency=accounts)
+            for i, p in enumerate(players):  # sessions survive the restart
+                p["zone_id"] = zones[i % len(zones)]
+            drv = Drivers(server.port, players, drivers)
+            await drv.ready()
+            await asyncio.sleep(3)
+            m0 = await metrics(http, server)
+            t0 = time.monotonic()
+            drv.go(600)
+            times = []
+
+            async def login(i: int) -> None:
+                body = {"username": f"slow{i % accounts}", "password": "bench-password"}
+                start = time.monotonic()
+                async with http.post(server.url + "/api/auth/login", json=body) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"login: {r.status}")
+                times.append(time.monotonic() - start)
+
+            await asyncio.gather(*(login(i) for i in range(burst)))
+            elapsed = time.monotonic() - t0
+            m1 = await metrics(http, server)
+            row = summarize_server_only("logins", m0, m1, elapsed)
+            row.update({"clients": players_total, "burst": burst, "bcrypt_rounds": 12,
+                        "burst_seconds": round(elapsed, 1), "logins_per_s": round(burst / elapsed, 1),
+                        "login_p50_ms": round(1000 * percentile(times, 0.5)),
+                        "login_p99_ms": round(1000 * percentile(times, 0.99))})
+            return row
+    finally:
+        if drv:
+            drv.stop()
+        server.stop()
+        db.drop()
+
+
+def summarize_server_only(name: str, m0: dict, m1: dict, elapsed: float) -> dict:
+    def ms(v):
+        return None if v is None else round(v * 1000, 1)
+    return {
+        "scenario": name, "window_s": round(elapsed, 1),
+        "ticks": int(m1["gridserver_tick_number"] - m0["gridserver_tick_number"]),
+        "server_cpu_s_per_s": round((m1["gridserver_process_cpu_seconds"] - m0["gridserver_process_cpu_seconds"])
+                                    / elapsed, 3),
+        "rss_mib": round(m1["gridserver_process_resident_bytes"] / 2**20, 1),
+        "lateness_p50_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.5)),
+        "lateness_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.99)),
+        "lateness_max_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 1.0)),
+        "work_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_work_seconds", 0.99)),
+        "broadcast_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_broadcast_seconds", 0.99)),
+    }
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small, short smoke run (what CI runs)")
@@ -499,6 +567,17 @@ async def main() -> int:
             print("world: " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("scenario", "clients", "alive")),
                   flush=True)
             rows.append(row)
+        elif scenario == "logins":
+            n, burst = (40, 10) if args.quick else ((args.clients or [2000])[0], 500)
+            row = await logins(n, burst, use_pg, 1 if args.quick else args.drivers)
+            print("logins: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "scenario"), flush=True)
+            rows.append(row)
+        elif scenario == "queries":
+            cmd = [sys.executable, os.path.join(HERE, "bench_queries.py")] + (["--quick"] if args.quick else [])
+            code = subprocess.call(cmd)
+            if code:
+                return code
+            continue
         elif scenario == "baseline":
             for n in args.clients or ([40] if args.quick else [1000, 5000, 10000]):
                 row = await baseline(n, 50 if n >= 50 else n, window, 1 if args.quick else args.drivers)
