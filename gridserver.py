@@ -181,7 +181,9 @@ OPTIONS: list[_Option] = [
             "longest wait between flush retries while the database is down", 0.01),
     _Option("websocket", "max_message_size", "65536", "int",
             "largest client message in bytes; larger ones get an error (16x larger: the socket is closed)", 64),
-    _Option("websocket", "heartbeat", "20.0", "float", "seconds between pings; a peer that misses a pong is dropped", 0),
+    _Option("websocket", "heartbeat", "20.0", "float",
+            "seconds of silence after which a client is pinged; silent for two more such periods, it is dropped; "
+            "0: never", 0),
     _Option("websocket", "reconnect_grace", "30.0", "float",
             "seconds a dropped player keeps their zone; reconnecting within it resumes the subscription", 0),
     _Option("websocket", "max_behind", "10", "int",
@@ -1670,7 +1672,7 @@ class Connection:
 
     __slots__ = ("ws", "transport", "session", "player_id", "username", "zone_id", "connected_at",
                  "behind", "closed", "intent_generation", "intent_count", "told_rate_limited",
-                 "expiry_handle", "hub")
+                 "expiry_handle", "hub", "received", "seen", "pinged")
 
     def __init__(self, hub: "Hub", ws: web.WebSocketResponse, transport: Any, session: Session):
         self.hub = hub
@@ -1687,6 +1689,9 @@ class Connection:
         self.intent_count = 0
         self.told_rate_limited = False
         self.expiry_handle: asyncio.TimerHandle | None = None
+        self.received = 0  # frames from the client, pongs included: the heartbeat's evidence of life
+        self.seen = 0
+        self.pinged = False
 
     def _write(self, frame: bytes) -> bool:
         t = self.transport
@@ -1751,6 +1756,7 @@ class Hub:
     def __init__(self, world: World, metrics: Metrics, cfg: Config):
         self.world = world
         self.metrics = metrics
+        self.heartbeat = cfg.get("websocket", "heartbeat")
         self.grace = cfg.get("websocket", "reconnect_grace")
         self.max_intents = cfg.get("tick", "max_intents_per_player")
         self.max_behind = cfg.get("websocket", "max_behind")
@@ -1801,6 +1807,7 @@ class Hub:
             resume = resume or entry[0]
         self.conns[conn.player_id] = conn
         if resume is not None and resume in self.world.zones:
+            resume = self.world.zones[resume].zone.id
             conn.zone_id = resume
             self.subscribers[resume][conn.player_id] = conn
             self._join(resume, conn.player_id)  # no event if still a member
@@ -1837,9 +1844,11 @@ class Hub:
     def subscribe(self, conn: Connection, zone_id: UUID) -> None:
         """Leave the current zone (if another) and join ``zone_id``; answer ``subscribed``.
 
-        Ticks are delivered only to connections whose ``zone_id`` matches at the moment of
-        delivery, so no tick of the old zone can follow the answer.
+        Ticks are delivered only to connections whose ``zone_id`` is the tick's zone at the
+        moment of delivery, so no tick of the old zone can follow the answer. ``zone_id`` is
+        always the zone's own id object, so that check is an identity test.
         """
+        zone_id = self.world.zones[zone_id].zone.id
         if conn.zone_id != zone_id:
             if conn.zone_id is not None:
                 old = conn.zone_id
@@ -1898,6 +1907,27 @@ class Hub:
             if conn.session.digest == digest:
                 self.detach(conn, keep_zone=False)
                 await conn.close(CLOSE_SESSION_ENDED, "session ended")
+
+    async def heartbeat_loop(self) -> None:
+        """Find dead peers without a timer per connection.
+
+        Every ``heartbeat`` seconds: a connection that sent nothing since the last look is
+        pinged; one that still sent nothing (not even the pong) a period later is dropped.
+        A dead peer is gone within about three periods.
+        """
+        ping = bytes((0x89, 0))
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            for conn in list(self.conns.values()):
+                if conn.received != conn.seen:
+                    conn.seen = conn.received
+                    conn.pinged = False
+                elif not conn.pinged:
+                    conn.pinged = True
+                    conn._write(ping)
+                else:
+                    log.info("dropping %s: no answer to a ping", conn.username)
+                    conn.abort()
 
     async def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
         conns = list(self.conns.values())
@@ -2126,7 +2156,7 @@ class TickEngine:
             zone_id = zs.zone.id
             max_behind = self.max_behind
             for conn, frame in job.frames:
-                if conn.zone_id == zone_id:
+                if conn.zone_id is zone_id:
                     conn.send_tick(frame, max_behind)
             if job.frames:
                 self._last_sent = time.monotonic()
@@ -2471,6 +2501,7 @@ class Server:
         self.persister = Persister(self.world, self.store, self.metrics, cfg)
         self.started = time.time()
         self._shut_down = False
+        self._heartbeat: asyncio.Task | None = None
 
     def is_debug_player(self, username: str) -> bool:
         return self.debug and (not self.debug_players or username in self.debug_players)
@@ -2497,12 +2528,16 @@ class Server:
         self.engine = TickEngine(self.world, self.hub, self.game, self.metrics, self.cfg)
         self.engine.start()
         self.persister.start()
+        if self.hub.heartbeat:
+            self._heartbeat = asyncio.ensure_future(self.hub.heartbeat_loop())
 
     async def shutdown(self) -> None:
         """Ordered and idempotent: stop the tick, final flush, close sockets with 1001."""
         if self._shut_down:
             return
         self._shut_down = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         deadline = time.monotonic() + self.cfg.get("server", "shutdown_timeout")
         if self.engine is not None:
             await self.engine.stop()
@@ -2799,8 +2834,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if session is None:
         raise ApiError(401, "unauthorized", "A valid session token is required (?token= or Authorization).")
     max_size = srv.cfg.get("websocket", "max_message_size")
-    heartbeat = srv.cfg.get("websocket", "heartbeat") or None
-    ws = web.WebSocketResponse(heartbeat=heartbeat, compress=False, max_msg_size=max_size * 16)
+    # No per-connection heartbeat timer: Hub.heartbeat_loop pings quiet connections.
+    # autoping is off so that pongs reach the loop below as proof of life.
+    ws = web.WebSocketResponse(autoping=False, compress=False, max_msg_size=max_size * 16)
     await ws.prepare(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:  # bound what the kernel buffers for a client that stops reading
@@ -2816,11 +2852,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         conn.send({"type": "subscribed", "zone_id": str(resumed), "resumed": True})
     try:
         async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
+            conn.received += 1
+            kind = msg.type
+            if kind is WSMsgType.TEXT:
                 _handle_message(srv, conn, msg.data, max_size)
-            elif msg.type == WSMsgType.BINARY:
+            elif kind is WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif kind is WSMsgType.PONG:
+                pass
+            elif kind is WSMsgType.BINARY:
                 conn.error("bad_message", "Binary frames are not supported; send JSON text.")
-            elif msg.type == WSMsgType.ERROR:
+            elif kind is WSMsgType.CLOSE:
+                await ws.close()
+                break
+            elif kind is WSMsgType.ERROR:
                 break
     finally:
         srv.hub.detach(conn)

@@ -812,3 +812,21 @@ async def test_echo_game_is_one_line_of_config(start_server, tmp_path):
     assert m["state"]["intents"][0]["data"] == {"hello": "world", "n": 3}
     assert m["state"]["intents"][0]["player_id"] == p["id"]
     await ws.close()
+
+
+async def test_heartbeat_drops_a_silent_peer_and_keeps_a_quiet_live_one(start_server, tmp_path):
+    """A peer that never answers pings is dropped; an idle client that answers them stays."""
+    running = await start_server(lab_config(tmp_path, websocket_heartbeat=0.2), Lab())
+    silent, quiet = await running.player(), await running.player()
+    zone = await running.zone(silent["token"])
+    sock = await _raw_nonreader(running, silent["token"], zone["id"])  # sends nothing after subscribing
+    async with running.http.ws_connect(running.ws_url(quiet["token"]), autoping=True) as ws:
+        hub = running.srv.hub
+        await wait_for(lambda: uuid.UUID(silent["id"]) in hub.conns and uuid.UUID(quiet["id"]) in hub.conns)
+        # The quiet client only answers pings (aiohttp's autoping), which must keep it alive.
+        reader = asyncio.ensure_future(ws.receive())
+        await wait_for(lambda: uuid.UUID(silent["id"]) not in hub.conns, timeout=5)
+        await asyncio.sleep(1.0)  # five more heartbeat periods
+        assert uuid.UUID(quiet["id"]) in hub.conns and not ws.closed
+        reader.cancel()
+    sock.close()
