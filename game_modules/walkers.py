@@ -36,6 +36,7 @@ _settings = dict(_DEFAULTS)
 _avatars: dict = {}    # zone_id -> {player_id: avatar entity id}
 _positions: dict = {}  # zone_id -> {player_id: (x, y)} after the last tick
 _seeded: set = set()
+_views: dict = {}      # zone_id -> {id(entity): (entity, metadata, state entry)}: entries reused while unchanged
 _rng = random.Random()
 _MOVES = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
 
@@ -46,6 +47,7 @@ def on_init(framework):
     _avatars.clear()
     _positions.clear()
     _seeded.clear()
+    _views.clear()
     for key, default in _DEFAULTS.items():
         _settings[key] = framework.setting(key, default, int)
     if not framework.list_zones():
@@ -125,10 +127,15 @@ def on_tick(zone_id, entities, intents, tick_number):
         _seeded.add(zone_id)
         walls, _ = _seed(zone, entities, rng)
         creates += walls
-    by_id = {e.id: e for e in entities}
-    pos = {e.id: (e.x, e.y) for e in entities if _kind(e) == "avatar"}
+    pos, by_id, items_left = {}, {}, 0
+    for e in entities:
+        kind = e.metadata.get("kind")
+        if kind == "avatar":
+            pos[e.id] = (e.x, e.y)
+            by_id[e.id] = e
+        elif kind == "item":
+            items_left += 1
     occupied = {p: eid for eid, p in pos.items()}
-    items_left = sum(1 for e in entities if _kind(e) == "item")
     wanted: dict = {}
     for intent in intents:  # arrival order: the last move of a player wins
         d = intent.data
@@ -180,22 +187,41 @@ def on_tick(zone_id, entities, intents, tick_number):
     for player_id, eid in avatars.items():
         if eid in pos:
             positions[player_id] = pos[eid]
+    views = _views.setdefault(zone_id, {})
+    if len(views) > 2 * len(entities) + 64:
+        views.clear()  # entities that are gone
     state = []
     for e in entities:
-        if e.id in picked:
+        if picked and e.id in picked:
             continue
-        x, y = pos.get(e.id, (e.x, e.y))
-        item = {"id": str(e.id), "x": x, "y": y, "w": e.width, "h": e.height, "kind": _kind(e)}
-        item.update(_look(e.metadata))
-        if _kind(e) == "avatar":
-            item.update(player_id=e.metadata.get("player_id"), name=e.metadata.get("name"),
-                        score=scores.get(e.id, e.metadata.get("score", 0)))
-        state.append(item)
+        if e.id in pos:
+            x, y = pos[e.id]
+            state.append(_entry(views, e, x, y, scores.get(e.id)))
+        else:
+            state.append(_entry(views, e, e.x, e.y, None))
     for c in creates:
         state.append({"id": str(c.id), "x": c.x, "y": c.y, "w": c.width, "h": c.height, "kind": c.metadata["kind"],
                       **_look(c.metadata)})
     return TickResult(entity_creates=creates, entity_updates=updates, entity_deletes=deletes,
                       broadcast_state={"tick": tick_number, "entities": state})
+
+
+def _entry(views: dict, e, x: int, y: int, score) -> dict:
+    """The entity's entry in the tick state; the one built last tick when nothing changed."""
+    cached = views.get(id(e))
+    if (cached is not None and cached[0] is e and cached[1] is e.metadata and score is None
+            and cached[2]["x"] == x and cached[2]["y"] == y and cached[2]["w"] == e.width
+            and cached[2]["h"] == e.height):
+        return cached[2]
+    meta = e.metadata
+    item = {"id": str(e.id), "x": x, "y": y, "w": e.width, "h": e.height, "kind": meta.get("kind", "")}
+    item.update(_look(meta))
+    if item["kind"] == "avatar":
+        item.update(player_id=meta.get("player_id"), name=meta.get("name"),
+                    score=meta.get("score", 0) if score is None else score)
+    if score is None:
+        views[id(e)] = (e, meta, item)
+    return item
 
 
 def _look(metadata) -> dict:
