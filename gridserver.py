@@ -1966,10 +1966,15 @@ class _GameThreads:
     and exits, whenever the module returns) and a fresh thread takes over the queue, so one
     hanging zone never holds up the others.
 
-    Finished jobs are collected and the event loop is woken once, when the queue runs dry
-    (or a retired thread's late job returns), not once per zone: sending while module code
-    runs would make the loop and the game thread trade the GIL at every socket write.
+    Finished jobs go to the event loop in batches (every ``HANDOFF_EVERY`` seconds of module
+    work, or when the queue runs dry), and the game thread then waits while the loop sends
+    them: if module code ran during the sends, the two threads would trade the GIL at every
+    socket write. So the first zones' players get their tick while later zones still compute,
+    and a hand-off (which costs a GIL switch) happens a few times per tick, not per zone.
     """
+
+    HANDOFF_EVERY = 0.02   # seconds of module work between hand-offs to the loop
+    HANDOFF_WAIT = 0.05    # longest the game thread waits for the loop to send a batch
 
     def __init__(self, run_job: Callable[[_ZoneJob], None], notify: Callable[[], None]):
         self._run_job = run_job
@@ -1979,6 +1984,8 @@ class _GameThreads:
         self._current: dict[threading.Thread, _ZoneJob] = {}
         self._retired: set[threading.Thread] = set()
         self._done: list[_ZoneJob] = []
+        self._batch_started = 0.0
+        self._sent = threading.Event()
         self._live = 0
         self._spawn()
 
@@ -1996,6 +2003,8 @@ class _GameThreads:
                 break
             with self._lock:
                 job.started = time.monotonic()
+                if not self._done:
+                    self._batch_started = job.started
                 self._current[me] = job
             try:
                 self._run_job(job)
@@ -2005,9 +2014,14 @@ class _GameThreads:
                     del self._current[me]
                     retired = me in self._retired
                     self._done.append(job)
-                    notify = retired or self._queue.empty()
+                    dry = self._queue.empty()
+                    notify = retired or dry or job.finished - self._batch_started >= self.HANDOFF_EVERY
+                    if notify:
+                        self._sent.clear()
                 if notify:
                     self._notify()
+                    if not dry and not retired:
+                        self._sent.wait(self.HANDOFF_WAIT)
             if retired:
                 break
         with self._lock:
@@ -2021,6 +2035,10 @@ class _GameThreads:
         with self._lock:
             done, self._done = self._done, []
         return done
+
+    def sent(self) -> None:
+        """The loop has sent what it took: the game thread may go on."""
+        self._sent.set()
 
     def retire_stuck(self, limit: float) -> list[_ZoneJob]:
         now = time.monotonic()
@@ -2081,6 +2099,7 @@ class TickEngine:
         self._task: asyncio.Task | None = None
         self._tick_started = 0.0
         self._last_sent = 0.0
+        self._last_slow_log = 0.0
 
     # -- in the game thread --------------------------------------------------------------
     def _run_job(self, job: _ZoneJob) -> None:
@@ -2138,6 +2157,7 @@ class TickEngine:
     def _drain(self) -> None:
         for job in self._threads.take_done():
             self._deliver(job)
+        self._threads.sent()
 
     def _deliver(self, job: _ZoneJob) -> None:
         zs = job.zs
@@ -2213,6 +2233,13 @@ class TickEngine:
         self.metrics.tick_duration.observe(time.monotonic() - t0)
         self.metrics.ticks_total += 1
         self.last_tick_at = time.time()
+        if done - t0 > self.interval and done - self._last_slow_log > 10:
+            self._last_slow_log = done
+            module = sum(j.finished - j.started for j in jobs if j.finished)
+            last = max((j.finished for j in jobs if j.finished), default=t0)
+            log.warning("tick %d took %.0f ms for %d zones: module calls %.0f ms, last zone done at %.0f ms, "
+                        "sent by %.0f ms", n, (done - t0) * 1000, len(jobs), module * 1000, (last - t0) * 1000,
+                        ((self._last_sent or done) - t0) * 1000)
         return n
 
     async def step(self) -> int:
