@@ -2091,6 +2091,7 @@ class TickEngine:
         self._join = getattr(game, "on_player_join", None)
         self._leave = getattr(game, "on_player_leave", None)
         self._tick_lock = asyncio.Lock()
+        self._tick_ended = asyncio.Condition()
         self._wake = asyncio.Event()
         self._pending: set[_ZoneJob] = set()
         self._all_done = asyncio.Event()
@@ -2192,6 +2193,18 @@ class TickEngine:
         t0 = time.monotonic()
         if scheduled is not None:
             self.metrics.tick_lateness.observe(max(0.0, self._loop.time() - scheduled))
+        try:
+            return await self._run_tick(t0)
+        finally:
+            async with self._tick_ended:
+                self._tick_ended.notify_all()
+
+    async def tick_ended(self) -> None:
+        """Wait until the next tick (or the one under way) has finished."""
+        async with self._tick_ended:
+            await self._tick_ended.wait()
+
+    async def _run_tick(self, t0: float) -> int:
         self.tick_number += 1
         n = self.tick_number
         self._tick_started = t0
@@ -2326,6 +2339,7 @@ class Persister:
 
     def __init__(self, world: World, store: _Store, metrics: Metrics, cfg: Config):
         self.world, self.store, self.metrics = world, store, metrics
+        self.engine: TickEngine | None = None  # when set, snapshots are taken between ticks
         self.interval = cfg.get("persistence", "interval")
         self.max_backoff = cfg.get("persistence", "max_backoff")
         self.lock = asyncio.Lock()
@@ -2337,11 +2351,16 @@ class Persister:
     async def flush(self) -> bool:
         """Write everything changed since the last flush; False when the database is down.
 
-        The snapshot and its serialization run in the flush thread, not on the event loop:
-        a flush of 100,000 entities must not delay a tick.
+        The snapshot and its serialization run in the flush thread, not on the event loop,
+        and start just after a tick ends: a flush of 100,000 entities must not delay a tick,
+        and every zone's rows then come from the same tick.
         """
         async with self.lock:
             loop = asyncio.get_running_loop()
+            engine = self.engine
+            if engine is not None and engine._task is not None and not engine.paused:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(engine.tick_ended(), engine.interval * 2)
             rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes)
             t0 = time.monotonic()
             try:
@@ -2553,6 +2572,7 @@ class Server:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self.engine = TickEngine(self.world, self.hub, self.game, self.metrics, self.cfg)
+        self.persister.engine = self.engine
         self.engine.start()
         self.persister.start()
         if self.hub.heartbeat:
