@@ -853,16 +853,19 @@ class World:
                     raise TickRejected(f"invalid id in {u!r}") from None
             e = entities.get(eid)
             if e is not None:
-                rect = (repeated and moved.get(id(e))) or (e.x, e.y, e.width, e.height)
+                if repeated and id(e) in moved:
+                    x0, y0, w0, h0 = moved[id(e)]
+                else:
+                    x0, y0, w0, h0 = e.x, e.y, e.width, e.height
             elif born and eid in born:
-                rect = born[eid]
+                x0, y0, w0, h0 = born[eid]
             else:
                 raise TickRejected(f"update of unknown entity {eid}")
             x, y, w, h = u.x, u.y, u.width, u.height
-            x = rect[0] if x is None else (x if type(x) is int else _check_int(x, "update x"))
-            y = rect[1] if y is None else (y if type(y) is int else _check_int(y, "update y"))
-            w = rect[2] if w is None else (w if type(w) is int else _check_int(w, "update width"))
-            h = rect[3] if h is None else (h if type(h) is int else _check_int(h, "update height"))
+            x = x0 if x is None else (x if type(x) is int else _check_int(x, "update x"))
+            y = y0 if y is None else (y if type(y) is int else _check_int(y, "update y"))
+            w = w0 if w is None else (w if type(w) is int else _check_int(w, "update width"))
+            h = h0 if h is None else (h if type(h) is int else _check_int(h, "update height"))
             if w < 0 or h < 0:
                 raise TickRejected(f"negative size in {u!r}")
             if not (0 <= x and 0 <= y and x + w <= width and y + h <= height and x < width and y < height):
@@ -896,11 +899,12 @@ class World:
                 self.deleted.discard(eid)
                 created.append(e)
             dirty_add = self.dirty.add
+            move = zs.index.move
             for e, eid, x, y, w, h, meta in updates:
                 if e is None:  # created by this same result
                     e = zs.entities[eid]
                 if x != e.x or y != e.y or w != e.width or h != e.height:
-                    zs.index.move(e, x, y, w, h)
+                    move(e, x, y, w, h)
                 if meta is not None:
                     e.metadata = meta
                 e.updated_at = now
