@@ -1,0 +1,298 @@
+"""The fault suite: a real gridserver process attacked the way players and machines do.
+
+Every test here starts ``python gridserver.py`` as a subprocess (configured through
+``GRIDSERVER_*`` environment variables, on PostgreSQL where the promise is about the
+database) and talks to it only over sockets, as an outsider. What each test proves is
+listed in the README's "Guarantees" section, with the figures it measures; the figures are
+printed at the end of the run (``fault suite figures``).
+
+Tick rates are checked by counting ticks over a span (at least half of those due), never by
+timing a single event. ``GRIDSERVER_FUZZ_EXAMPLES`` raises the number of fuzzing cases for a
+soak run (``bench/soak.py`` runs the suite that way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import signal
+import time
+import uuid
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+
+from conftest import PG_DSN, REQUIRE_PG, dsn_with_schema, pg_available, pg_exec
+from faultkit import (OP_BINARY, OP_CLOSE, OP_TEXT, Client, RawWS, ServerProcess, TickWatch, add_figure,
+                      client_frame, figure, wait_until)
+
+COUNTER = "tests.fault_games:Counter"
+FAULTY = "tests.fault_games:Faulty"
+
+
+@pytest.fixture
+def pg_schema():
+    """A fresh PostgreSQL schema; the fault suite's database promises are about PostgreSQL."""
+    if not pg_available():
+        if REQUIRE_PG:
+            pytest.fail(f"PostgreSQL required (GRIDSERVER_REQUIRE_PG=1) but {PG_DSN} is unreachable")
+        pytest.skip(f"PostgreSQL at {PG_DSN} is unreachable")
+    schema = "f_" + uuid.uuid4().hex[:16]
+    pg_exec(f"CREATE SCHEMA {schema}")
+    yield schema
+    pg_exec(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def processes():
+    """Servers started by a test; whatever is still running at the end is killed."""
+    started: list[ServerProcess] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+def start(processes, *args, **kwargs) -> ServerProcess:
+    proc = ServerProcess(*args, **kwargs)
+    processes.append(proc)
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------
+# The Counter world: every saved state must be one that existed
+# ---------------------------------------------------------------------------------------------
+
+
+def counter_rows(dsn: str) -> dict[str, list[dict]]:
+    """Entity rows of every zone, read straight from PostgreSQL: zone name -> rows."""
+    rows = pg_exec("SELECT z.name, z.width, z.height, e.id::text, e.x, e.y, e.width, e.height, e.metadata::text "
+                   "FROM entities e JOIN zones z ON z.id = e.zone_id", dsn)
+    out: dict[str, list[dict]] = {}
+    for name, zw, zh, eid, x, y, w, h, meta in rows:
+        out.setdefault(name, []).append({"zw": zw, "zh": zh, "id": eid, "x": x, "y": y, "w": w, "h": h,
+                                         "meta": json.loads(meta)})
+    return out
+
+
+def read_trace(path) -> list[tuple[str, int, int, list[int]]]:
+    """The Counter module's trace: (zone, step, entity count, spawned ks) per call."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            parts = line.rstrip("\n").split(" ")
+            if len(parts) == 4:
+                out.append((parts[0], int(parts[1]), int(parts[2]), [int(k) for k in parts[3].split(",") if k]))
+    return out
+
+
+def check_zone_state(name: str, rows: list[dict], trace: list) -> tuple[int, int]:
+    """One zone's saved rows are exactly the state of one step the module computed.
+
+    Returns (step, rows checked).
+    """
+    steps = {r["meta"]["step"] for r in rows}
+    assert len(steps) == 1, f"{name}: rows of several steps {sorted(steps)[:10]}: a flush was written half"
+    step = steps.pop()
+    computed = [t for t in trace if t[0] == name and t[1] == step]
+    assert computed, f"{name}: step {step} was never computed by the module"
+    count = computed[-1][2]
+    assert len(rows) == count, f"{name}: {len(rows)} rows, the module's step {step} had {count} entities"
+    assert sorted(r["meta"]["i"] for r in rows) == list(range(count)), f"{name}: entity numbers have gaps"
+    for r in rows:
+        i, w, h = r["meta"]["i"], r["zw"], r["zh"]
+        assert (r["x"], r["y"], r["w"], r["h"]) == ((step + i) % w, (i // w) % h, 1, 1), (name, step, r)
+        assert r["meta"]["born"] <= step, r
+    spawned = {k for t in trace if t[0] == name and t[1] <= step for k in t[3]}
+    assert {r["meta"]["k"] for r in rows if "k" in r["meta"]} == spawned, f"{name}: spawned entities differ"
+    return step, len(rows)
+
+
+class Play:
+    """Players subscribed to Counter zones, each spawning entities with intents until stopped,
+    recording every tick frame they receive: zone -> [(step, spawned ks)]."""
+
+    def __init__(self, client: Client, http: aiohttp.ClientSession):
+        self.client, self.http = client, http
+        self.frames: dict[str, list[tuple[int, list[int]]]] = {}
+        self.sockets: list[aiohttp.ClientWebSocketResponse] = []
+        self.closes: list[tuple[WSMsgType, object]] = []
+        self.tasks: list[asyncio.Task] = []
+        self.readers: list[asyncio.Task] = []
+        self.sent = 0
+        self.k = random.randrange(1, 10 ** 6) * 1000  # spawn numbers, unique per run
+
+    async def join(self, token: str, zone_id: str, spawn: bool = True) -> None:
+        ws = await self.http.ws_connect(self.client.ws_url(token), heartbeat=None, autoping=True)
+        await ws.send_json({"type": "subscribe", "zone_id": zone_id})
+        while True:
+            m = await ws.receive_json(timeout=10)
+            if m["type"] == "subscribed":
+                break
+        self.sockets.append(ws)
+        self.readers.append(asyncio.ensure_future(self._read(ws)))
+        self.tasks.append(self.readers[-1])
+        if spawn:
+            self.tasks.append(asyncio.ensure_future(self._spawn(ws)))
+
+    async def _read(self, ws) -> None:
+        while True:
+            msg = await ws.receive()
+            if msg.type != WSMsgType.TEXT:
+                self.closes.append((msg.type, msg.data))
+                return
+            m = json.loads(msg.data)
+            if m["type"] == "tick":
+                s = m["state"]
+                self.frames.setdefault(s["zone"], []).append((s["step"], s["spawned"]))
+
+    async def _spawn(self, ws) -> None:
+        while not ws.closed:
+            self.k += 1
+            try:
+                await ws.send_json({"type": "intent", "data": {"spawn": self.k}})
+            except (ConnectionError, RuntimeError):
+                return
+            self.sent += 1
+            await asyncio.sleep(0.03)
+
+    def last_step(self, zone: str) -> int:
+        return self.frames[zone][-1][0] if self.frames.get(zone) else 0
+
+    def seen_spawns(self, zone: str, up_to_step: int | None = None) -> set[int]:
+        return {k for step, ks in self.frames.get(zone, []) for k in ks if up_to_step is None or step <= up_to_step}
+
+    async def wait_closed(self, timeout: float = 30.0) -> None:
+        """Until every socket has ended (a close frame or otherwise)."""
+        await asyncio.wait_for(asyncio.gather(*self.readers, return_exceptions=True), timeout)
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for ws in self.sockets:
+            await ws.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash: SIGKILL in the middle of play
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_sigkill_mid_play_keeps_everything_older_than_a_flush(pg_schema, tmp_path, http, processes):
+    """Kill -9 the server three times while players spawn entities and every entity moves every
+    tick; restart it on the same database each time. Accounts, sessions and zones survive;
+    every change a completed flush covered is there; what is saved is exactly one step of
+    every zone (never a half flush); the restarted module continues from it."""
+    app = "gridserver-crash-" + uuid.uuid4().hex[:8]  # names the server's connections in pg_stat_activity
+    dsn = dsn_with_schema(pg_schema) + "&application_name=" + app
+    settings = {"tick_interval": 0.1, "persistence_interval": 0.3}
+    game = {"zones": 2, "entities": 3000, "size": 128}
+    names = ("counter-0", "counter-1")
+    run = 0
+    trace = tmp_path / f"trace-{run}"
+    srv = start(processes, tmp_path, dsn, COUNTER, settings, {**game, "trace": trace})
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    players = [await c.player() for _ in range(2)]
+    status, kept = await c.call("POST", "/api/zones", players[0]["token"],
+                                {"name": "kept ✓", "width": 7, "height": 9, "metadata": {"owner": "ü", "n": [1, 2]}})
+    assert status == 201, kept
+    history: list = []  # trace lines of the steps that are part of the saved world's past
+    rows_checked = spawns_checked = 0
+    for cycle in range(3):
+        zones = await c.zones(players[0]["token"])
+        play = Play(c, http)
+        for p, name in zip(players, names):
+            await play.join(p["token"], zones[name]["id"])
+        try:
+            await wait_until(lambda: all(len(play.frames.get(z, [])) >= 5 for z in names),
+                             timeout=20, what="ticks reaching the players")
+            must_have = {z: play.last_step(z) for z in names}
+            must_spawns = {z: play.seen_spawns(z) for z in names}
+            flushed = (await c.metrics())["gridserver_flushes_total"]
+            await wait_until(lambda: _flushes_at_least(c, flushed + 2), timeout=20, what="two more flushes")
+            if cycle == 0:
+                await asyncio.sleep(random.uniform(0, 0.3))  # anywhere in the flush cycle
+            else:  # inside a flush's transaction, while it writes entity rows
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, _await_flush, app), 20)
+                await asyncio.sleep(random.uniform(0, 0.02))
+            srv.send(signal.SIGKILL)
+            assert await srv.wait_exit() == -signal.SIGKILL
+        finally:
+            await play.stop()
+
+        saved = counter_rows(dsn)
+        lines = history + read_trace(trace)
+        history = []
+        for z in names:
+            step, n = check_zone_state(z, saved[z], lines)
+            assert step >= must_have[z], f"{z}: saved step {step}, but step {must_have[z]} was flushed before the kill"
+            have = {r["meta"]["k"] for r in saved[z] if "k" in r["meta"]}
+            assert must_spawns[z] <= have, f"{z}: spawns lost: {sorted(must_spawns[z] - have)[:5]}"
+            history += [t for t in lines if t[0] == z and t[1] <= step]
+            rows_checked += n
+            spawns_checked += len(must_spawns[z])
+        assert pg_exec("SELECT count(*) FROM sessions", dsn)[0][0] >= 2
+
+        # Start again on the same database.
+        run += 1
+        trace = tmp_path / f"trace-{run}"
+        srv = start(processes, tmp_path, dsn, COUNTER, settings, {**game, "trace": trace})
+        await srv.ready(http)
+        c = Client(srv.url, http)
+        for p in players:  # the sessions survived: the old tokens work
+            status, me = await c.call("GET", "/api/auth/me", p["token"])
+            assert status == 200 and me["id"] == p["id"], me
+        await c.login(players[0]["username"])  # and the accounts
+        zones = await c.zones(players[0]["token"])
+        z = zones["kept ✓"]
+        assert (z["id"], z["width"], z["height"], z["metadata"]) == (kept["id"], 7, 9, {"owner": "ü", "n": [1, 2]})
+        # The module's first step after the restart continues from exactly the saved one.
+        await wait_until(lambda: {t[0] for t in read_trace(trace)} >= set(names),
+                         timeout=10, what="the first ticks after the restart")
+        after = read_trace(trace)
+        for name in names:
+            first = next(t for t in after if t[0] == name)
+            saved_step = saved[name][0]["meta"]["step"]
+            assert (first[1], first[2] - len(first[3])) == (saved_step + 1, len(saved[name])), (name, first)
+    srv.send(signal.SIGTERM)
+    assert await srv.wait_exit() == 0
+    add_figure("crash: SIGKILLs", 3)
+    add_figure("crash: SIGKILLs inside a flush transaction", 2)
+    add_figure("crash: entity rows verified as one consistent step after SIGKILL", rows_checked)
+    add_figure("crash: spawned entities verified after SIGKILL", spawns_checked)
+
+
+def _await_flush(application_name: str) -> None:
+    """Block until a connection of the server is inside a transaction writing entity rows."""
+    import psycopg2
+    conn = psycopg2.connect(PG_DSN)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                            "AND xact_start IS NOT NULL AND query LIKE %s", (application_name, "%INSERT INTO entities%"))
+                if cur.fetchone()[0]:
+                    return
+                time.sleep(0.002)
+        raise AssertionError("no flush transaction seen in pg_stat_activity")
+    finally:
+        conn.close()
+
+
+async def _flushes_at_least(c: Client, n: float) -> bool:
+    return (await c.metrics())["gridserver_flushes_total"] >= n
