@@ -2165,14 +2165,26 @@ class TickEngine:
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run())
 
-    async def stop(self) -> None:
-        """Stop scheduling; a tick under way finishes first."""
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop scheduling; a tick under way finishes first.
+
+        Module calls still running past ``zone_timeout`` are waited for too (until ``deadline``,
+        monotonic): their results are applied when they return, and must be before the final
+        flush takes its snapshot.
+        """
         if self._task is not None:
             async with self._tick_lock:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
+        while busy := [zs for zs in list(self.world.zones.values()) if zs.busy_since is not None]:
+            if deadline is not None and time.monotonic() >= deadline:
+                log.error("stopping with %d zone(s) whose module call is still running: their last "
+                          "result will not be saved", len(busy))
+                break
+            await asyncio.sleep(0.01)
+            self._drain()
         self._threads.stop()
 
     def zone_busy_seconds(self, zs: _ZoneState) -> float:
@@ -2439,7 +2451,7 @@ class Server:
         self._shut_down = True
         deadline = time.monotonic() + self.cfg.get("server", "shutdown_timeout")
         if self.engine is not None:
-            await self.engine.stop()
+            await self.engine.stop(deadline)
         await self.persister.stop(deadline)
         await self.hub.close_all(1001, "server shutting down")
 
