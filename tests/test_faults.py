@@ -345,3 +345,119 @@ async def test_sigterm_saves_the_last_tick_and_sends_close_frames(pg_schema, tmp
     assert "unsaved" not in srv.log_text()
     figure("graceful stop: entity rows verified at the last step after SIGTERM", rows)
     figure("graceful stop: intents sent by players", play.sent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Database outage and return (PostgreSQL through a proxy the test can cut)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["refused", "silent"])
+async def test_database_outage_then_return_without_restart(mode, pg_schema, tmp_path, http, processes, tcp_proxy):
+    """The database goes away (``refused``: connections reset and refused; ``silent``: packets
+    vanish, nothing is closed) while a player plays. Ticks go on; every call that needs the
+    database answers 503 database_unavailable within the bound; /healthz says degraded. When
+    the database returns, the same process saves every change of the outage and logins work."""
+    proxy = await tcp_proxy()
+    dsn = dsn_with_schema(pg_schema, f"postgresql://root@127.0.0.1:{proxy.port}/test")
+    direct = dsn_with_schema(pg_schema)
+    interval, timeout = 0.05, 1.0
+    bound = 4 * timeout + 1.0  # two attempts of (pool acquire + statement), each bounded by the timeout
+    trace = tmp_path / "trace"
+    settings = {"tick_interval": interval, "persistence_interval": 0.2, "persistence_max_backoff": 0.5,
+                "database_timeout": timeout, "database_pool_min": 2}
+    srv = start(processes, tmp_path, dsn, COUNTER, settings, {"zones": 2, "entities": 200, "trace": trace})
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    p = await c.player()
+    q = await c.player()
+    zones = await c.zones(p["token"])
+    play = Play(c, http)
+    await play.join(p["token"], zones["counter-0"]["id"])
+    slowest = 0.0
+    try:
+        await wait_until(lambda: len(play.frames.get("counter-0", [])) >= 5, timeout=20, what="ticks")
+        before_outage = play.last_step("counter-0")
+        proxy.cut() if mode == "refused" else proxy.stall()
+
+        async def degraded():
+            status, body = await c.call("GET", "/healthz", timeout=5)
+            return status == 503 and (body["status"], body["database"]) == ("degraded", "down")
+
+        async with TickWatch(c, interval) as watch:
+            await wait_until(degraded, timeout=20, what="/healthz degraded")
+            calls = [
+                ("POST", "/api/auth/register", None, {"username": "u_" + uuid.uuid4().hex[:8], "password": "12345678"}),
+                ("POST", "/api/auth/login", None, {"username": p["username"], "password": p["password"]}),
+                ("POST", "/api/auth/login", None, {"username": "nobody_here", "password": "12345678"}),
+                ("GET", "/api/auth/me", p["token"], None),
+                ("GET", "/api/zones", "never-seen-" + uuid.uuid4().hex, None),
+                ("POST", "/api/auth/logout", q["token"], None),
+                ("POST", "/api/zones", p["token"], {"name": "during", "width": 3, "height": 3}),
+            ]
+            for method, path, token, body in calls:
+                t0 = time.monotonic()
+                status, answer = await c.call(method, path, token, body, timeout=bound + 5)
+                elapsed = time.monotonic() - t0
+                slowest = max(slowest, elapsed)
+                assert status == 503 and answer["error"] == "database_unavailable" and answer["message"], \
+                    (method, path, status, answer)
+                assert elapsed <= bound, f"{method} {path} took {elapsed:.1f} s (bound {bound} s)"
+            # More at once than the pool holds: each still answers within the bound.
+            t0 = time.monotonic()
+            burst = await asyncio.gather(*(
+                c.call("POST", "/api/auth/login", None, {"username": p["username"], "password": p["password"]},
+                       timeout=bound + 5) if i % 2 else
+                c.call("GET", "/api/auth/me", "never-seen-" + uuid.uuid4().hex, timeout=bound + 5)
+                for i in range(30)))
+            elapsed = time.monotonic() - t0
+            slowest = max(slowest, elapsed)
+            assert all(st == 503 and b["error"] == "database_unavailable" for st, b in burst), burst
+            assert elapsed <= bound, f"a burst of 30 calls took {elapsed:.1f} s (bound {bound} s)"
+            status, body = await c.call("GET", "/api/zones", p["token"])  # a session in use: served from memory
+            assert status == 200 and "counter-0" in {z["name"] for z in body["zones"]}, body
+            await wait_until(lambda: play.last_step("counter-0") >= before_outage + 20, timeout=20,
+                             what="ticks during the outage")
+        watch.assert_kept_time("the outage")
+        m = await c.metrics()
+        assert m["gridserver_flush_failures_total"] >= 1 and m["gridserver_database_up"] == 0
+        during_step = play.last_step("counter-0")
+        during_spawns = play.seen_spawns("counter-0")
+        saved = counter_rows(direct)
+        assert {r["meta"]["step"] for r in saved["counter-0"]} != {during_step}  # the outage was real
+
+        proxy.restore()
+
+        async def healthy():
+            status, body = await c.call("GET", "/healthz", timeout=5)
+            return status == 200 and body["status"] == "ok"
+
+        await wait_until(healthy, timeout=20, what="/healthz ok again")
+        flushed = (await c.metrics())["gridserver_flushes_total"]
+        await wait_until(lambda: _flushes_at_least(c, flushed + 2), timeout=20, what="flushes after the return")
+    finally:
+        await play.stop()
+    saved = counter_rows(direct)
+    lines = read_trace(trace)
+    for z in ("counter-0", "counter-1"):
+        check_zone_state(z, saved[z], lines)
+    assert saved["counter-0"][0]["meta"]["step"] >= during_step
+    have = {r["meta"]["k"] for r in saved["counter-0"] if "k" in r["meta"]}
+    assert during_spawns <= have
+    # Logins, registrations and fresh tokens work again, in the same process.
+    assert srv.proc.poll() is None
+    again = await c.login(p["username"], p["password"])
+    status, me = await c.call("GET", "/api/auth/me", again["token"])
+    assert status == 200 and me["id"] == p["id"], me
+    await c.player()
+    status, _ = await c.call("GET", "/api/auth/me", "never-seen-" + uuid.uuid4().hex)
+    assert status == 401
+    status, me = await c.call("GET", "/api/auth/me", q["token"])  # the logout during the outage did not happen
+    assert status == 200
+    log_text = srv.log_text()
+    assert log_text.count("database unreachable") == 1 and log_text.count("database back") == 1, log_text[-3000:]
+    changed = len(saved["counter-0"]) + len(saved["counter-1"])
+    add_figure(f"outage ({mode}): entity rows changed during the outage and verified after", changed)
+    add_figure(f"outage ({mode}): entities spawned during the outage and verified after",
+               len({k for s, ks in play.frames["counter-0"] if before_outage < s <= during_step for k in ks}))
+    figure(f"outage ({mode}): slowest 503 answer in seconds (bound {bound})", round(slowest, 2))
