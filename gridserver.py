@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, runtime_checkable
 from uuid import UUID
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, web, web_protocol, web_server
 
 try:  # ujson is much faster; the standard library keeps the file runnable without it
     import ujson as _ujson
@@ -2860,10 +2860,48 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     return app
 
 
+class _EnvelopeRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering HTTP it cannot parse with the JSON envelope.
+
+    A request line, header or content encoding aiohttp's parser rejects never reaches a
+    route or the middleware; aiohttp itself answers it, in plain text and with a traceback
+    in the log. This answers it as the contract says and logs one line at debug level.
+    """
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # a response is under way: the connection is broken
+            raise ConnectionError("the response was already started")
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            response = _error_response(500, "internal_error", "The server failed to handle this request.")
+        else:
+            detail = (message or (str(exc) if exc else "") or "malformed request").splitlines()[0][:200]
+            log.debug("unparseable request from %s: %s", request.remote, detail)
+            response = _error_response(status, "bad_request", f"The request is not valid HTTP: {detail}")
+        response.force_close()
+        return response
+
+
+class _EnvelopeServer(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _AppRunner(web.AppRunner):
+    """The app runner of ``python gridserver.py``: connections get ``_EnvelopeRequestHandler``."""
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        if type(server) is web_server.Server and hasattr(server, "_kwargs"):
+            server.__class__ = _EnvelopeServer  # same state, one method more
+        return server
+
+
 async def _serve(cfg: Config) -> int:
     app = create_app(cfg)
-    runner = web.AppRunner(app, access_log=log if cfg.get("debug", "access_log") else None,
-                           shutdown_timeout=cfg.get("server", "shutdown_timeout"))
+    runner = _AppRunner(app, access_log=log if cfg.get("debug", "access_log") else None,
+                        shutdown_timeout=cfg.get("server", "shutdown_timeout"))
     try:
         await runner.setup()
     except (DatabaseUnavailable, ConfigError) as exc:

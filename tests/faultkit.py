@@ -286,6 +286,18 @@ def raw_http(port: int, request: bytes, timeout: float = 15.0) -> HttpAnswer:
             buf += chunk
             head_end = buf.find(b"\r\n\r\n")
         head, _, body = buf.partition(b"\r\n\r\n")
+        while head.startswith(b"HTTP/1.1 100 "):  # an interim answer (Expect: 100-continue)
+            buf = body
+            while b"\r\n\r\n" not in buf:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    raise TimeoutError(f"no final answer within {timeout} s to {request[:200]!r}") from None
+                if not chunk:
+                    return HttpAnswer(None, {}, b"")
+                buf += chunk
+            head, _, body = buf.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
         headers = {}

@@ -461,3 +461,321 @@ async def test_database_outage_then_return_without_restart(mode, pg_schema, tmp_
     add_figure(f"outage ({mode}): entities spawned during the outage and verified after",
                len({k for s, ks in play.frames["counter-0"] if before_outage < s <= during_step for k in ks}))
     figure(f"outage ({mode}): slowest 503 answer in seconds (bound {bound})", round(slowest, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input on every REST route: property-based fuzzing over raw HTTP
+# ---------------------------------------------------------------------------------------------
+
+from urllib.parse import quote  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from faultkit import raw_http  # noqa: E402
+
+#: Cases per backend; raise it for a soak run (bench/soak.py).
+FUZZ_EXAMPLES = int(os.environ.get("GRIDSERVER_FUZZ_EXAMPLES", "300"))
+
+#: (method, path template, takes a body). {zone} and {entity} are filled by the fuzzer.
+ROUTES = [
+    ("POST", "/api/auth/register", True), ("POST", "/api/auth/login", True), ("POST", "/api/auth/logout", False),
+    ("GET", "/api/auth/me", False), ("GET", "/api/zones", False), ("POST", "/api/zones", True),
+    ("GET", "/api/zones/{zone}", False), ("DELETE", "/api/zones/{zone}", False),
+    ("POST", "/api/debug/tick/pause", False), ("POST", "/api/debug/tick/resume", False),
+    ("POST", "/api/debug/tick/step", False), ("GET", "/api/debug/zones/{zone}/state", False),
+    ("GET", "/api/debug/entities/{entity}", False), ("GET", "/api/debug/connections", False),
+    ("GET", "/healthz", False), ("GET", "/metrics", False), ("GET", "/ws", False),
+]
+FIELDS = ["username", "password", "name", "width", "height", "metadata", "type", "zone_id", "data"]
+
+
+def _http_request(method: str, target: str, headers: list[tuple[str, str]], body: bytes | None,
+                  chunked: bool = False) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if body is not None:
+        lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}")
+    lines += [f"{k}: {v}" for k, v in headers]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if body is None:
+        return head
+    if chunked:
+        pieces = [body[i:i + 7000] for i in range(0, len(body), 7000)]
+        return head + b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in pieces) + b"0\r\n\r\n"
+    return head + body
+
+
+def _sync_call(port: int, method: str, path: str, token: str | None = None, body=None):
+    headers = [("Authorization", f"Bearer {token}")] if token else []
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers.append(("Content-Type", "application/json"))
+    answer = raw_http(port, _http_request(method, path, headers, data))
+    return answer.status, (answer.json() if answer.body else None)
+
+
+def _deep(depth: int) -> bytes:
+    return b'{"username": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=2 ** 63, max_value=2 ** 70),
+                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30),
+                      st.sampled_from(["\x00", "a\x00b", "'; DROP TABLE players; --", "é" * 40, "🐉", "x" * 100]))
+json_value = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+    st.text(max_size=8) | st.sampled_from(FIELDS), kids, max_size=4), max_leaves=12)
+field_value = st.one_of(json_value, st.text(alphabet="abcdefgh_.-0123456789", min_size=1, max_size=40),
+                        st.integers(min_value=-5, max_value=20000), st.dictionaries(st.text(max_size=5), json_value))
+object_body = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=10), field_value, max_size=6)
+
+
+@st.composite
+def bodies(draw) -> bytes | None:
+    kind = draw(st.sampled_from(["none", "object", "object", "object", "json", "bytes", "text", "deep", "huge",
+                                 "escapes", "empty"]))
+    if kind == "none":
+        return None
+    if kind == "object":
+        return json.dumps(draw(object_body), ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+    if kind == "json":
+        return json.dumps(draw(json_value)).encode("utf-8", "surrogatepass")
+    if kind == "bytes":
+        return draw(st.binary(max_size=300))
+    if kind == "text":
+        return draw(st.text(max_size=200)).encode("utf-8", "surrogatepass")
+    if kind == "deep":
+        return _deep(draw(st.sampled_from([100, 900, 1023, 1024, 1025, 5000, 20000])))
+    if kind == "huge":
+        return b'{"username": "' + b"a" * draw(st.sampled_from([65000, 65536, 70000, 300000])) + b'"}'
+    if kind == "escapes":  # JSON escapes Python can parse but a database cannot store
+        value = draw(st.sampled_from([r'"\u0000"', r'"a\u0000"', r'"\ud800"', r'"\udfff x"', r'{"\u0000": 1}',
+                                      r'{"a": "\ud83d"}', "1e999", "-1e999", "123456789012345678901234567890"]))
+        name = draw(st.sampled_from(["username", "password", "name", "metadata"]))
+        rest = draw(st.sampled_from(['', ', "width": 3, "height": 3', ', "password": "12345678"',
+                                     ', "name": "n", "width": 2, "height": 2']))
+        if name == "metadata" and not value.startswith("{"):
+            value = '{"k": ' + value + "}"
+        return ('{"%s": %s%s}' % (name, value, rest)).encode()
+    return b""
+
+
+segment = st.one_of(
+    st.just("{real}"), st.uuids().map(str), st.text(max_size=40),
+    st.sampled_from(["", ".", "..", "%00", "%2F", "%zz", "%", "null", "0", "-1", "1e9", "' OR '1'='1",
+                     "00000000-0000-0000-0000-000000000000", "{" + "0" * 36 + "}", "x" * 5000,
+                     "ZZZZZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZZZZZZZZZ", "12345678123456781234567812345678"]))
+
+
+@st.composite
+def requests(draw, ids: dict) -> dict:
+    method, template, _ = draw(st.sampled_from(ROUTES))
+    mutate = draw(st.sampled_from(["as is", "as is", "method", "segment", "suffix", "random", "query"]))
+    if mutate == "method":
+        method = draw(st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "FOO", "get"]))
+    seg = draw(segment)
+    exact_id = seg == "{real}"
+
+    def fill(text: str) -> str:
+        out = text
+        for key in ("zone", "entity"):
+            value = ids[key] if exact_id else seg
+            out = out.replace("{%s}" % key, value if value in ("%00", "%2F", "%zz", "%") else quote(value, safe=""))
+        return out
+
+    path = fill(template)
+    known = "{" not in template or exact_id
+    if mutate == "segment" and "{" not in template:
+        path = template + "/" + quote(seg.replace("{real}", ids["zone"]), safe="")
+        known = False
+    elif mutate == "suffix":
+        path += draw(st.sampled_from(["/", "//", "/extra", "/..", "%20", ";x=1", "/%2e%2e"]))
+        known = False
+    elif mutate == "random":
+        path = "/" + quote(draw(st.text(max_size=60)), safe="/")
+        known = False
+    elif mutate == "query":
+        path += "?" + quote(draw(st.text(max_size=60)), safe="=&")
+    token = draw(st.sampled_from(["none", "player", "admin", "garbage", "scheme", "long"]))
+    auth = {"none": None, "player": "Bearer {player}", "admin": "Bearer {admin}",
+            "garbage": "Bearer " + draw(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=255),
+                                                  max_size=60)),
+            "scheme": draw(st.sampled_from(["Basic dXNlcjpwYXNz", "Token {player}", "{player}", "Bearer",
+                                            "bearer {player}", "Bearer  {player} "])),
+            "long": "Bearer " + "t" * 9000}[token]
+    headers = []
+    if auth is not None:
+        headers.append(("Authorization", auth))
+    if draw(st.booleans()):
+        headers.append(("Content-Type", draw(st.sampled_from(
+            ["application/json", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+             "application/json; charset=latin-1", "application/json; charset=utf-16", "garbage", ""]))))
+    if draw(st.integers(0, 5)) == 0:
+        headers.append(("Content-Encoding", draw(st.sampled_from(["gzip", "deflate", "br", "identity", "zz"]))))
+    for _ in range(draw(st.integers(0, 2))):
+        name = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20))
+        value = draw(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80))
+        headers.append((name, value.strip()))
+    body = draw(bodies())
+    chunked = body is not None and draw(st.integers(0, 4)) == 0
+    return {"method": method, "path": path, "headers": headers, "body": body, "chunked": chunked,
+            "route": (method, template) if known else None, "token": token}
+
+
+def _fuzz_server(tmp_path_factory, backend: str):
+    if backend == "postgres":
+        if not pg_available():
+            if REQUIRE_PG:
+                pytest.fail(f"PostgreSQL required (GRIDSERVER_REQUIRE_PG=1) but {PG_DSN} is unreachable")
+            pytest.skip(f"PostgreSQL at {PG_DSN} is unreachable")
+        schema = "f_" + uuid.uuid4().hex[:16]
+        pg_exec(f"CREATE SCHEMA {schema}")
+        dsn = dsn_with_schema(schema)
+        settings_ = {"server_debug": "true", "server_debug_players": "admin", "tick_interval": 0.1}
+    else:
+        schema = None
+        dsn = f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'db'}"
+        settings_ = {"server_debug": "false", "tick_interval": 0.1}
+    srv = ServerProcess(tmp_path_factory.mktemp("fuzzlog"), dsn, COUNTER, settings_, {"entities": 5})
+    return srv, schema
+
+
+def _wait_ready_sync(srv: ServerProcess) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert srv.proc.poll() is None, srv.log_text()[-3000:]
+        try:
+            if raw_http(srv.port, _http_request("GET", "/healthz", [], None), timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("fuzz server did not start")
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_rest_fuzzing_answers_json_4xx_never_500(backend, tmp_path_factory):
+    """Random methods, paths (real routes with mutated segments, random paths, malformed and
+    huge ids, unicode), headers (garbage Authorization, content types and encodings) and
+    bodies (random bytes and JSON, deep, huge, chunked, escapes no database can store) over
+    raw HTTP: every answer is the JSON error envelope with a 4xx status, or a success only
+    where the route and method are real; never a 5xx, never a hang; normal players are
+    served afterwards."""
+    srv, schema = _fuzz_server(tmp_path_factory, backend)
+    tried = {"n": 0, "statuses": {}}
+    try:
+        _wait_ready_sync(srv)
+        port = srv.port
+        for name in ("admin", "player1"):
+            status, _ = _sync_call(port, "POST", "/api/auth/register", body={"username": name, "password": "12345678"})
+            assert status == 201
+        tokens = {}
+        for key, name in (("admin", "admin"), ("player", "player1")):
+            status, body = _sync_call(port, "POST", "/api/auth/login", body={"username": name, "password": "12345678"})
+            tokens[key] = body["token"]
+        status, body = _sync_call(port, "GET", "/api/zones", tokens["player"])
+        zone = body["zones"][0]["id"]
+        entity = str(uuid.uuid4())
+        if backend == "postgres":
+            deadline = time.monotonic() + 10
+            while True:  # the zone's first tick creates its entities
+                status, body = _sync_call(port, "GET", f"/api/debug/zones/{zone}/state", tokens["admin"])
+                assert status == 200, body
+                if body["entities"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            entity = body["entities"][0]["id"]
+        ids = {"zone": zone, "entity": entity}
+
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=False,
+                  suppress_health_check=list(HealthCheck), database=None)
+        @given(req=requests(ids))
+        def one(req):
+            headers = [(k, v.replace("{player}", tokens["player"]).replace("{admin}", tokens["admin"]))
+                       for k, v in req["headers"]]
+            raw = _http_request(req["method"], req["path"], headers, req["body"], req["chunked"])
+            answer = raw_http(port, raw, timeout=15)  # TimeoutError: a hang
+            tried["n"] += 1
+            tried["statuses"][answer.status] = tried["statuses"].get(answer.status, 0) + 1
+            assert answer.status is not None, f"closed without an answer: {raw[:300]!r}"
+            assert answer.status < 500, (answer, raw[:500])
+            if req["method"] == "HEAD":
+                return
+            if answer.status >= 400:
+                assert answer.headers.get("content-type", "").startswith("application/json"), (answer, raw[:300])
+                body = answer.json()
+                assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], answer
+                assert isinstance(body.get("message"), str) and body["message"], answer
+                return
+            route = req["route"]
+            assert route is not None and route[0] == req["method"], f"success on a route that is not: {answer} {raw[:300]!r}"
+            if route == ("POST", "/api/auth/logout"):  # the player's token ended: log in again
+                key = "admin" if req["token"] == "admin" else "player"
+                _, again = _sync_call(port, "POST", "/api/auth/login",
+                                      body={"username": "admin" if key == "admin" else "player1", "password": "12345678"})
+                tokens[key] = again["token"]
+            if answer.status != 204 and route[1] != "/metrics":
+                assert isinstance(answer.json(), dict), answer
+
+        one()
+        # Still serving normal players, and no request ever reached the 500 handler.
+        status, _ = _sync_call(port, "POST", "/api/debug/tick/resume", tokens["admin"])
+        asyncio.run(_normal_player_session(srv))
+        assert "unhandled error" not in srv.log_text(), srv.log_text()[-3000:]
+    finally:
+        srv.stop()
+        if schema:
+            pg_exec(f"DROP SCHEMA {schema} CASCADE")
+    add_figure("REST fuzzing: requests tried", tried["n"])
+    figure(f"REST fuzzing ({backend}): answers by status", dict(sorted(tried["statuses"].items(), key=str)))
+
+
+async def _normal_player_session(srv: ServerProcess) -> None:
+    async with aiohttp.ClientSession() as http:
+        c = Client(srv.url, http)
+        p = await c.player()
+        zones = await c.zones(p["token"])
+        async with http.ws_connect(c.ws_url(p["token"])) as ws:
+            await ws.send_json({"type": "subscribe", "zone_id": zones["counter-0"]["id"]})
+            seen = set()
+            while len(seen) < 3:
+                m = await ws.receive_json(timeout=10)
+                if m["type"] == "tick":
+                    seen.add(m["tick_number"])
+
+
+_POST = b"POST /api/auth/register HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+
+#: HTTP that is broken below the routes (request line, headers, framing, encodings).
+MALFORMED = {
+    "bad method": b"G@T /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    "TLS on the HTTP port": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 50,
+    "HTTP/2 preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "request line of 10000 bytes": b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "200 headers": b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",
+    "header of 10000 bytes": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 10000 + b"\r\n\r\n",
+    "NUL in a header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "header without colon": b"GET /healthz HTTP/1.1\r\nHost: x\r\nbogus\r\n\r\n",
+    "Content-Length and chunked": _POST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "negative Content-Length": _POST + b"Content-Length: -5\r\n\r\nhello",
+    "Content-Length abc": _POST + b"Content-Length: abc\r\n\r\nhello",
+    "two Content-Lengths": _POST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "bad chunk size": _POST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "unknown content encoding": _POST + b"Content-Encoding: br\r\nContent-Length: 2\r\n\r\n{}",
+}
+
+
+def test_malformed_http_is_answered_with_the_json_envelope(tmp_path):
+    """HTTP broken below the routes gets a 4xx JSON envelope too (not aiohttp's plain text),
+    and the connection is closed; the server serves normal requests afterwards."""
+    srv = ServerProcess(tmp_path, f"sqlite:///{tmp_path / 'db'}", COUNTER, {"tick_interval": 0.1}, {"entities": 2})
+    try:
+        _wait_ready_sync(srv)
+        for name, raw in MALFORMED.items():
+            answer = raw_http(srv.port, raw, timeout=15)
+            assert answer.status is not None and 400 <= answer.status < 500, (name, answer)
+            assert answer.headers.get("content-type", "").startswith("application/json"), (name, answer)
+            body = answer.json()
+            assert isinstance(body["error"], str) and isinstance(body["message"], str) and body["message"], (name, body)
+        assert raw_http(srv.port, _http_request("GET", "/healthz", [], None)).status == 200
+        assert "unhandled error" not in srv.log_text()
+    finally:
+        srv.stop()
+    add_figure("malformed HTTP requests answered", len(MALFORMED))
