@@ -67,6 +67,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, runtim
 from uuid import UUID
 
 from aiohttp import WSMsgType, web, web_protocol, web_server
+from aiohttp.http_exceptions import HttpProcessingError
 
 try:  # ujson is much faster; the standard library keeps the file runnable without it
     import ujson as _ujson
@@ -391,6 +392,8 @@ async def _read_object(request: web.Request, max_size: int) -> dict:
             chunks.append(chunk)
     except (asyncio.TimeoutError, ConnectionError):
         raise ApiError(400, "bad_request", "The body could not be read.") from None
+    except (web_protocol.RequestPayloadError, HttpProcessingError):  # bad chunking or compression
+        raise ApiError(400, "bad_request", "The body could not be decoded (transfer or content encoding).") from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise ApiError(400, "bad_request", "The body must be a JSON object.")

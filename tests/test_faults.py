@@ -759,6 +759,10 @@ MALFORMED = {
     "two Content-Lengths": _POST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
     "bad chunk size": _POST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
     "unknown content encoding": _POST + b"Content-Encoding: br\r\nContent-Length: 2\r\n\r\n{}",
+    "gzip body that is not gzip": _POST + b"Content-Encoding: gzip\r\nContent-Length: 10\r\n\r\n0123456789",
+    "deflate body that is not deflate": _POST + b"Content-Encoding: deflate\r\nContent-Length: 10\r\n\r\n0123456789",
+    "chunked gzip cut short": _POST + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
 }
 
 
