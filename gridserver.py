@@ -158,6 +158,8 @@ OPTIONS: list[_Option] = [
     _Option("server", "max_zone_size", "10000", "int", "largest zone width and height", 1),
     _Option("server", "shutdown_timeout", "10", "float",
             "seconds a graceful stop waits for the final flush", 0),
+    _Option("server", "client_timeout", "60", "float",
+            "seconds a client may take to send a request's headers or body, and an idle HTTP connection stays open", 0.1),
     _Option("database", "dsn", "sqlite:///gridserver.db", "str",
             "postgresql://user@host/db for PostgreSQL through aiopg; sqlite:///PATH for the embedded default"),
     _Option("database", "pool_min", "1", "int", "PostgreSQL pool: connections kept open", 0),
@@ -379,18 +381,25 @@ def _as_uuid(value: Any) -> UUID:
     return value if isinstance(value, UUID) else UUID(str(value))
 
 
-async def _read_object(request: web.Request, max_size: int) -> dict:
-    """The request body as a JSON object, or ``ApiError(400)`` saying what is wrong."""
+async def _read_object(request: web.Request, max_size: int, timeout: float | None = None) -> dict:
+    """The request body as a JSON object, or ``ApiError(400)`` saying what is wrong.
+
+    The whole body must arrive within ``timeout`` seconds (a client that announces more than
+    it sends, or trickles it, does not hold a handler forever).
+    """
     if request.content_length is not None and request.content_length > max_size:
         raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
     chunks, total = [], 0
     try:
-        while chunk := await request.content.read(65536):
-            total += len(chunk)
-            if total > max_size:
-                raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
-            chunks.append(chunk)
-    except (asyncio.TimeoutError, ConnectionError):
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(65536):
+                total += len(chunk)
+                if total > max_size:
+                    raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(400, "bad_request", f"The body did not arrive within {timeout:g} seconds.") from None
+    except ConnectionError:
         raise ApiError(400, "bad_request", "The body could not be read.") from None
     except (web_protocol.RequestPayloadError, HttpProcessingError):  # bad chunking or compression
         raise ApiError(400, "bad_request", "The body could not be decoded (transfer or content encoding).") from None
@@ -2415,6 +2424,7 @@ class Server:
         self.debug_players = {n.strip() for n in cfg.get("server", "debug_players").split(",") if n.strip()}
         self.max_body = cfg.get("server", "max_body_size")
         self.max_zone = cfg.get("server", "max_zone_size")
+        self.client_timeout = cfg.get("server", "client_timeout")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: TickEngine | None = None
         self.persister = Persister(self.world, self.store, self.metrics, cfg)
@@ -2574,14 +2584,14 @@ async def _errors_middleware(request: web.Request, handler: Callable) -> web.Str
 
 async def register(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
-    body = await _read_object(request, srv.max_body)
+    body = await _read_object(request, srv.max_body, srv.client_timeout)
     username, password = _field(body, "username", str), _field(body, "password", str)
     return _json_response(await srv.accounts.register(username, password), 201)
 
 
 async def login(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
-    body = await _read_object(request, srv.max_body)
+    body = await _read_object(request, srv.max_body, srv.client_timeout)
     username, password = _field(body, "username", str), _field(body, "password", str)
     return _json_response(await srv.accounts.login(username, password))
 
@@ -2619,7 +2629,7 @@ async def get_zone(request: web.Request) -> web.Response:
 async def create_zone(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
-    body = await _read_object(request, srv.max_body)
+    body = await _read_object(request, srv.max_body, srv.client_timeout)
     zone = await srv.create_zone(_field(body, "name", str), _field(body, "width", int),
                                  _field(body, "height", int), _field(body, "metadata", dict, False, {}))
     return _json_response(srv.zone_json(srv.world.zones[zone.id]), 201)
@@ -2837,7 +2847,8 @@ async def _lifecycle(app: web.Application) -> Any:
 def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     """The aiohttp application. ``game`` (an object) replaces the module named in the config."""
     cfg = cfg or Config.load()
-    app = web.Application(middlewares=[_errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024)
+    app = web.Application(middlewares=[_errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024,
+                          handler_args={"keepalive_timeout": cfg.get("server", "client_timeout")})
     app[SERVER] = Server(cfg, game)
     app.router.add_routes([
         web.post("/api/auth/register", register),

@@ -761,6 +761,8 @@ MALFORMED = {
     "unknown content encoding": _POST + b"Content-Encoding: br\r\nContent-Length: 2\r\n\r\n{}",
     "gzip body that is not gzip": _POST + b"Content-Encoding: gzip\r\nContent-Length: 10\r\n\r\n0123456789",
     "deflate body that is not deflate": _POST + b"Content-Encoding: deflate\r\nContent-Length: 10\r\n\r\n0123456789",
+    "Content-Length longer than the body": _POST + b"Content-Length: 100\r\n\r\n{\"username\"",
+    "chunked body cut short": _POST + b"Transfer-Encoding: chunked\r\n\r\n10\r\nabc",
     "chunked gzip cut short": _POST + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
                               b"4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
 }
@@ -769,10 +771,11 @@ MALFORMED = {
 def test_malformed_http_is_answered_with_the_json_envelope(tmp_path):
     """HTTP broken below the routes gets a 4xx JSON envelope too (not aiohttp's plain text),
     and the connection is closed; the server serves normal requests afterwards."""
-    srv = ServerProcess(tmp_path, f"sqlite:///{tmp_path / 'db'}", COUNTER, {"tick_interval": 0.1}, {"entities": 2})
+    srv = ServerProcess(tmp_path, f"sqlite:///{tmp_path / 'db'}", COUNTER,
+                        {"tick_interval": 0.1, "server_client_timeout": 1}, {"entities": 2})
     try:
         _wait_ready_sync(srv)
-        for name, raw in MALFORMED.items():
+        for name, raw in MALFORMED.items():  # the client waits with its connection open
             answer = raw_http(srv.port, raw, timeout=15)
             assert answer.status is not None and 400 <= answer.status < 500, (name, answer)
             assert answer.headers.get("content-type", "").startswith("application/json"), (name, answer)
