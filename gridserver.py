@@ -2557,6 +2557,15 @@ async def _debug_session(request: web.Request) -> Session:
     return session
 
 
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 417: "expectation_failed"}
+
+
+def _http_error_response(exc: web.HTTPException) -> web.Response:
+    """An aiohttp HTTP error (routing, size limits, expectations) as the contract's envelope."""
+    status = 400 if exc.status == 413 else exc.status
+    return _error_response(status, _HTTP_ERROR_CODES.get(exc.status, "bad_request"), exc.reason or "Bad request.")
+
+
 @web.middleware
 async def _errors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Every error leaves as the contract's JSON envelope; nothing else reaches the client."""
@@ -2572,9 +2581,7 @@ async def _errors_middleware(request: web.Request, handler: Callable) -> web.Str
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "bad_request"}
-        status = 400 if exc.status == 413 else exc.status
-        return _error_response(status, codes.get(exc.status, "bad_request"), exc.reason or "Bad request.")
+        return _http_error_response(exc)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:  # noqa: BLE001
@@ -2880,7 +2887,15 @@ class _EnvelopeRequestHandler(web_protocol.RequestHandler):
     A request line, header or content encoding aiohttp's parser rejects never reaches a
     route or the middleware; aiohttp itself answers it, in plain text and with a traceback
     in the log. This answers it as the contract says and logs one line at debug level.
+    Likewise for an aiohttp HTTP error raised before the middleware runs (an unknown
+    ``Expect`` header).
     """
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:  # the middleware never saw it
+            resp = _http_error_response(resp)
+        return await super().finish_response(request, resp, start_time)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -474,7 +474,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 from faultkit import raw_http  # noqa: E402
 
 #: Cases per backend; raise it for a soak run (bench/soak.py).
-FUZZ_EXAMPLES = int(os.environ.get("GRIDSERVER_FUZZ_EXAMPLES", "300"))
+FUZZ_EXAMPLES = int(os.environ.get("GRIDSERVER_FUZZ_EXAMPLES", "1000"))
 
 #: (method, path template, takes a body). {zone} and {entity} are filled by the fuzzer.
 ROUTES = [
@@ -557,6 +557,34 @@ def bodies(draw) -> bytes | None:
     return b""
 
 
+#: Hostile values for one field of an otherwise valid body, as JSON text.
+NASTY = [r'"\u0000"', r'"a\u0000b"', r'"\ud800"', r'"x\udfffy"', r'{"k": "\ud800"}', r'{"\u0000": 1}',
+         r'{"k": "a\u0000"}', r'{"k": [1, {"\ud83d": 2}]}', "1e999", "-1e999", "123456789012345678901234567890",
+         "-1", "0", "true", "null", "[]", "{}", '"%s"' % ("x" * 70), '"%s"' % ("é" * 65),
+         r'"'' OR ''1''=''1"', r'"admin\"; DROP TABLE players; --"', '{"d": ' * 120 + "1" + "}" * 120,
+         '{"d": ' * 1000 + "1" + "}" * 1000, '[' * 1023 + ']' * 1023, "1.5", '"12"', '"🐉"' ]
+VALID_BODY = {
+    "/api/auth/register": {"username": '"fz_%s"', "password": '"correct horse"'},
+    "/api/auth/login": {"username": '"player1"', "password": '"12345678"'},
+    "/api/zones": {"name": '"fz %s"', "width": "8", "height": "8", "metadata": '{"a": 1}'},
+}
+
+
+@st.composite
+def route_bodies(draw, path: str) -> bytes:
+    """A valid body for the route with one field replaced, dropped or doubled."""
+    fields = {k: v.replace("%s", uuid.uuid4().hex[:8]) for k, v in VALID_BODY[path].items()}
+    name = draw(st.sampled_from(sorted(fields)))
+    how = draw(st.sampled_from(["nasty", "nasty", "nasty", "drop", "extra"]))
+    if how == "nasty":
+        fields[name] = draw(st.sampled_from(NASTY))
+    elif how == "drop":
+        del fields[name]
+    else:
+        fields[draw(st.text(max_size=6))] = draw(st.sampled_from(NASTY))
+    return ("{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in fields.items()) + "}").encode("utf-8", "surrogatepass")
+
+
 segment = st.one_of(
     st.just("{real}"), st.uuids().map(str), st.text(max_size=40),
     st.sampled_from(["", ".", "..", "%00", "%2F", "%zz", "%", "null", "0", "-1", "1e9", "' OR '1'='1",
@@ -566,8 +594,9 @@ segment = st.one_of(
 
 @st.composite
 def requests(draw, ids: dict) -> dict:
-    method, template, _ = draw(st.sampled_from(ROUTES))
-    mutate = draw(st.sampled_from(["as is", "as is", "method", "segment", "suffix", "random", "query"]))
+    method, template, takes_body = draw(st.sampled_from(ROUTES + [r for r in ROUTES if r[2]] * 4))
+    mutate = draw(st.sampled_from(["as is", "as is", "method", "segment", "suffix", "random", "query"]
+                                  + ["as is"] * 4 * takes_body))
     if mutate == "method":
         method = draw(st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "FOO", "get"]))
     seg = draw(segment)
@@ -581,19 +610,15 @@ def requests(draw, ids: dict) -> dict:
         return out
 
     path = fill(template)
-    known = "{" not in template or exact_id
     if mutate == "segment" and "{" not in template:
         path = template + "/" + quote(seg.replace("{real}", ids["zone"]), safe="")
-        known = False
     elif mutate == "suffix":
         path += draw(st.sampled_from(["/", "//", "/extra", "/..", "%20", ";x=1", "/%2e%2e"]))
-        known = False
     elif mutate == "random":
         path = "/" + quote(draw(st.text(max_size=60)), safe="/")
-        known = False
     elif mutate == "query":
         path += "?" + quote(draw(st.text(max_size=60)), safe="=&")
-    token = draw(st.sampled_from(["none", "player", "admin", "garbage", "scheme", "long"]))
+    token = draw(st.sampled_from(["none", "player", "admin", "admin", "garbage", "scheme", "long"]))
     auth = {"none": None, "player": "Bearer {player}", "admin": "Bearer {admin}",
             "garbage": "Bearer " + draw(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=255),
                                                   max_size=60)),
@@ -609,14 +634,22 @@ def requests(draw, ids: dict) -> dict:
              "application/json; charset=latin-1", "application/json; charset=utf-16", "garbage", ""]))))
     if draw(st.integers(0, 5)) == 0:
         headers.append(("Content-Encoding", draw(st.sampled_from(["gzip", "deflate", "br", "identity", "zz"]))))
+    if draw(st.integers(0, 9)) == 0:
+        headers.append(("Expect", draw(st.sampled_from(["100-continue", "100-Continue", "bogus", ""]))))
     for _ in range(draw(st.integers(0, 2))):
         name = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20))
         value = draw(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80))
         headers.append((name, value.strip()))
     body = draw(bodies())
+    if template in VALID_BODY and draw(st.booleans()):
+        body = draw(route_bodies(template))
     chunked = body is not None and draw(st.integers(0, 4)) == 0
+    # Whatever the mutation, the path may name a real route (e.g. /api/zones + "/" + a real id).
+    real = {t.replace("{zone}", ids["zone"]).replace("{entity}", ids["entity"]): t for _, t, _ in ROUTES}
+    route_template = real.get(path.split("?", 1)[0])
+    route = (method, route_template) if route_template and (method, route_template) in {r[:2] for r in ROUTES} else None
     return {"method": method, "path": path, "headers": headers, "body": body, "chunked": chunked,
-            "route": (method, template) if known else None, "token": token}
+            "route": route, "token": token}
 
 
 def _fuzz_server(tmp_path_factory, backend: str):
@@ -671,12 +704,16 @@ def test_rest_fuzzing_answers_json_4xx_never_500(backend, tmp_path_factory):
             status, body = _sync_call(port, "POST", "/api/auth/login", body={"username": name, "password": "12345678"})
             tokens[key] = body["token"]
         status, body = _sync_call(port, "GET", "/api/zones", tokens["player"])
-        zone = body["zones"][0]["id"]
+        zone = counter = {z["name"]: z["id"] for z in body["zones"]}["counter-0"]
         entity = str(uuid.uuid4())
-        if backend == "postgres":
+        if backend == "postgres":  # a zone of its own, which the fuzzer may well delete
+            status, body = _sync_call(port, "POST", "/api/zones", tokens["admin"],
+                                      {"name": "fuzz-target", "width": 4, "height": 4})
+            assert status == 201, body
+            zone = body["id"]
             deadline = time.monotonic() + 10
             while True:  # the zone's first tick creates its entities
-                status, body = _sync_call(port, "GET", f"/api/debug/zones/{zone}/state", tokens["admin"])
+                status, body = _sync_call(port, "GET", f"/api/debug/zones/{counter}/state", tokens["admin"])
                 assert status == 200, body
                 if body["entities"] or time.monotonic() > deadline:
                     break
@@ -763,6 +800,9 @@ MALFORMED = {
     "deflate body that is not deflate": _POST + b"Content-Encoding: deflate\r\nContent-Length: 10\r\n\r\n0123456789",
     "Content-Length longer than the body": _POST + b"Content-Length: 100\r\n\r\n{\"username\"",
     "chunked body cut short": _POST + b"Transfer-Encoding: chunked\r\n\r\n10\r\nabc",
+    "unknown expectation": _POST + b"Expect: bogus\r\nContent-Length: 2\r\n\r\n{}",
+    "unknown expectation, unknown path": b"PUT /nowhere HTTP/1.1\r\nHost: x\r\nExpect: bogus\r\n"
+                                         b"Content-Length: 2\r\n\r\n{}",
     "chunked gzip cut short": _POST + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
                               b"4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
 }
