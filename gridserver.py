@@ -376,6 +376,41 @@ def _parse_uuid(text: str, code: str = "not_found", what: str = "resource") -> U
     return value
 
 
+def _json_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be stored as JSON by both databases and read back (None: it can).
+
+    ``json_dumps`` accepts strings PostgreSQL refuses: NUL characters (its text and jsonb
+    cannot hold them) and unpaired surrogates (not UTF-8). The cheap checks run on the
+    serialized text; the walk only when the text hints at a NUL.
+    """
+    try:
+        text = json_dumps(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return f"is not JSON ({exc})"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds an unpaired surrogate (not valid Unicode text)"
+    if "\\u0000" in text and _holds_nul(value):
+        return "holds a NUL character"
+    return None
+
+
+def _holds_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return False
+
+
 def _as_uuid(value: Any) -> UUID:
     """A UUID from a UUID or its string form (module results may use either)."""
     return value if isinstance(value, UUID) else UUID(str(value))
@@ -2481,11 +2516,9 @@ class Server:
                 raise ApiError(400, "bad_request", f"The field '{key}' must be an integer from 1 to {self.max_zone}.")
         if not isinstance(metadata, dict):
             raise ApiError(400, "bad_request", "The field 'metadata' must be a JSON object.")
-        try:
-            name.encode("utf-8")
-            json_dumps(metadata)
-        except (ValueError, TypeError, OverflowError, UnicodeEncodeError):
-            raise ApiError(400, "bad_request", "The fields 'name' and 'metadata' must be valid JSON text.") from None
+        for key, problem in (("name", _json_problem(name)), ("metadata", _json_problem(metadata))):
+            if problem is not None:
+                raise ApiError(400, "bad_request", f"The field '{key}' {problem}.")
         if self.world.zone_by_name(name) is not None:
             raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.")
         zone = Zone(uuid.uuid4(), name, width, height, metadata)

@@ -826,3 +826,27 @@ def test_malformed_http_is_answered_with_the_json_envelope(tmp_path):
     finally:
         srv.stop()
     add_figure("malformed HTTP requests answered", len(MALFORMED))
+
+
+# ---------------------------------------------------------------------------------------------
+# Strings a database cannot store (found by the fuzzer)
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_zone_strings_no_database_can_store_are_400(dsn, start_server):
+    """NUL characters and unpaired surrogates (valid JSON escapes) in a zone's name or metadata
+    are refused with 400 naming the field: PostgreSQL cannot store them (it answered 500)."""
+    from conftest import Passive, make_config
+    running = await start_server(make_config(dsn, server_debug=True), Passive())
+    p = await running.player()
+    bad = [("name", {"name": "a\x00b"}), ("name", {"name": "\ud800"}),
+           ("metadata", {"metadata": {"k": "a\x00"}}), ("metadata", {"metadata": {"\x00": 1}}),
+           ("metadata", {"metadata": {"k": ["x", {"y": "\udfff"}]}}), ("metadata", {"metadata": {"\ud83d": 1}})]
+    for field, change in bad:
+        body = {"name": "z-" + uuid.uuid4().hex[:6], "width": 4, "height": 4, **change}
+        status, answer = await running.call("POST", "/api/zones", p["token"], json=body)
+        assert status == 400 and answer["error"] == "bad_request" and field in answer["message"], (change, answer)
+    status, zones = await running.call("GET", "/api/zones", p["token"])
+    assert status == 200 and zones["zones"] == []
+    ok = await running.zone(p["token"], name="fine \\u0000 🐉", metadata={"k": "\\u0000 is text here"})
+    assert ok["metadata"] == {"k": "\\u0000 is text here"}
