@@ -376,12 +376,19 @@ def _parse_uuid(text: str, code: str = "not_found", what: str = "resource") -> U
     return value
 
 
+#: How deep zone and entity metadata may nest. Readers of the stored world recurse (psycopg2
+#: parses jsonb with the standard library, which fails past about 900 levels), so deeper
+#: metadata would be written and then stop the server from loading its world again.
+MAX_JSON_DEPTH = 100
+
+
 def _json_problem(value: Any) -> str | None:
     """Why ``value`` cannot be stored as JSON by both databases and read back (None: it can).
 
     ``json_dumps`` accepts strings PostgreSQL refuses: NUL characters (its text and jsonb
-    cannot hold them) and unpaired surrogates (not UTF-8). The cheap checks run on the
-    serialized text; the walk only when the text hints at a NUL.
+    cannot hold them) and unpaired surrogates (not UTF-8), and nesting too deep to be read
+    back. The cheap checks run on the serialized text; a walk only when the text hints at
+    a problem.
     """
     try:
         text = json_dumps(value)
@@ -393,7 +400,20 @@ def _json_problem(value: Any) -> str | None:
         return "holds an unpaired surrogate (not valid Unicode text)"
     if "\\u0000" in text and _holds_nul(value):
         return "holds a NUL character"
+    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and _nests_deeper(value, MAX_JSON_DEPTH):
+        return f"nests deeper than {MAX_JSON_DEPTH} levels"
     return None
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def _holds_nul(value: Any) -> bool:

@@ -585,6 +585,28 @@ def route_bodies(draw, path: str) -> bytes:
     return ("{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in fields.items()) + "}").encode("utf-8", "surrogatepass")
 
 
+#: Any text, lone surrogates and NUL included, as JSON (escaped where JSON must escape).
+any_text = st.text(alphabet=st.characters(blacklist_categories=()), max_size=20)
+hostile_json = st.recursive(st.one_of(json_leaf, any_text),
+                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(any_text, kids, max_size=3),
+                            max_leaves=8)
+
+
+@st.composite
+def field_cases(draw) -> tuple[str, str, bytes]:
+    """(route, field, body): a valid body of a body-taking route with one field made hostile."""
+    path = draw(st.sampled_from(sorted(VALID_BODY)))
+    fields = {k: v.replace("%s", uuid.uuid4().hex[:8]) for k, v in VALID_BODY[path].items()}
+    name = draw(st.sampled_from(sorted(fields)))
+    value = draw(st.one_of(st.sampled_from(NASTY), hostile_json.map(lambda v: json.dumps(v, ensure_ascii=True)),
+                           any_text.map(lambda v: json.dumps(v, ensure_ascii=True))))
+    if name == "metadata" and not value.startswith("{") and draw(st.booleans()):
+        value = '{"k": %s}' % value
+    fields[name] = value
+    body = ("{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in fields.items()) + "}").encode("utf-8", "surrogatepass")
+    return path, name, body
+
+
 segment = st.one_of(
     st.just("{real}"), st.uuids().map(str), st.text(max_size=40),
     st.sampled_from(["", ".", "..", "%00", "%2F", "%zz", "%", "null", "0", "-1", "1e9", "' OR '1'='1",
@@ -692,6 +714,7 @@ def test_rest_fuzzing_answers_json_4xx_never_500(backend, tmp_path_factory):
     where the route and method are real; never a 5xx, never a hang; normal players are
     served afterwards."""
     srv, schema = _fuzz_server(tmp_path_factory, backend)
+    srv_tmp = tmp_path_factory.mktemp("fuzzlog2")
     tried = {"n": 0, "statuses": {}}
     try:
         _wait_ready_sync(srv)
@@ -752,10 +775,34 @@ def test_rest_fuzzing_answers_json_4xx_never_500(backend, tmp_path_factory):
                 assert isinstance(answer.json(), dict), answer
 
         one()
+
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=field_cases())
+        def field(case):
+            path, name, body = case
+            token = tokens["admin"] if path == "/api/zones" else None
+            headers = [("Content-Type", "application/json")] + ([("Authorization", f"Bearer {token}")] if token else [])
+            answer = raw_http(port, _http_request("POST", path, headers, body), timeout=15)
+            tried["n"] += 1
+            tried["statuses"][answer.status] = tried["statuses"].get(answer.status, 0) + 1
+            assert answer.status is not None and answer.status < 500, (name, answer, body[:300])
+            assert isinstance(answer.json(), dict), answer
+            if answer.status >= 400:
+                assert answer.json()["error"] and answer.json()["message"], answer
+
+        field()
         # Still serving normal players, and no request ever reached the 500 handler.
         status, _ = _sync_call(port, "POST", "/api/debug/tick/resume", tokens["admin"])
         asyncio.run(_normal_player_session(srv))
         assert "unhandled error" not in srv.log_text(), srv.log_text()[-3000:]
+        # And whatever the fuzzer managed to store, the server starts again on it.
+        srv.send(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0
+        srv = ServerProcess(srv_tmp, srv.env["GRIDSERVER_DATABASE_DSN"], COUNTER,
+                            {k[len("GRIDSERVER_"):]: v for k, v in srv.env.items()
+                             if k.startswith("GRIDSERVER_") and k != "GRIDSERVER_GAME_MODULE"}, port=srv.port)
+        _wait_ready_sync(srv)
+        asyncio.run(_normal_player_session(srv))
     finally:
         srv.stop()
         if schema:
@@ -850,3 +897,31 @@ async def test_zone_strings_no_database_can_store_are_400(dsn, start_server):
     assert status == 200 and zones["zones"] == []
     ok = await running.zone(p["token"], name="fine \\u0000 🐉", metadata={"k": "\\u0000 is text here"})
     assert ok["metadata"] == {"k": "\\u0000 is text here"}
+
+
+def _nested(depth: int) -> dict:
+    root: dict = {}
+    node = root
+    for _ in range(depth - 1):
+        node["d"] = {}
+        node = node["d"]
+    return root
+
+
+async def test_metadata_too_deep_to_load_back_is_400_and_the_world_restarts(dsn, start_server):
+    """Zone metadata nested past the limit is refused: stored, it stopped the server from ever
+    loading its world again (the PostgreSQL driver's JSON reader recursed)."""
+    from conftest import Passive, make_config, stop_server
+    running = await start_server(make_config(dsn, server_debug=True), Passive())
+    p = await running.player()
+    for depth in (101, 1000):  # written by hand: the client's own JSON encoder recurses too
+        text = '{"name": "deep%d", "width": 2, "height": 2, "metadata": %s{}%s}' % (
+            depth, '{"d": ' * (depth - 1), "}" * (depth - 1))
+        status, answer = await running.call("POST", "/api/zones", p["token"], data=text,
+                                            headers={"Content-Type": "application/json"})
+        assert status == 400 and "metadata" in answer["message"] and "100" in answer["message"], answer
+    ok = await running.zone(p["token"], name="deep100", metadata=_nested(100))
+    await stop_server(running)
+    again = await start_server(make_config(dsn, server_debug=True), Passive())
+    status, zones = await again.call("GET", "/api/zones", p["token"])
+    assert status == 200 and [z["id"] for z in zones["zones"]] == [ok["id"]]
