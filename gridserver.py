@@ -53,6 +53,7 @@ import math
 import os
 import queue
 import re
+import reprlib
 import secrets
 import signal
 import socket
@@ -963,13 +964,31 @@ class World:
 
 
 def _check_metadata(meta: Any, change: Any) -> None:
-    """Metadata must be a JSON object the database and clients can take as it is."""
+    """Metadata must be a JSON object the database and clients can take as it is (and a
+    database must be able to store and load it back: see ``_json_problem``)."""
     if not isinstance(meta, dict):
-        raise TickRejected(f"metadata must be a dict in {change!r}")
-    try:
-        json_dumps(meta)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TickRejected(f"metadata is not JSON ({exc}) in {change!r}") from None
+        raise TickRejected(f"metadata must be a dict in {_short_repr(change)}")
+    problem = _json_problem(meta)
+    if problem is not None:
+        raise TickRejected(f"metadata {problem} in {_short_repr(change)}")
+
+
+def _short_repr(value: Any) -> str:
+    """A repr for error messages that neither recurses without end nor runs to megabytes."""
+    return _REPR.repr(value)
+
+
+class _ShortRepr(reprlib.Repr):
+    def repr_instance(self, obj: Any, level: int) -> str:
+        try:
+            text = repr(obj)
+        except Exception:  # noqa: BLE001 - e.g. RecursionError on metadata nested too deep
+            return f"{type(obj).__name__}(id={getattr(obj, 'id', '?')}, ...)"
+        return text if len(text) <= self.maxother else text[:self.maxother - 3] + "..."
+
+
+_REPR = _ShortRepr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxdict, _REPR.maxlist = 4, 80, 200, 8, 8
 
 
 def _as_list(value: Any, what: str) -> list:

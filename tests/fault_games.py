@@ -184,7 +184,8 @@ class Faulty:
         "surrogate_metadata": lambda self, zone, entities: self._meta(zone, entities, {"s": "\ud800"}),
         "nul_metadata": lambda self, zone, entities: self._meta(zone, entities, {"s": "a\x00b"}),
         "nul_key_metadata": lambda self, zone, entities: self._meta(zone, entities, {"a\x00": 1}),
-        "deep_metadata": lambda self, zone, entities: self._meta(zone, entities, _deep(1500)),
+        "deep_metadata": lambda self, zone, entities: self._meta(zone, entities, _deep(990)),
+        "too_deep_to_encode": lambda self, zone, entities: self._meta(zone, entities, _deep(1500)),
         "player_state_raises": lambda self, zone, entities: TickResult(broadcast_state={"player_state": "raise"}),
         "player_state_garbage": lambda self, zone, entities: TickResult(broadcast_state={"player_state": "garbage"}),
     }

@@ -925,3 +925,138 @@ async def test_metadata_too_deep_to_load_back_is_400_and_the_world_restarts(dsn,
     again = await start_server(make_config(dsn, server_debug=True), Passive())
     status, zones = await again.call("GET", "/api/zones", p["token"])
     assert status == 200 and [z["id"] for z in zones["zones"]] == [ok["id"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Module faults
+# ---------------------------------------------------------------------------------------------
+
+from fault_games import Faulty  # noqa: E402
+
+MODULE_FAULTS = ["raise", "hang", "oob", *Faulty.GARBAGE]
+
+
+class ZoneWatch:
+    """One player subscribed to one zone, recording (tick_number, state) of every tick frame."""
+
+    def __init__(self, http, client: Client, token: str, zone_id: str):
+        self.http, self.client, self.token, self.zone_id = http, client, token, zone_id
+        self.ticks: list[tuple[int, dict]] = []
+        self.errors: list[dict] = []
+
+    async def start(self) -> "ZoneWatch":
+        self.ws = await self.http.ws_connect(self.client.ws_url(self.token))
+        await self.ws.send_json({"type": "subscribe", "zone_id": self.zone_id})
+        self.task = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self.ws.receive()
+            if msg.type != WSMsgType.TEXT:
+                return
+            m = json.loads(msg.data)
+            if m["type"] == "tick":
+                self.ticks.append((m["tick_number"], m["state"]))
+            elif m["type"] == "error":
+                self.errors.append(m)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.ws.close()
+
+
+async def test_module_faults_stay_in_their_zone_and_the_zone_recovers(pg_schema, tmp_path, http, processes):
+    """A zone whose module raises every tick, hangs, moves an entity out of bounds or returns
+    each kind of garbage (including metadata no database can store): the server stays up, the
+    other zone ticks every tick, the error shows in the zone's debug state and /metrics,
+    persistence keeps working, and when the module behaves the zone ticks again; the server
+    then restarts on what was saved."""
+    dsn = dsn_with_schema(pg_schema)
+    interval = 0.05
+    settings = {"tick_interval": interval, "persistence_interval": 0.2}
+    srv = start(processes, tmp_path, dsn, FAULTY, settings)
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    admin, p1, p2 = await c.player(), await c.player(), await c.player()
+    zones = await c.zones(admin["token"])
+    control = await ZoneWatch(http, c, admin["token"], zones["control"]["id"]).start()
+    healthy = await ZoneWatch(http, c, p1["token"], zones["healthy"]["id"]).start()
+    victim = await ZoneWatch(http, c, p2["token"], zones["victim"]["id"]).start()
+
+    async def victim_state() -> dict:
+        status, body = await c.call("GET", f"/api/debug/zones/{zones['victim']['id']}/state", admin["token"])
+        assert status == 200, body
+        return body
+
+    async def set_mode(mode: str) -> None:
+        await control.ws.send_json({"type": "intent", "data": {"zone": "victim", "mode": mode}})
+
+    seen = []
+    try:
+        await wait_until(lambda: len(victim.ticks) >= 3 and len(healthy.ticks) >= 3, timeout=20, what="ticks")
+        async with TickWatch(c, interval) as watch:
+            for mode in MODULE_FAULTS:
+                before = await victim_state()
+                errors_before = (await c.metrics())["gridserver_zone_errors_total"]
+                await set_mode(mode)
+                if mode == "hang":
+                    async def stalled():
+                        s = await victim_state()
+                        return s["stalled_seconds"] > 0 and s["skipped_ticks"] >= before["skipped_ticks"] + 3 and s
+                    state = await wait_until(stalled, timeout=10, what="the hang to show")
+                    assert (await c.metrics())["gridserver_zones_stalled"] == 1
+                elif mode.startswith("player_state"):  # the tick is applied; its frames cannot be built
+                    async def failing():
+                        s = await victim_state()
+                        return s["errors"] >= before["errors"] + 2 and s
+                    state = await wait_until(failing, timeout=10, what=f"{mode} errors")
+                    assert "get_player_state" in state["last_error"]["message"], state["last_error"]
+                else:
+                    async def failing():
+                        s = await victim_state()
+                        return s["errors"] >= before["errors"] + 2 and s
+                    state = await wait_until(failing, timeout=10, what=f"{mode} errors")
+                    assert state["last_error"]["kind"] == ("exception" if mode == "raise" else "invalid_result"), \
+                        (mode, state["last_error"])
+                    assert (await c.metrics())["gridserver_zone_errors_total"] >= errors_before + 2
+                    before = state  # while the fault lasts, nothing of the zone's results is applied
+
+                    async def failing():
+                        s = await victim_state()
+                        return s["errors"] >= before["errors"] + 2 and s
+                    state = await wait_until(failing, timeout=10, what=f"{mode} errors")
+                    assert state["entities"] == before["entities"], (mode, state["entities"])
+                if mode != "hang":
+                    assert state["last_error"]["message"], state
+                seen.append((mode, state["last_error"]["message"][:80] if state["last_error"] else "stalled"))
+                last = victim.ticks[-1][0] if victim.ticks else 0
+                await set_mode("ok")
+                await wait_until(lambda: sum(1 for n, _ in victim.ticks if n > last) >= 3, timeout=10,
+                                 what=f"the zone to recover from {mode}")
+        watch.assert_kept_time("the module faults")
+        # The healthy zone's player got every tick, in order, while all that went on.
+        numbers = [n for n, _ in healthy.ticks]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "the healthy zone missed ticks"
+        steps = [s["step"] for _, s in healthy.ticks]
+        assert steps == list(range(steps[0], steps[0] + len(steps)))
+        # Persistence kept working through it all: the latest steps reach the database.
+        want = {"healthy": healthy.ticks[-1][1]["step"], "victim": victim.ticks[-1][1]["step"]}
+        flushed = (await c.metrics())["gridserver_flushes_total"]
+        await wait_until(lambda: _flushes_at_least(c, flushed + 2), timeout=10, what="flushes after the faults")
+        rows = {name: r[0]["meta"]["step"] for name, r in counter_rows(dsn).items()}
+        assert rows["healthy"] >= want["healthy"] and rows["victim"] >= want["victim"], (rows, want)
+        assert "unhandled error" not in srv.log_text()
+    finally:
+        for w in (control, healthy, victim):
+            await w.stop()
+    srv.send(signal.SIGTERM)
+    assert await srv.wait_exit() == 0
+    srv = start(processes, tmp_path, dsn, FAULTY, settings)  # and it starts again on what was saved
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    status, body = await c.call("GET", f"/api/debug/zones/{zones['victim']['id']}/state", admin["token"])
+    assert status == 200 and body["entities"][0]["metadata"]["step"] >= want["victim"], body
+    figure("module faults: kinds of fault injected", len(MODULE_FAULTS))
+    print("\n".join(f"  {mode}: {message}" for mode, message in seen))
