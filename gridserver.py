@@ -2327,12 +2327,19 @@ class Persister:
                     await self.store.ping()
             except BaseException as exc:  # nothing taken out of the dirty set may be lost
                 self.world.restore_changes(rows, deleted)
-                if not isinstance(exc, DatabaseUnavailable):
+                if not isinstance(exc, Exception):  # cancelled: the caller is stopping
                     raise
+                # Unreachable, or reachable but refusing the write (read-only after a failover,
+                # a revoked privilege...): either way the changes wait here and the flush is
+                # retried. An error must never end the flush loop: nothing would be saved again.
                 self.metrics.flush_failures_total += 1
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
-                    log.warning("database unreachable (%s); keeping changes in memory and retrying", exc)
+                    if isinstance(exc, DatabaseUnavailable):
+                        log.warning("database unreachable (%s); keeping changes in memory and retrying", exc)
+                    else:
+                        log.error("flush failed (%s: %s); keeping changes in memory and retrying",
+                                  type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:300])
                 return False
             if rows or deleted:
                 self.metrics.flushes_total += 1
@@ -2351,8 +2358,10 @@ class Persister:
                 backoff = 0.0
                 self._sweeps += 1
                 if self._sweeps % 100 == 0:
-                    with contextlib.suppress(DatabaseUnavailable):
+                    try:
                         await self.store.delete_expired_sessions(_now())
+                    except Exception as exc:  # noqa: BLE001 - a sweep that fails waits for the next one
+                        log.warning("sweeping expired sessions failed: %s", exc)
             else:
                 backoff = min(self.max_backoff, backoff * 2 if backoff else min(0.5, self.interval))
 

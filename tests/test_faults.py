@@ -1060,3 +1060,56 @@ async def test_module_faults_stay_in_their_zone_and_the_zone_recovers(pg_schema,
     assert status == 200 and body["entities"][0]["metadata"]["step"] >= want["victim"], body
     figure("module faults: kinds of fault injected", len(MODULE_FAULTS))
     print("\n".join(f"  {mode}: {message}" for mode, message in seen))
+
+
+async def test_database_refusing_writes_keeps_changes_and_recovers(pg_schema, tmp_path, http, processes):
+    """PostgreSQL stays reachable but refuses entity writes with an error (as a read-only
+    failover, a revoked privilege or a trigger would): flushes keep being retried, /healthz
+    says degraded, ticks go on; once writes are accepted again every change is saved."""
+    dsn = dsn_with_schema(pg_schema)
+    trace = tmp_path / "trace"
+    srv = start(processes, tmp_path, dsn, COUNTER, {"tick_interval": 0.05, "persistence_interval": 0.2,
+                                                     "persistence_max_backoff": 0.5},
+                {"zones": 1, "entities": 100, "trace": trace})
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    p = await c.player()
+    zones = await c.zones(p["token"])
+    play = Play(c, http)
+    await play.join(p["token"], zones["counter-0"]["id"])
+    s = pg_schema
+    try:
+        await wait_until(lambda: len(play.frames.get("counter-0", [])) >= 5, timeout=20, what="ticks")
+        pg_exec(f"CREATE TABLE {s}.fault_switch (refuse boolean); INSERT INTO {s}.fault_switch VALUES (true); "
+                f"CREATE FUNCTION {s}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF (SELECT refuse FROM {s}.fault_switch) THEN RAISE EXCEPTION 'entity writes refused'; END IF; "
+                f"RETURN NEW; END $$; "
+                f"CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON {s}.entities FOR EACH ROW EXECUTE FUNCTION {s}.refuse()")
+        refused_from = play.last_step("counter-0")
+        await wait_until(lambda: _metric_at_least(c, "gridserver_flush_failures_total", 3), timeout=20,
+                         what="flushes retried while writes are refused")
+        status, body = await c.call("GET", "/healthz")
+        assert status == 503 and body["status"] == "degraded", body
+        refused_to = play.last_step("counter-0")
+        assert refused_to > refused_from + 5  # the game went on
+        pg_exec(f"UPDATE {s}.fault_switch SET refuse = false")
+        await wait_until(lambda: _healthz_ok(c), timeout=20, what="/healthz ok again")
+        flushed = (await c.metrics())["gridserver_flushes_total"]
+        await wait_until(lambda: _flushes_at_least(c, flushed + 2), timeout=20, what="flushes")
+    finally:
+        await play.stop()
+    saved = counter_rows(dsn)["counter-0"]
+    step, _ = check_zone_state("counter-0", saved, read_trace(trace))
+    assert step >= refused_to
+    assert play.seen_spawns("counter-0", refused_to) <= {r["meta"]["k"] for r in saved if "k" in r["meta"]}
+    log_text = srv.log_text()
+    assert log_text.count("entity writes refused") >= 1 and log_text.count("database back") == 1, log_text[-2000:]
+
+
+async def _metric_at_least(c: Client, name: str, n: float) -> bool:
+    return (await c.metrics())[name] >= n
+
+
+async def _healthz_ok(c: Client) -> bool:
+    status, body = await c.call("GET", "/healthz")
+    return status == 200 and body["status"] == "ok"
