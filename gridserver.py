@@ -2832,6 +2832,45 @@ def _rss_bytes() -> int:
 # =============================================================================
 
 
+class _WebSocketResponse(web.WebSocketResponse):
+    """aiohttp's server WebSocket, closing gracefully when it closes for abuse.
+
+    For a frame too large (1009), text that is not UTF-8 (1007) or a protocol error (1002),
+    aiohttp sends the close frame and closes the socket at once. A client still sending (the
+    rest of a huge frame) then has unread bytes on the server, so the kernel answers with a
+    reset, which can destroy the close frame before the client reads it. Here the socket is
+    half-closed instead; what the client still sends is read and dropped, and ``linger``
+    closes it once the client has closed its side, or after ``LINGER`` seconds.
+    """
+
+    LINGER = 2.0
+    ABUSE_CODES = (1002, 1007, 1009)
+    lingering = False
+    sent_code: int | None = None
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        if self.sent_code is None:
+            self.sent_code = code
+        return await super().close(code=code, message=message, drain=drain)
+
+    def _close_transport(self) -> None:
+        transport = self._req.transport if self._req is not None else None
+        if (self.sent_code in self.ABUSE_CODES and transport is not None
+                and not transport.is_closing() and transport.can_write_eof()):
+            self.lingering = True
+            transport.write_eof()  # after the close frame already queued
+            return
+        super()._close_transport()
+
+    async def linger(self, transport: Any) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.LINGER
+        while transport is not None and not transport.is_closing() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if transport is not None:
+            transport.close()
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
     """``/ws``: authenticate before the upgrade, then read messages until the socket closes.
 
@@ -2846,7 +2885,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise ApiError(401, "unauthorized", "A valid session token is required (?token= or Authorization).")
     max_size = srv.cfg.get("websocket", "max_message_size")
     heartbeat = srv.cfg.get("websocket", "heartbeat") or None
-    ws = web.WebSocketResponse(heartbeat=heartbeat, compress=False, max_msg_size=max_size * 16)
+    ws = _WebSocketResponse(heartbeat=heartbeat, compress=False, max_msg_size=max_size * 16)
     await ws.prepare(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:  # bound what the kernel buffers for a client that stops reading
@@ -2870,6 +2909,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         srv.hub.detach(conn)
+    if ws.lingering:
+        await ws.linger(request.transport)
     return ws
 
 

@@ -1113,3 +1113,26 @@ async def _metric_at_least(c: Client, name: str, n: float) -> bool:
 async def _healthz_ok(c: Client) -> bool:
     status, body = await c.call("GET", "/healthz")
     return status == 200 and body["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input on the WebSocket
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_oversized_frame_gets_its_close_frame_even_while_the_client_sends(tmp_path, http, processes):
+    """A frame over 16x max_message_size is answered with a close frame 1009 that reaches the
+    client although it is still sending the frame (no reset that would destroy it)."""
+    srv = start(processes, tmp_path, f"sqlite:///{tmp_path / 'db'}", "game_modules.echo", {"tick_interval": 0.05})
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    p = await c.player()
+    for size in (16 * 65536 + 10, 2_000_000, 5_000_000):
+        ws = await RawWS.connect(srv.port, p["token"])
+        try:
+            ws.send_raw(client_frame(b"x" * size))
+            await ws.writer.drain()
+        except ConnectionError:
+            pass
+        assert await ws.closed_with(timeout=10) == 1009, size
+        ws.abort()
