@@ -2914,6 +2914,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+def _unpaired_surrogate(msg: dict) -> bool:
+    try:
+        json_dumps(msg).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> None:
     if len(text) > max_size or (len(text) * 4 > max_size and len(text.encode("utf-8", "surrogatepass")) > max_size):
         conn.error("message_too_large", f"Messages may be at most {max_size} bytes.")
@@ -2925,6 +2933,11 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
         return
     if not isinstance(msg, dict):
         conn.error("bad_message", "The message must be a JSON object.")
+        return
+    if "\\u" in text and _unpaired_surrogate(msg):
+        # Valid JSON, but no UTF-8 text: echoed in a zone's state it would fail that zone's
+        # broadcast for every player in it.
+        conn.error("bad_message", "The message holds an unpaired surrogate escape (not Unicode text).")
         return
     kind = msg.get("type")
     if kind == "intent":

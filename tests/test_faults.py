@@ -1136,3 +1136,151 @@ async def test_oversized_frame_gets_its_close_frame_even_while_the_client_sends(
             pass
         assert await ws.closed_with(timeout=10) == 1009, size
         ws.abort()
+
+
+class Victim:
+    """A well-behaved player in the zone under attack: records every tick number it gets."""
+
+    def __init__(self, http, client: Client, token: str, zone_id: str):
+        self.http, self.client, self.token, self.zone_id = http, client, token, zone_id
+        self.numbers: list[int] = []
+        self.other: list = []
+
+    async def start(self) -> "Victim":
+        self.ws = await self.http.ws_connect(self.client.ws_url(self.token))
+        await self.ws.send_json({"type": "subscribe", "zone_id": self.zone_id})
+        self.task = asyncio.ensure_future(self._read())
+        await wait_until(lambda: len(self.numbers) >= 3, timeout=10, what="the victim's first ticks")
+        return self
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self.ws.receive()
+            if msg.type != WSMsgType.TEXT:
+                self.other.append((msg.type, msg.data))
+                return
+            m = json.loads(msg.data)
+            if m["type"] == "tick":
+                self.numbers.append(m["tick_number"])
+            elif m["type"] != "subscribed":
+                self.other.append(m)
+
+    def assert_unaffected(self) -> None:
+        n = self.numbers
+        gaps = [(a, b) for a, b in zip(n, n[1:]) if b != a + 1]
+        assert not gaps, f"the victim missed ticks: {gaps[:5]}"
+        assert not self.other, f"the victim got {self.other[:3]}"
+        assert not self.task.done()
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.ws.close()
+
+
+#: (what is sent, the error code it must get). The connection stays open for the next one.
+WS_BAD_MESSAGES = [
+    ("binary frame", (b'{"type": "ping"}', OP_BINARY), "bad_message"),
+    ("not JSON", "hello there", "bad_message"),
+    ("invalid JSON", '{"type": "ping"', "bad_message"),
+    ("JSON array", "[1, 2, 3]", "bad_message"),
+    ("JSON string", '"ping"', "bad_message"),
+    ("JSON null", "null", "bad_message"),
+    ("nested 20000 deep", "[" * 20000 + "]" * 20000, "bad_message"),
+    ("object nested 2000 deep", '{"type": "intent", "data": ' + '{"a": ' * 2000 + "1" + "}" * 2001, "bad_message"),
+    ("no type", '{"zone_id": "x"}', "bad_message"),
+    ("type is a number", '{"type": 7}', "bad_message"),
+    ("type is an object", '{"type": {"a": 1}}', "bad_message"),
+    ("unknown type", '{"type": "dance"}', "unknown_type"),
+    ("unknown type, long", '{"type": "%s"}' % ("d" * 5000), "unknown_type"),
+    ("intent before subscribing", '{"type": "intent", "data": {"move": "up"}}', "not_subscribed"),
+    ("intent without data", '{"type": "intent"}', "bad_message"),
+    ("intent data not an object", '{"type": "intent", "data": [1]}', "bad_message"),
+    ("subscribe without zone", '{"type": "subscribe"}', "bad_message"),
+    ("subscribe zone is a number", '{"type": "subscribe", "zone_id": 5}', "bad_message"),
+    ("subscribe to no zone", '{"type": "subscribe", "zone_id": "%s"}' % uuid.uuid4(), "zone_not_found"),
+    ("subscribe to a malformed id", '{"type": "subscribe", "zone_id": "\' OR 1=1 --"}', "zone_not_found"),
+    ("too large", '{"type": "ping", "pad": "%s"}' % ("x" * 70000), "message_too_large"),
+    ("too large in UTF-8", '{"type": "ping", "pad": "%s"}' % ("é" * 40000), "message_too_large"),
+    ("unpaired surrogate escape", '{"type": "intent", "data": {"s": "\\ud800"}}', "bad_message"),
+    ("unpaired surrogate in a key", '{"type": "intent", "data": {"\\udfff": 1}}', "bad_message"),
+]
+
+
+async def test_websocket_bad_input_gets_errors_others_play_on(tmp_path, http, processes):
+    """Every kind of bad message on one connection gets the documented error (and the same
+    connection keeps working, subscribed or not); abuse that the README says closes the
+    socket closes it with the documented code; meanwhile another player in the zone gets
+    every tick and the tick keeps time."""
+    interval = 0.05
+    srv = start(processes, tmp_path, f"sqlite:///{tmp_path / 'db'}", "game_modules.echo",
+                {"tick_interval": interval, "tick_max_intents_per_player": 5})
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    admin, victim_p, attacker = await c.player(), await c.player(), await c.player()
+    status, zone = await c.call("POST", "/api/zones", admin["token"], {"name": "arena", "width": 8, "height": 8})
+    assert status == 201
+    victim = await Victim(http, c, victim_p["token"], zone["id"]).start()
+    sent = 0
+    try:
+        async with TickWatch(c, interval) as watch:
+            ws = await RawWS.connect(srv.port, attacker["token"])
+            for subscribed in (False, True):
+                for name, payload, code in WS_BAD_MESSAGES:
+                    if subscribed and code == "not_subscribed":
+                        continue
+                    data, opcode = payload if isinstance(payload, tuple) else (payload, OP_TEXT)
+                    await ws.send(data, opcode)
+                    sent += 1
+                    answer = await ws.until(lambda m: m["type"] != "tick")
+                    assert answer["type"] == "error" and answer["code"] == code, (name, answer)
+                    assert answer["message"], answer
+                    assert await ws.pong_after() == [], name  # still open, nothing else owed
+                if not subscribed:
+                    await ws.send_json({"type": "subscribe", "zone_id": zone["id"]})
+                    assert (await ws.until(lambda m: m["type"] != "tick"))["type"] == "subscribed"
+            # A fragmented message is one message.
+            ws.send_raw(client_frame(b'{"type": ', OP_TEXT, fin=False) + client_frame(b'"ping"}', 0x0, fin=True))
+            assert await ws.until(lambda m: m["type"] != "tick") == {"type": "pong"}
+            # A flood of intents: at most the per-tick limit is taken, one error per tick.
+            before = await c.metrics()
+            ws.send_raw(b"".join(client_frame(json.dumps({"type": "intent", "data": {"i": i}}).encode())
+                                 for i in range(3000)))
+            sent += 3000
+            seen = await ws.pong_after(timeout=30)
+            assert seen and {m["code"] for m in seen} == {"rate_limited"}, seen[:3]
+            after = await c.metrics()
+            dropped = after["gridserver_intents_dropped_total"] - before["gridserver_intents_dropped_total"]
+            accepted = after["gridserver_intents_accepted_total"] - before["gridserver_intents_accepted_total"]
+            assert dropped + accepted == 3000 and accepted <= 5 * (len(seen) + 2), (dropped, accepted, len(seen))
+            # Abuse that closes the socket, each on a connection of its own.
+            closing = [
+                ("text that is not UTF-8", client_frame(b'{"type": "\xff\xfe"}'), {1007}),
+                ("a frame over 16x max_message_size", client_frame(b"x" * (16 * 65536 + 10)), {1009}),
+                ("a reserved opcode", client_frame(b"{}", 0x3), {1002}),
+                ("a ping longer than 125 bytes", client_frame(b"p" * 200, 0x9), {1002}),
+                ("continuation without a start", client_frame(b"{}", 0x0), {1002}),
+            ]
+            for name, frame, codes in closing:
+                raw = await RawWS.connect(srv.port, attacker["token"])
+                try:
+                    raw.send_raw(frame)
+                    await raw.writer.drain()
+                except ConnectionError:
+                    pass
+                code = await raw.closed_with(timeout=10)
+                assert code in codes, f"{name}: closed with {code}, expected one of {codes}"
+                raw.abort()
+                sent += 1
+        watch.assert_kept_time("the bad input")
+        victim.assert_unaffected()
+        # The attacker's player can still play normally.
+        good = await RawWS.connect(srv.port, attacker["token"])
+        await good.send_json({"type": "subscribe", "zone_id": zone["id"]})
+        await good.send_json({"type": "intent", "data": {"fine": True}})
+        await good.until(lambda m: m["type"] == "tick" and {"fine": True} in [i["data"] for i in m["state"]["intents"]],
+                         timeout=10)
+        good.abort()
+    finally:
+        await victim.stop()
+    add_figure("WebSocket bad messages sent", sent)
