@@ -386,6 +386,10 @@ class RawWS:
             return None, status
         return cls(reader, writer), status
 
+    def stop_reading(self) -> None:
+        """Read nothing more from the socket (a client that never reads: its kernel buffer fills)."""
+        self.writer.transport.pause_reading()
+
     def send_raw(self, data: bytes) -> None:
         self.writer.write(data)
 

@@ -1284,3 +1284,117 @@ async def test_websocket_bad_input_gets_errors_others_play_on(tmp_path, http, pr
     finally:
         await victim.stop()
     add_figure("WebSocket bad messages sent", sent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Abuse of connections
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_connection_abuse_leaves_nothing_behind(tmp_path, processes):
+    """Hundreds of connections dropped without a close (reset or FIN), clients that never read,
+    TCP and WebSocket clients that connect and never send, and a reconnect storm of one
+    player: another player gets every tick, the tick keeps time, and afterwards the
+    connection count, the process's sockets, the zone's members and its memory are back to
+    normal."""
+    # Idle HTTP connections are closed after 2 s here: this client never reuses one.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        await _connection_abuse(tmp_path, processes, http)
+
+
+async def _connection_abuse(tmp_path, processes, http) -> None:
+    interval = 0.05
+    srv = start(processes, tmp_path, f"sqlite:///{tmp_path / 'db'}", COUNTER,
+                {"tick_interval": interval, "websocket_heartbeat": 2, "websocket_max_behind": 3,
+                 "websocket_reconnect_grace": 1, "server_client_timeout": 2},
+                {"zones": 1, "entities": 20, "pad": 20000})
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    admin = await c.player()
+    players = await asyncio.gather(*(c.player() for _ in range(60)))
+    zone = (await c.zones(admin["token"]))["counter-0"]["id"]
+    victim = await Victim(http, c, admin["token"], zone).start()
+
+    async def connections() -> int:
+        return int((await c.metrics())["gridserver_connections"])
+
+    async def members() -> list:
+        status, body = await c.call("GET", f"/api/debug/zones/{zone}/state", admin["token"])
+        return body["members"]
+
+    await wait_until(lambda: _equals(connections(), 1), timeout=10, what="one connection")
+    sockets0, rss = srv.tcp_sockets(), [srv.rss()]
+    abused = 0
+    try:
+        async with TickWatch(c, interval) as watch:
+            for wave in range(2):  # the same abuse twice: the second must not need more memory
+                abused += await _abuse_wave(srv, players, zone)
+                # Everything abusive is dropped by the server itself.
+                await wait_until(lambda: _equals(connections(), 1), timeout=30, what="connections back to one")
+                await wait_until(lambda: srv.tcp_sockets() <= sockets0 + 2, timeout=30,
+                                 what=f"sockets back to {sockets0} (silent TCP clients dropped)")
+                await wait_until(lambda: _equals(members(), [admin["id"]]), timeout=10,
+                                 what="the zone's members back to one")
+                rss.append(srv.rss())
+        watch.assert_kept_time("the abuse")
+        victim.assert_unaffected()
+        m = await c.metrics()
+        assert m["gridserver_slow_clients_disconnected_total"] >= 30, m["gridserver_slow_clients_disconnected_total"]
+        status, body = await c.call("GET", "/api/debug/connections", admin["token"])
+        assert [x["player_id"] for x in body["connections"]] == [admin["id"]]
+        growth = [(b - a) / 2 ** 20 for a, b in zip(rss, rss[1:])]
+        assert all(g < 50 for g in growth), f"resident memory grew by {growth} MiB"
+    finally:
+        await victim.stop()
+    add_figure("connections abused", abused)
+    figure("abuse: resident memory change per wave in MiB", [round(g, 1) for g in growth])
+
+
+async def _abuse_wave(srv: ServerProcess, players: list[dict], zone: str) -> int:
+    abused = 0
+    # 1. Connections that subscribe and vanish without a close frame, three rounds.
+    for rnd in range(3):
+        conns = await asyncio.gather(*(RawWS.connect(srv.port, p["token"]) for p in players))
+        for ws in conns:
+            await ws.send_json({"type": "subscribe", "zone_id": zone})
+        await asyncio.sleep(0.2)
+        for i, ws in enumerate(conns):
+            ws.abort() if (i + rnd) % 2 else ws.drop()
+        abused += len(conns)
+    # 2. Clients that subscribe and never read (4 KiB receive buffers, 20 KB ticks).
+    readers = await asyncio.gather(*(RawWS.connect(srv.port, p["token"], rcvbuf=4096) for p in players[:20]))
+    for ws in readers:
+        ws.stop_reading()
+        await ws.send_json({"type": "subscribe", "zone_id": zone})
+    # 3. Clients that connect and never send: plain TCP, and WebSockets that never pong.
+    silent_tcp = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(100)]
+    silent_ws = await asyncio.gather(*(RawWS.connect(srv.port, p["token"]) for p in players[20:50]))
+    for ws in silent_ws:
+        ws.stop_reading()
+    abused += len(readers) + len(silent_tcp) + len(silent_ws)
+    # 4. A reconnect storm of one player: 200 connections in a row, half of them dropped.
+    last = None
+    for i in range(200):
+        ws = await RawWS.connect(srv.port, players[59]["token"])
+        if i == 0:
+            await ws.send_json({"type": "subscribe", "zone_id": zone})
+        if last is not None and i % 2:
+            last.abort()
+        last = ws
+    abused += 200
+    # The survivor of the storm holds the zone (resumed) and plays.
+    m = await last.until(lambda m: m["type"] == "subscribed", timeout=10)
+    assert m == {"type": "subscribed", "zone_id": zone, "resumed": True}, m
+    await last.until(lambda m: m["type"] == "tick", timeout=10)
+    last.abort()
+    for r, w in silent_tcp:  # the server closes them: each reads the end of the stream
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        w.close()
+    for ws in readers + silent_ws:
+        ws.abort()
+    return abused
+
+
+async def _equals(value, want) -> bool:
+    return (await value) == want
+
