@@ -1398,3 +1398,165 @@ async def _abuse_wave(srv: ServerProcess, players: list[dict], zone: str) -> int
 async def _equals(value, want) -> bool:
     return (await value) == want
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Auth
+# ---------------------------------------------------------------------------------------------
+
+INJECTIONS = ["' OR '1'='1", "'; DROP TABLE players; --", "admin'--", "\" OR \"\"=\"", "1; DELETE FROM sessions",
+              "x' UNION SELECT token_digest, player_id, created_at, expires_at FROM sessions --",
+              "$$; DROP TABLE zones; $$", "\\'; TRUNCATE entities; --"]
+
+
+async def _ws_refused(c: Client, port: int, token: str) -> bool:
+    ws, status = await RawWS.handshake(port, token)
+    if ws is not None:
+        ws.abort()
+        return False
+    return " 401 " in status + " "
+
+
+async def test_auth_tokens_sessions_and_injection(pg_schema, tmp_path, http, processes):
+    """Tokens are stored only as digests; a logged-out or expired token is refused on REST and
+    WebSocket and its open socket is closed (4001); login answers are the same whether or
+    not the user exists; bcrypt (cost 10) runs off the event loop; debug routes are 403 for
+    players not listed (404 with debug off); SQL injection in every string field changes
+    nothing."""
+    dsn = dsn_with_schema(pg_schema)
+    interval = 0.05
+    srv = start(processes, tmp_path, dsn, COUNTER,
+                {"tick_interval": interval, "auth_bcrypt_rounds": 10, "auth_session_ttl": 4,
+                 "server_debug_players": "admin"}, {"zones": 1, "entities": 5})
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    admin = await c.player("admin")
+    alice = await c.player("alice")
+    zone = (await c.zones(admin["token"]))["counter-0"]["id"]
+
+    # Tokens: only a SHA-256 digest is stored, nowhere the token itself.
+    tokens = [admin["token"], alice["token"]]
+    for token in tokens:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        assert pg_exec(f"SELECT count(*) FROM sessions WHERE token_digest = '{digest}'", dsn)[0][0] == 1
+        for table in ("players", "sessions", "zones", "entities"):
+            rows = pg_exec(f"SELECT t::text FROM {table} t", dsn)
+            assert not any(token in r[0] for r in rows), table
+    assert alice["password"] not in str(pg_exec("SELECT * FROM players", dsn))
+
+    # Logout: that session's socket is closed with 4001, the token is refused everywhere;
+    # the player's other session keeps working.
+    first, second = await c.login("alice"), await c.login("alice")
+    ws = await RawWS.connect(srv.port, first["token"])
+    await ws.send_json({"type": "subscribe", "zone_id": zone})
+    await ws.until(lambda m: m["type"] == "tick")
+    status, _ = await c.call("POST", "/api/auth/logout", first["token"])
+    assert status == 204
+    assert await ws.closed_with(timeout=10) == 4001
+    ws.abort()
+    for method, path in (("GET", "/api/auth/me"), ("GET", "/api/zones"), ("POST", "/api/auth/logout")):
+        status, body = await c.call(method, path, first["token"])
+        assert status == 401 and body["error"] == "unauthorized", (path, body)
+    assert await _ws_refused(c, srv.port, first["token"])
+    assert (await c.call("GET", "/api/auth/me", second["token"]))[0] == 200
+
+    # Expiry (session_ttl = 4 s): the open socket is closed with 4001, the token refused.
+    expiring = await c.login("alice")
+    ws = await RawWS.connect(srv.port, expiring["token"])
+    await ws.send_json({"type": "subscribe", "zone_id": zone})
+    assert await ws.closed_with(timeout=15) == 4001
+    ws.abort()
+    status, body = await c.call("GET", "/api/auth/me", expiring["token"])
+    assert status == 401 and body["error"] == "unauthorized"
+    assert await _ws_refused(c, srv.port, expiring["token"])
+
+    # Login answers do not tell whether the username exists.
+    answers = []
+    for username, password in (("alice", "wrong password"), ("nobody_at_all", "wrong password"),
+                               ("a", "wrong password"), ("alice", "x" * 100), ("nobody_at_all", "correct horse")):
+        async with http.post(c.url + "/api/auth/login", json={"username": username, "password": password}) as r:
+            headers = {k: v for k, v in r.headers.items() if k.lower() != "date"}
+            answers.append((r.status, await r.read(), headers))
+    assert all(a == answers[0] for a in answers), answers
+    assert answers[0][0] == 401 and json.loads(answers[0][1])["error"] == "invalid_credentials"
+
+    # bcrypt runs off the event loop: a burst of logins at cost 10 does not stop the tick.
+    async with TickWatch(c, interval) as watch:
+        results = await asyncio.gather(*(c.call("POST", "/api/auth/login", None,
+                                                {"username": "alice", "password": "correct horse"})
+                                         for _ in range(16)))
+    assert all(st == 200 for st, _ in results)
+    assert watch.expected >= 4, f"the burst was too short to measure ({watch.t1 - watch.t0:.2f} s)"
+    watch.assert_kept_time("a burst of 16 logins at bcrypt cost 10")
+    figure("auth: ticks during a burst of 16 logins at bcrypt cost 10 (due)",
+           f"{watch.ticks} ({watch.expected:.0f})")
+
+    # Debug routes: 403 for a player not listed, 401 without a token, 200 for the listed one.
+    alice = await c.login("alice")
+    admin = await c.login("admin")
+    debug_calls = [("POST", "/api/debug/tick/pause"), ("POST", "/api/debug/tick/resume"),
+                   ("GET", f"/api/debug/zones/{zone}/state"), ("GET", "/api/debug/connections"),
+                   ("GET", f"/api/debug/entities/{uuid.uuid4()}"), ("DELETE", f"/api/zones/{zone}")]
+    for method, path in debug_calls:
+        status, body = await c.call(method, path, alice["token"])
+        assert status == 403 and body["error"] == "forbidden", (path, body)
+        assert (await c.call(method, path))[0] == 401
+    status, body = await c.call("POST", "/api/zones", alice["token"], {"name": "nope", "width": 2, "height": 2})
+    assert status == 403
+    assert (await c.call("GET", "/api/debug/connections", admin["token"]))[0] == 200
+
+    # SQL injection in every string field changes nothing.
+    counts = {t: pg_exec(f"SELECT count(*) FROM {t}", dsn)[0][0] for t in ("players", "zones", "entities")}
+    made = []
+    for i, text in enumerate(INJECTIONS):
+        for body in ({"username": text, "password": "correct horse"}, {"username": "alice", "password": text}):
+            status, _ = await c.call("POST", "/api/auth/register", None, body)
+            assert status in (400, 409)
+            status, _ = await c.call("POST", "/api/auth/login", None, body)
+            assert status in (400, 401)
+        name, password = f"inj{i}", (text + "pad")[:72]
+        status, body = await c.call("POST", "/api/auth/register", None, {"username": name, "password": password})
+        assert status == 201, (text, body)
+        assert (await c.call("POST", "/api/auth/login", None, {"username": name, "password": password}))[0] == 200
+        assert (await c.call("POST", "/api/auth/login", None, {"username": name, "password": "' OR '1'='1"}))[0] == 401
+        status, z = await c.call("POST", "/api/zones", admin["token"],
+                                 {"name": text[:64], "width": 3, "height": 3, "metadata": {text: text}})
+        assert status == 201 and z["name"] == text[:64] and z["metadata"] == {text: text}, z
+        made.append(z["id"])
+        for path in (f"/api/zones/{text}", f"/api/debug/entities/{text}", f"/api/debug/zones/{text}/state"):
+            status, _ = await c.call("GET", path.replace(text, quote(text, safe="")), admin["token"])
+            assert status == 404
+        assert (await c.call("GET", "/api/auth/me", text))[0] == 401
+        assert await _ws_refused(c, srv.port, quote(text, safe=""))
+        ws = await RawWS.connect(srv.port, admin["token"])
+        await ws.send_json({"type": "subscribe", "zone_id": text})
+        assert (await ws.until(lambda m: m["type"] == "error"))["code"] == "zone_not_found"
+        await ws.send_json({"type": "subscribe", "zone_id": zone})
+        await ws.send_json({"type": "intent", "data": {text: text}})
+        await ws.pong_after()
+        ws.abort()
+    after = {t: pg_exec(f"SELECT count(*) FROM {t}", dsn)[0][0] for t in ("players", "zones", "entities")}
+    assert after == {"players": counts["players"] + len(INJECTIONS), "zones": counts["zones"] + len(INJECTIONS),
+                     "entities": counts["entities"]}, (counts, after)
+    names = {r[0] for r in pg_exec("SELECT name FROM zones", dsn)}
+    assert {t[:64] for t in INJECTIONS} <= names
+    add_figure("SQL injection strings tried in every string field", len(INJECTIONS))
+
+
+async def test_debug_routes_do_not_exist_with_debug_off(tmp_path, http, processes):
+    """With debug off every debug route, and zone creation and deletion, is 404 for anyone."""
+    srv = start(processes, tmp_path, f"sqlite:///{tmp_path / 'db'}", COUNTER,
+                {"tick_interval": 0.05, "server_debug": "false"}, {"zones": 1, "entities": 2})
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    p = await c.player()
+    zone = (await c.zones(p["token"]))["counter-0"]["id"]
+    calls = [("POST", "/api/debug/tick/pause"), ("POST", "/api/debug/tick/resume"), ("POST", "/api/debug/tick/step"),
+             ("GET", f"/api/debug/zones/{zone}/state"), ("GET", "/api/debug/connections"),
+             ("GET", f"/api/debug/entities/{uuid.uuid4()}"), ("GET", "/api/debug/anything"),
+             ("DELETE", f"/api/zones/{zone}"), ("POST", "/api/zones")]
+    for method, path in calls:
+        for token in (p["token"], None):
+            status, body = await c.call(method, path, token, {"name": "x", "width": 2, "height": 2})
+            assert status == 404 and body["error"] == "not_found", (method, path, body)
+    assert (await c.call("GET", f"/api/zones/{zone}", p["token"]))[0] == 200
