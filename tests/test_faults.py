@@ -1,14 +1,16 @@
 """The fault suite: a real gridserver process attacked the way players and machines do.
 
-Every test here starts ``python gridserver.py`` as a subprocess (configured through
+Each promise's test starts ``python gridserver.py`` as a subprocess (configured through
 ``GRIDSERVER_*`` environment variables, on PostgreSQL where the promise is about the
-database) and talks to it only over sockets, as an outsider. What each test proves is
+database) and talks to it only over sockets, as an outsider; two regression tests for bugs
+the fuzzer found use the in-process server on both backends. What each test proves is
 listed in the README's "Guarantees" section, with the figures it measures; the figures are
 printed at the end of the run (``fault suite figures``).
 
 Tick rates are checked by counting ticks over a span (at least half of those due), never by
 timing a single event. ``GRIDSERVER_FUZZ_EXAMPLES`` raises the number of fuzzing cases for a
-soak run (``bench/soak.py`` runs the suite that way).
+soak run and ``GRIDSERVER_SOAK_ROUNDS`` multiplies the crash cycles and abuse waves
+(``python bench/soak.py`` runs the suite that way).
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ import pytest
 from aiohttp import WSMsgType
 
 from conftest import PG_DSN, REQUIRE_PG, dsn_with_schema, pg_available, pg_exec
-from faultkit import (OP_BINARY, OP_CLOSE, OP_TEXT, Client, RawWS, ServerProcess, TickWatch, add_figure,
+from faultkit import (OP_BINARY, OP_TEXT, Client, RawWS, ServerProcess, TickWatch, add_figure,
                       client_frame, figure, wait_until)
+
+#: A soak run (bench/soak.py) multiplies the crash cycles and the abuse waves.
+SOAK_ROUNDS = int(os.environ.get("GRIDSERVER_SOAK_ROUNDS", "1"))
 
 COUNTER = "tests.fault_games:Counter"
 FAULTY = "tests.fault_games:Faulty"
@@ -211,7 +216,8 @@ async def test_sigkill_mid_play_keeps_everything_older_than_a_flush(pg_schema, t
     assert status == 201, kept
     history: list = []  # trace lines of the steps that are part of the saved world's past
     rows_checked = spawns_checked = 0
-    for cycle in range(3):
+    cycles = 3 * SOAK_ROUNDS
+    for cycle in range(cycles):
         zones = await c.zones(players[0]["token"])
         play = Play(c, http)
         for p, name in zip(players, names):
@@ -269,8 +275,8 @@ async def test_sigkill_mid_play_keeps_everything_older_than_a_flush(pg_schema, t
             assert (first[1], first[2] - len(first[3])) == (saved_step + 1, len(saved[name])), (name, first)
     srv.send(signal.SIGTERM)
     assert await srv.wait_exit() == 0
-    add_figure("crash: SIGKILLs", 3)
-    add_figure("crash: SIGKILLs inside a flush transaction", 2)
+    add_figure("crash: SIGKILLs", cycles)
+    add_figure("crash: SIGKILLs inside a flush transaction", cycles - 1)
     add_figure("crash: entity rows verified as one consistent step after SIGKILL", rows_checked)
     add_figure("crash: spawned entities verified after SIGKILL", spawns_checked)
 
@@ -1327,7 +1333,7 @@ async def _connection_abuse(tmp_path, processes, http) -> None:
     abused = 0
     try:
         async with TickWatch(c, interval) as watch:
-            for wave in range(2):  # the same abuse twice: the second must not need more memory
+            for wave in range(2 * SOAK_ROUNDS):  # the same abuse again: it must not need more memory
                 abused += await _abuse_wave(srv, players, zone)
                 # Everything abusive is dropped by the server itself.
                 await wait_until(lambda: _equals(connections(), 1), timeout=30, what="connections back to one")
