@@ -56,6 +56,7 @@ import math
 import os
 import queue
 import re
+import reprlib
 import secrets
 import signal
 import socket
@@ -69,7 +70,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, runtime_checkable
 from uuid import UUID
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, web, web_protocol, web_server
+from aiohttp.http_exceptions import HttpProcessingError
 
 try:  # ujson is much faster; the standard library keeps the file runnable without it
     import ujson as _ujson
@@ -160,6 +162,8 @@ OPTIONS: list[_Option] = [
     _Option("server", "max_zone_size", "10000", "int", "largest zone width and height", 1),
     _Option("server", "shutdown_timeout", "10", "float",
             "seconds a graceful stop waits for the final flush", 0),
+    _Option("server", "client_timeout", "60", "float",
+            "seconds a client may take to send a request's headers or body, and an idle HTTP connection stays open", 0.1),
     _Option("database", "dsn", "sqlite:///gridserver.db", "str",
             "postgresql://user@host/db for PostgreSQL through aiopg; sqlite:///PATH for the embedded default"),
     _Option("database", "pool_min", "1", "int", "PostgreSQL pool: connections kept open", 0),
@@ -378,24 +382,88 @@ def _parse_uuid(text: str, code: str = "not_found", what: str = "resource") -> U
     return value
 
 
+#: How deep zone and entity metadata may nest. Readers of the stored world recurse (psycopg2
+#: parses jsonb with the standard library, which fails past about 900 levels), so deeper
+#: metadata would be written and then stop the server from loading its world again.
+MAX_JSON_DEPTH = 100
+
+
+def _json_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be stored as JSON by both databases and read back (None: it can).
+
+    ``json_dumps`` accepts strings PostgreSQL refuses: NUL characters (its text and jsonb
+    cannot hold them) and unpaired surrogates (not UTF-8), and nesting too deep to be read
+    back. The cheap checks run on the serialized text; a walk only when the text hints at
+    a problem.
+    """
+    try:
+        text = json_dumps(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return f"is not JSON ({exc})"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds an unpaired surrogate (not valid Unicode text)"
+    if "\\u0000" in text and _holds_nul(value):
+        return "holds a NUL character"
+    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and _nests_deeper(value, MAX_JSON_DEPTH):
+        return f"nests deeper than {MAX_JSON_DEPTH} levels"
+    return None
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _holds_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return False
+
+
 def _as_uuid(value: Any) -> UUID:
     """A UUID from a UUID or its string form (module results may use either)."""
     return value if isinstance(value, UUID) else UUID(str(value))
 
 
-async def _read_object(request: web.Request, max_size: int) -> dict:
-    """The request body as a JSON object, or ``ApiError(400)`` saying what is wrong."""
+async def _read_object(request: web.Request, max_size: int, timeout: float | None = None) -> dict:
+    """The request body as a JSON object, or ``ApiError(400)`` saying what is wrong.
+
+    The whole body must arrive within ``timeout`` seconds (a client that announces more than
+    it sends, or trickles it, does not hold a handler forever).
+    """
     if request.content_length is not None and request.content_length > max_size:
         raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
     chunks, total = [], 0
     try:
-        while chunk := await request.content.read(65536):
-            total += len(chunk)
-            if total > max_size:
-                raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
-            chunks.append(chunk)
-    except (asyncio.TimeoutError, ConnectionError):
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(65536):
+                total += len(chunk)
+                if total > max_size:
+                    raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(400, "bad_request", f"The body did not arrive within {timeout:g} seconds.") from None
+    except ConnectionError:
         raise ApiError(400, "bad_request", "The body could not be read.") from None
+    except (web_protocol.RequestPayloadError, HttpProcessingError):  # bad chunking or compression
+        raise ApiError(400, "bad_request", "The body could not be decoded (transfer or content encoding).") from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise ApiError(400, "bad_request", "The body must be a JSON object.")
@@ -944,13 +1012,31 @@ class World:
 
 
 def _check_metadata(meta: Any, change: Any) -> None:
-    """Metadata must be a JSON object the database and clients can take as it is."""
+    """Metadata must be a JSON object the database and clients can take as it is (and a
+    database must be able to store and load it back: see ``_json_problem``)."""
     if not isinstance(meta, dict):
-        raise TickRejected(f"metadata must be a dict in {change!r}")
-    try:
-        json_dumps(meta)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TickRejected(f"metadata is not JSON ({exc}) in {change!r}") from None
+        raise TickRejected(f"metadata must be a dict in {_short_repr(change)}")
+    problem = _json_problem(meta)
+    if problem is not None:
+        raise TickRejected(f"metadata {problem} in {_short_repr(change)}")
+
+
+def _short_repr(value: Any) -> str:
+    """A repr for error messages that neither recurses without end nor runs to megabytes."""
+    return _REPR.repr(value)
+
+
+class _ShortRepr(reprlib.Repr):
+    def repr_instance(self, obj: Any, level: int) -> str:
+        try:
+            text = repr(obj)
+        except Exception:  # noqa: BLE001 - e.g. RecursionError on metadata nested too deep
+            return f"{type(obj).__name__}(id={getattr(obj, 'id', '?')}, ...)"
+        return text if len(text) <= self.maxother else text[:self.maxother - 3] + "..."
+
+
+_REPR = _ShortRepr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxdict, _REPR.maxlist = 4, 80, 200, 8, 8
 
 
 def _as_list(value: Any, what: str) -> list:
@@ -2298,14 +2384,26 @@ class TickEngine:
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run())
 
-    async def stop(self) -> None:
-        """Stop scheduling; a tick under way finishes first."""
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop scheduling; a tick under way finishes first.
+
+        Module calls still running past ``zone_timeout`` are waited for too (until ``deadline``,
+        monotonic): their results are applied when they return, and must be before the final
+        flush takes its snapshot.
+        """
         if self._task is not None:
             async with self._tick_lock:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
+        while busy := [zs for zs in list(self.world.zones.values()) if zs.busy_since is not None]:
+            if deadline is not None and time.monotonic() >= deadline:
+                log.error("stopping with %d zone(s) whose module call is still running: their last "
+                          "result will not be saved", len(busy))
+                break
+            await asyncio.sleep(0.01)
+            self._drain()
         self._threads.stop()
 
     def zone_busy_seconds(self, zs: _ZoneState) -> float:
@@ -2375,12 +2473,19 @@ class Persister:
                     await self.store.ping()
             except BaseException as exc:  # nothing taken out of the dirty set may be lost
                 self.world.restore_changes(rows, deleted)
-                if not isinstance(exc, DatabaseUnavailable):
+                if not isinstance(exc, Exception):  # cancelled: the caller is stopping
                     raise
+                # Unreachable, or reachable but refusing the write (read-only after a failover,
+                # a revoked privilege...): either way the changes wait here and the flush is
+                # retried. An error must never end the flush loop: nothing would be saved again.
                 self.metrics.flush_failures_total += 1
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
-                    log.warning("database unreachable (%s); keeping changes in memory and retrying", exc)
+                    if isinstance(exc, DatabaseUnavailable):
+                        log.warning("database unreachable (%s); keeping changes in memory and retrying", exc)
+                    else:
+                        log.error("flush failed (%s: %s); keeping changes in memory and retrying",
+                                  type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:300])
                 return False
             if rows or deleted:
                 self.metrics.flushes_total += 1
@@ -2399,8 +2504,10 @@ class Persister:
                 backoff = 0.0
                 self._sweeps += 1
                 if self._sweeps % 100 == 0:
-                    with contextlib.suppress(DatabaseUnavailable):
+                    try:
                         await self.store.delete_expired_sessions(_now())
+                    except Exception as exc:  # noqa: BLE001 - a sweep that fails waits for the next one
+                        log.warning("sweeping expired sessions failed: %s", exc)
             else:
                 backoff = min(self.max_backoff, backoff * 2 if backoff else min(0.5, self.interval))
 
@@ -2546,6 +2653,7 @@ class Server:
         self.debug_players = {n.strip() for n in cfg.get("server", "debug_players").split(",") if n.strip()}
         self.max_body = cfg.get("server", "max_body_size")
         self.max_zone = cfg.get("server", "max_zone_size")
+        self.client_timeout = cfg.get("server", "client_timeout")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: TickEngine | None = None
         self.persister = Persister(self.world, self.store, self.metrics, cfg)
@@ -2591,7 +2699,7 @@ class Server:
             self._heartbeat.cancel()
         deadline = time.monotonic() + self.cfg.get("server", "shutdown_timeout")
         if self.engine is not None:
-            await self.engine.stop()
+            await self.engine.stop(deadline)
         await self.persister.stop(deadline)
         await self.hub.close_all(1001, "server shutting down")
 
@@ -2609,11 +2717,9 @@ class Server:
                 raise ApiError(400, "bad_request", f"The field '{key}' must be an integer from 1 to {self.max_zone}.")
         if not isinstance(metadata, dict):
             raise ApiError(400, "bad_request", "The field 'metadata' must be a JSON object.")
-        try:
-            name.encode("utf-8")
-            json_dumps(metadata)
-        except (ValueError, TypeError, OverflowError, UnicodeEncodeError):
-            raise ApiError(400, "bad_request", "The fields 'name' and 'metadata' must be valid JSON text.") from None
+        for key, problem in (("name", _json_problem(name)), ("metadata", _json_problem(metadata))):
+            if problem is not None:
+                raise ApiError(400, "bad_request", f"The field '{key}' {problem}.")
         if self.world.zone_by_name(name) is not None:
             raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.")
         zone = Zone(uuid.uuid4(), name, width, height, metadata)
@@ -2685,6 +2791,15 @@ async def _debug_session(request: web.Request) -> Session:
     return session
 
 
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 417: "expectation_failed"}
+
+
+def _http_error_response(exc: web.HTTPException) -> web.Response:
+    """An aiohttp HTTP error (routing, size limits, expectations) as the contract's envelope."""
+    status = 400 if exc.status == 413 else exc.status
+    return _error_response(status, _HTTP_ERROR_CODES.get(exc.status, "bad_request"), exc.reason or "Bad request.")
+
+
 @web.middleware
 async def _errors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Every error leaves as the contract's JSON envelope; nothing else reaches the client."""
@@ -2700,9 +2815,7 @@ async def _errors_middleware(request: web.Request, handler: Callable) -> web.Str
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "bad_request"}
-        status = 400 if exc.status == 413 else exc.status
-        return _error_response(status, codes.get(exc.status, "bad_request"), exc.reason or "Bad request.")
+        return _http_error_response(exc)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:  # noqa: BLE001
@@ -2712,14 +2825,14 @@ async def _errors_middleware(request: web.Request, handler: Callable) -> web.Str
 
 async def register(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
-    body = await _read_object(request, srv.max_body)
+    body = await _read_object(request, srv.max_body, srv.client_timeout)
     username, password = _field(body, "username", str), _field(body, "password", str)
     return _json_response(await srv.accounts.register(username, password), 201)
 
 
 async def login(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
-    body = await _read_object(request, srv.max_body)
+    body = await _read_object(request, srv.max_body, srv.client_timeout)
     username, password = _field(body, "username", str), _field(body, "password", str)
     return _json_response(await srv.accounts.login(username, password))
 
@@ -2757,7 +2870,7 @@ async def get_zone(request: web.Request) -> web.Response:
 async def create_zone(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
-    body = await _read_object(request, srv.max_body)
+    body = await _read_object(request, srv.max_body, srv.client_timeout)
     zone = await srv.create_zone(_field(body, "name", str), _field(body, "width", int),
                                  _field(body, "height", int), _field(body, "metadata", dict, False, {}))
     return _json_response(srv.zone_json(srv.world.zones[zone.id]), 201)
@@ -2872,6 +2985,45 @@ def _rss_bytes() -> int:
 # =============================================================================
 
 
+class _WebSocketResponse(web.WebSocketResponse):
+    """aiohttp's server WebSocket, closing gracefully when it closes for abuse.
+
+    For a frame too large (1009), text that is not UTF-8 (1007) or a protocol error (1002),
+    aiohttp sends the close frame and closes the socket at once. A client still sending (the
+    rest of a huge frame) then has unread bytes on the server, so the kernel answers with a
+    reset, which can destroy the close frame before the client reads it. Here the socket is
+    half-closed instead; what the client still sends is read and dropped, and ``linger``
+    closes it once the client has closed its side, or after ``LINGER`` seconds.
+    """
+
+    LINGER = 2.0
+    ABUSE_CODES = (1002, 1007, 1009)
+    lingering = False
+    sent_code: int | None = None
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        if self.sent_code is None:
+            self.sent_code = code
+        return await super().close(code=code, message=message, drain=drain)
+
+    def _close_transport(self) -> None:
+        transport = self._req.transport if self._req is not None else None
+        if (self.sent_code in self.ABUSE_CODES and transport is not None
+                and not transport.is_closing() and transport.can_write_eof()):
+            self.lingering = True
+            transport.write_eof()  # after the close frame already queued
+            return
+        super()._close_transport()
+
+    async def linger(self, transport: Any) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.LINGER
+        while transport is not None and not transport.is_closing() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if transport is not None:
+            transport.close()
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
     """``/ws``: authenticate before the upgrade, then read messages until the socket closes.
 
@@ -2887,7 +3039,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     max_size = srv.cfg.get("websocket", "max_message_size")
     # No per-connection heartbeat timer: Hub.heartbeat_loop pings quiet connections.
     # autoping is off so that pongs reach the loop below as proof of life.
-    ws = web.WebSocketResponse(autoping=False, compress=False, max_msg_size=max_size * 16)
+    ws = _WebSocketResponse(autoping=False, compress=False, max_msg_size=max_size * 16)
     await ws.prepare(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:  # bound what the kernel buffers for a client that stops reading
@@ -2920,7 +3072,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         srv.hub.detach(conn)
+    if ws.lingering:
+        await ws.linger(request.transport)
     return ws
+
+
+def _unpaired_surrogate(msg: dict) -> bool:
+    try:
+        json_dumps(msg).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> None:
@@ -2934,6 +3096,11 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
         return
     if not isinstance(msg, dict):
         conn.error("bad_message", "The message must be a JSON object.")
+        return
+    if "\\u" in text and _unpaired_surrogate(msg):
+        # Valid JSON, but no UTF-8 text: echoed in a zone's state it would fail that zone's
+        # broadcast for every player in it.
+        conn.error("bad_message", "The message holds an unpaired surrogate escape (not Unicode text).")
         return
     kind = msg.get("type")
     if kind == "intent":
@@ -2985,7 +3152,8 @@ async def _lifecycle(app: web.Application) -> Any:
 def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     """The aiohttp application. ``game`` (an object) replaces the module named in the config."""
     cfg = cfg or Config.load()
-    app = web.Application(middlewares=[_errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024)
+    app = web.Application(middlewares=[_errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024,
+                          handler_args={"keepalive_timeout": cfg.get("server", "client_timeout")})
     app[SERVER] = Server(cfg, game)
     app.router.add_routes([
         web.post("/api/auth/register", register),
@@ -3012,10 +3180,56 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     return app
 
 
+class _EnvelopeRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering HTTP it cannot parse with the JSON envelope.
+
+    A request line, header or content encoding aiohttp's parser rejects never reaches a
+    route or the middleware; aiohttp itself answers it, in plain text and with a traceback
+    in the log. This answers it as the contract says and logs one line at debug level.
+    Likewise for an aiohttp HTTP error raised before the middleware runs (an unknown
+    ``Expect`` header).
+    """
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:  # the middleware never saw it
+            resp = _http_error_response(resp)
+        return await super().finish_response(request, resp, start_time)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # a response is under way: the connection is broken
+            raise ConnectionError("the response was already started")
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            response = _error_response(500, "internal_error", "The server failed to handle this request.")
+        else:
+            detail = (message or (str(exc) if exc else "") or "malformed request").splitlines()[0][:200]
+            log.debug("unparseable request from %s: %s", request.remote, detail)
+            response = _error_response(status, "bad_request", f"The request is not valid HTTP: {detail}")
+        response.force_close()
+        return response
+
+
+class _EnvelopeServer(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _AppRunner(web.AppRunner):
+    """The app runner of ``python gridserver.py``: connections get ``_EnvelopeRequestHandler``."""
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        if type(server) is web_server.Server and hasattr(server, "_kwargs"):
+            server.__class__ = _EnvelopeServer  # same state, one method more
+        return server
+
+
 async def _serve(cfg: Config) -> int:
     app = create_app(cfg)
-    runner = web.AppRunner(app, access_log=log if cfg.get("debug", "access_log") else None,
-                           shutdown_timeout=cfg.get("server", "shutdown_timeout"))
+    runner = _AppRunner(app, access_log=log if cfg.get("debug", "access_log") else None,
+                        shutdown_timeout=cfg.get("server", "shutdown_timeout"))
     try:
         await runner.setup()
     except (DatabaseUnavailable, ConfigError) as exc:

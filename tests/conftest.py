@@ -209,7 +209,10 @@ class TcpProxy:
         self.upstream = (upstream_host, upstream_port)
         self.port: int | None = None
         self.is_cut = False
+        self.is_stalled = False
         self.refused = 0  # connections accepted and closed while cut
+        self.held = 0  # connections accepted and ignored while stalled
+        self._held: set[asyncio.StreamWriter] = set()
         self._server: asyncio.AbstractServer | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -233,6 +236,16 @@ class TcpProxy:
                 self.refused += 1
                 writer.close()
                 return
+            if self.is_stalled:
+                self.held += 1
+                self._held.add(writer)
+                try:
+                    while self.is_stalled and not writer.transport.is_closing():
+                        await asyncio.sleep(0.05)
+                finally:
+                    self._held.discard(writer)
+                    self._abort(writer)
+                return
             try:
                 up_reader, up_writer = await asyncio.open_connection(*self.upstream)
             except OSError:
@@ -254,13 +267,14 @@ class TcpProxy:
         finally:
             self._tasks.discard(task)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     break
+                if self.is_stalled:
+                    continue  # lost in the network
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -275,8 +289,19 @@ class TcpProxy:
         for pair in list(self._pairs):
             self._abort(*pair)
 
+    def stall(self) -> None:
+        """A silent network: open connections stop passing bytes (both ways) and new ones are
+        accepted and then ignored. Nothing is closed: only timeouts can notice."""
+        self.is_stalled = True
+
     def restore(self) -> None:
-        """Forward new connections to the upstream again."""
+        """Forward new connections to the upstream again (stalled ones are aborted first)."""
+        if self.is_stalled:
+            self.is_stalled = False
+            for pair in list(self._pairs):
+                self._abort(*pair)
+            for writer in list(self._held):
+                self._abort(writer)
         self.is_cut = False
 
     async def close(self) -> None:
@@ -306,3 +331,13 @@ async def tcp_proxy():
     yield make
     for proxy in proxies:
         await proxy.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the figures the fault suite measured (cases tried, connections abused...)."""
+    faultkit = sys.modules.get("faultkit")
+    figures = getattr(faultkit, "FIGURES", None)
+    if figures:
+        terminalreporter.section("fault suite figures")
+        for name, value in figures.items():
+            terminalreporter.write_line(f"{name}: {value}")
