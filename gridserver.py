@@ -186,14 +186,12 @@ OPTIONS: list[_Option] = [
     _Option("websocket", "max_message_size", "65536", "int",
             "largest client message in bytes; larger ones get an error (16x larger: the socket is closed)", 64),
     _Option("websocket", "heartbeat", "20.0", "float",
-            "seconds of silence after which a client is pinged; silent for two more such periods, it is dropped; "
-            "0: never", 0),
+            "seconds between heartbeat sweeps: a client silent for a whole period is pinged, and dropped if "
+            "still silent at the next sweep; 0: never", 0),
     _Option("websocket", "reconnect_grace", "30.0", "float",
             "seconds a dropped player keeps their zone; reconnecting within it resumes the subscription", 0),
     _Option("websocket", "max_behind", "10", "int",
             "ticks a client may fall behind (unsent) before it is disconnected", 1),
-    _Option("websocket", "max_queued", "256", "int",
-            "non-tick messages queued for one client before it is disconnected", 1),
     _Option("game", "module", "game_modules.walkers", "str",
             "dotted path of the game module (package.module or package.module:Name)"),
     _Option("debug", "log_level", "info", "str", "debug, info, warning or error"),

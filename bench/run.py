@@ -161,6 +161,10 @@ def hist_quantile(m0: dict, m1: dict, name: str, q: float) -> float | None:
     return prev_le
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -263,9 +267,7 @@ def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict],
                     latencies.append(lat)
     cpu = (m1["gridserver_process_cpu_seconds"] - m0["gridserver_process_cpu_seconds"]) / window
     driver_cpu = sum(r["cpu_seconds"] for r in results) / window
-
-    def ms(v):
-        return None if v is None else round(v * 1000, 1)
+    ms = _ms
 
     row = {
         "scenario": name, "clients": clients + sum(r["connect_failures"] for r in results),
@@ -446,31 +448,22 @@ async def world(zones: int, per_zone: int, window: float, use_pg: bool) -> dict:
                 spy.wait()
             elapsed = time.monotonic() - t0
 
-        def ms(v):
-            return None if v is None else round(v * 1000, 1)
-
         ticks = m1["gridserver_tick_number"] - m0["gridserver_tick_number"]
         flushes = m1["gridserver_flushes_total"] - m0["gridserver_flushes_total"]
         rows = m1["gridserver_entities_flushed_total"] - m0["gridserver_entities_flushed_total"]
-        return {
-            "scenario": "world", "clients": 0, "alive": 0, "zones": zones, "entities": int(m1["gridserver_entities"]),
-            "window_s": round(elapsed, 1), "ticks": int(ticks),
-            "server_cpu_s_per_s": round((m1["gridserver_process_cpu_seconds"] - m0["gridserver_process_cpu_seconds"])
-                                        / elapsed, 3),
-            "rss_mib": round(m1["gridserver_process_resident_bytes"] / 2**20, 1),
-            "lateness_p50_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.5)),
-            "lateness_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 0.99)),
-            "lateness_max_ms": ms(hist_quantile(m0, m1, "gridserver_tick_lateness_seconds", 1.0)),
-            "work_p50_ms": ms(hist_quantile(m0, m1, "gridserver_tick_work_seconds", 0.5)),
-            "work_p99_ms": ms(hist_quantile(m0, m1, "gridserver_tick_work_seconds", 0.99)),
+        row = summarize_server_only("world", m0, m1, elapsed)
+        row.update({
+            "clients": 0, "alive": 0, "zones": zones, "entities": int(m1["gridserver_entities"]),
+            "work_p50_ms": _ms(hist_quantile(m0, m1, "gridserver_tick_work_seconds", 0.5)),
             "zone_tick_sum_s_per_tick": round((m1["gridserver_zone_tick_seconds_sum"]
                                                - m0["gridserver_zone_tick_seconds_sum"]) / max(1.0, ticks), 4),
             "flushes": int(flushes), "rows_per_flush": int(rows / flushes) if flushes else 0,
-            "flush_p50_ms": ms(hist_quantile(m0, m1, "gridserver_flush_duration_seconds", 0.5)),
-            "flush_max_ms": ms(hist_quantile(m0, m1, "gridserver_flush_duration_seconds", 1.0)),
+            "flush_p50_ms": _ms(hist_quantile(m0, m1, "gridserver_flush_duration_seconds", 0.5)),
+            "flush_max_ms": _ms(hist_quantile(m0, m1, "gridserver_flush_duration_seconds", 1.0)),
             "overruns": int(m1["gridserver_tick_overruns_total"] - m0["gridserver_tick_overruns_total"]),
             "database": "PostgreSQL" if use_pg else "SQLite",
-        }
+        })
+        return row
     finally:
         server.stop()
         db.drop()
@@ -528,8 +521,8 @@ async def logins(players_total: int, burst: int, use_pg: bool, drivers: int) -> 
 
 
 def summarize_server_only(name: str, m0: dict, m1: dict, elapsed: float) -> dict:
-    def ms(v):
-        return None if v is None else round(v * 1000, 1)
+    """A row from two /metrics scrapes, for scenarios measured on the server alone."""
+    ms = _ms
     return {
         "scenario": name, "window_s": round(elapsed, 1),
         "ticks": int(m1["gridserver_tick_number"] - m0["gridserver_tick_number"]),
@@ -553,11 +546,13 @@ async def main() -> int:
     parser.add_argument("--drivers", type=int, default=2, help="driver processes")
     parser.add_argument("--sqlite", action="store_true", help="use SQLite even when PostgreSQL answers")
     parser.add_argument("--profile", metavar="DIR", help="sample the server with py-spy into DIR")
+    parser.add_argument("--out", metavar="DIR", help="where the JSON results go (default bench/results)")
     parser.add_argument("--knee", action="store_true",
                         help="grid-walk: past the last count, add 2,500 players a run until a target breaks")
     args = parser.parse_args()
-    global PROFILE_DIR
+    global PROFILE_DIR, RESULTS
     PROFILE_DIR = args.profile
+    RESULTS = args.out or RESULTS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     use_pg = not args.sqlite and pg_ok()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import sqlite3
 import uuid
 
 import pytest
@@ -52,6 +53,17 @@ def pg_exec(sql: str, dsn: str = PG_DSN) -> list:
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+def db_rows(dsn: str, sql: str) -> list[tuple]:
+    """Rows of ``sql`` read straight from the test's database, bypassing the server."""
+    if dsn.startswith("sqlite:///"):
+        conn = sqlite3.connect(dsn[len("sqlite:///"):])
+        try:
+            return conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+    return pg_exec(sql, dsn=dsn)  # the dsn carries the test's search_path
 
 
 def dsn_with_schema(schema: str, dsn: str = PG_DSN) -> str:

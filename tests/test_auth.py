@@ -5,25 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import sqlite3
 import uuid
 
 import pytest
 
-from conftest import Passive, make_config, pg_exec, wait_for
+from conftest import Passive, db_rows, make_config, pg_exec, wait_for
 
 PASSWORD = "correct horse"
-
-
-def db_rows(dsn: str, sql: str) -> list[tuple]:
-    """Rows of ``sql`` read straight from the test's database, bypassing the server."""
-    if dsn.startswith("sqlite:///"):
-        conn = sqlite3.connect(dsn[len("sqlite:///"):])
-        try:
-            return conn.execute(sql).fetchall()
-        finally:
-            conn.close()
-    return pg_exec(sql, dsn=dsn)  # the dsn carries the test's search_path
 
 
 def new_name() -> str:

@@ -32,3 +32,24 @@ def test_bench_queries_quick_runs_and_prints_the_table(tmp_path):
     assert [z["entities"] for z in result["zones"]] == [1000, 100000]
     assert result["zones"][0]["entities_per_bucket"] == result["zones"][1]["entities_per_bucket"]
     assert set(result["ratio_large_to_small"]) == {"area", "overlap"}
+
+
+def test_load_benchmark_quick_smoke(tmp_path):
+    """``bench/run.py --quick``: a real server process, thin drivers, every client served.
+
+    A smoke run only: it proves the benchmark machinery works end to end (40 players,
+    a small world, the baseline fan-out), not that anything is fast.
+    """
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--out", str(tmp_path),
+                           "--scenario", "grid-walk", "--scenario", "world", "--scenario", "baseline"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    walk = json.loads((tmp_path / "grid-walk.json").read_text())["rows"][0]
+    assert walk["clients"] == walk["connected"] == walk["alive"] == 40, walk
+    assert walk["ticks"] >= 2 and walk["ticks_received_pct"] >= 90, walk
+    assert walk["intents_accepted"] > 0 and walk["latency_p50_ms"] is not None, walk
+    world = json.loads((tmp_path / "world.json").read_text())["rows"][0]
+    assert world["entities"] == 1000 and world["ticks"] >= 2 and world["flushes"] >= 1, world
+    base = json.loads((tmp_path / "baseline.json").read_text())["rows"][0]
+    assert base["connected"] == 40 and base["ticks_received_pct"] >= 90, base
+    assert "grid-walk" in proc.stdout and "baseline" in proc.stdout

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import sqlite3
 import uuid
 
 import pytest
 from aiohttp import WSMsgType
 
-from conftest import Passive, make_config, pg_exec, wait_for
+from conftest import Passive, db_rows, make_config, pg_exec, wait_for
 
 ZONE_FIELDS = {"id", "name", "width", "height", "metadata", "created_at", "updated_at",
                "entity_count", "subscriber_count"}
-
-
-def db_rows(dsn: str, sql: str) -> list[tuple]:
-    """Rows of ``sql`` read straight from the test's database, bypassing the server."""
-    if dsn.startswith("sqlite:///"):
-        conn = sqlite3.connect(dsn[len("sqlite:///"):])
-        try:
-            return conn.execute(sql).fetchall()
-        finally:
-            conn.close()
-    return pg_exec(sql, dsn=dsn)  # the dsn carries the test's search_path
 
 
 def assert_error(status, body, want_status: int, code, field: str | None = None):
