@@ -20,15 +20,16 @@ A game module is a plain Python module (or class) with ``on_init``, ``on_tick`` 
 
 Sections of this file (``grep -n '^# ==' gridserver.py``):
 
-    Imports and JSON                    Storage (all SQL lives here)
-    Configuration                       Accounts and sessions
-    Wire helpers                        Hub: connections, subscriptions, outboxes
-    Public types and game protocol      Tick engine
-    Spatial index                       Persistence
-    World state                         HTTP handlers
-    Metrics                             WebSocket handler
-                                        App factory and CLI
-                                        Browser page (GET /)
+    Imports and JSON                    Tick engine
+    Configuration                       Persistence
+    Wire helpers                        Game modules and the framework API
+    Public types and game protocol      Server state
+    Spatial index                       HTTP handlers
+    World state                         WebSocket handler
+    Metrics                             App factory and CLI
+    Storage (all SQL lives here)        Browser page (GET /)
+    Accounts and sessions
+    Hub: connections, subscriptions, sending
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import bisect
 import collections
 import configparser
 import contextlib
-import dataclasses
 import datetime as _dt
 import gc
 import hashlib
@@ -67,7 +67,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 from uuid import UUID
 
 from aiohttp import WSMsgType, web, web_protocol, web_server
@@ -1718,7 +1718,7 @@ class Accounts:
 
 
 # =============================================================================
-# Hub: connections, subscriptions, outboxes
+# Hub: connections, subscriptions, sending
 # =============================================================================
 
 #: Close codes beyond the standard ones.
@@ -2140,10 +2140,6 @@ class _GameThreads:
             self._spawn()
         return stuck
 
-    def call(self, fn: Callable, *args: Any) -> "asyncio.Future":
-        """Run ``fn`` outside the event loop (module code such as ``on_init``)."""
-        return asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
     def stop(self) -> None:
         with self._lock:
             n = self._live - len(self._retired)
@@ -2186,7 +2182,6 @@ class TickEngine:
         self._loop = asyncio.get_running_loop()
         self._threads = _GameThreads(self._run_job, self._jobs_finished)
         self._task: asyncio.Task | None = None
-        self._tick_started = 0.0
         self._last_sent = 0.0
         self._last_slow_log = 0.0
 
@@ -2295,7 +2290,6 @@ class TickEngine:
     async def _run_tick(self, t0: float) -> int:
         self.tick_number += 1
         n = self.tick_number
-        self._tick_started = t0
         self._last_sent = 0.0
         jobs = []
         subscribers = self.hub.subscribers

@@ -255,7 +255,6 @@ def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict],
     clients = sum(r["clients"] for r in results)
     alive = sum(r["alive"] for r in results)
     expected = m1["gridserver_tick_number"] - m0["gridserver_tick_number"]
-    t0 = max(r["window"][0] for r in results)
     latencies, received = [], 0
     first_tick = m0["gridserver_tick_number"] + 1
     last_tick = m1["gridserver_tick_number"]

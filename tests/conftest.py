@@ -15,7 +15,7 @@ import sqlite3
 import uuid
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

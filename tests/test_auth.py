@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from conftest import Passive, db_rows, make_config, pg_exec, wait_for
+from conftest import Passive, db_rows, make_config, wait_for
 
 PASSWORD = "correct horse"
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from aiohttp import WSMsgType
 
-from conftest import Passive, db_rows, make_config, pg_exec, wait_for
+from conftest import Passive, db_rows, make_config
 
 ZONE_FIELDS = {"id", "name", "width", "height", "metadata", "created_at", "updated_at",
                "entity_count", "subscriber_count"}
