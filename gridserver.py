@@ -49,6 +49,7 @@ import datetime as _dt
 import gc
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import itertools
 import logging
@@ -113,6 +114,7 @@ def _json_default(obj: Any) -> Any:
 
 
 __all__ = [
+    "BuiltinDemo",
     "Entity",
     "EntityCreate",
     "EntityUpdate",
@@ -2625,6 +2627,61 @@ def load_game(path: str) -> Any:
     return game
 
 
+#: The game module named by default; when a lone copy of this file runs without the
+#: ``game_modules/`` folder beside it, ``BuiltinDemo`` runs instead (with a warning).
+DEFAULT_GAME = "game_modules.walkers"
+
+_DEMO_MOVES = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
+
+
+class BuiltinDemo:
+    """The game a lone copy of gridserver.py runs: one avatar per player in a 'lobby' zone,
+    moved by ``{"move": "up" | "down" | "left" | "right"}``. ``game_modules/walkers.py`` is
+    the full example (walls, items, scores, fog of war); this keeps a copied file playable.
+    """
+
+    def on_init(self, framework: FrameworkAPI) -> None:
+        self.fw = framework
+        self.avatars: dict[tuple[UUID, UUID], UUID] = {}
+        if not framework.list_zones():
+            framework.create_zone("lobby", 24, 24, {"game": "builtin demo"})
+
+    def on_player_join(self, zone_id: UUID, player_id: UUID) -> TickResult | None:
+        for e in self.fw.list_entities(zone_id):  # kept from before a restart
+            if e.metadata.get("player_id") == str(player_id):
+                self.avatars[(zone_id, player_id)] = e.id
+                return None
+        zone = self.fw.get_zone(zone_id)
+        eid = uuid.uuid4()
+        self.avatars[(zone_id, player_id)] = eid
+        name = self.fw.username(player_id) or str(player_id)[:8]
+        meta = {"kind": "avatar", "player_id": str(player_id), "label": name}
+        return TickResult(entity_creates=[EntityCreate(player_id.int % zone.width, (player_id.int >> 64) % zone.height,
+                                                       1, 1, meta, eid)])
+
+    def on_player_leave(self, zone_id: UUID, player_id: UUID) -> TickResult | None:
+        eid = self.avatars.pop((zone_id, player_id), None)
+        return TickResult(entity_deletes=[eid]) if eid is not None and self.fw.get_entity(eid) else None
+
+    def on_tick(self, zone_id: UUID, entities: list[Entity], intents: list[Intent], tick_number: int) -> TickResult:
+        zone = self.fw.get_zone(zone_id)
+        pos = {e.id: (e.x, e.y) for e in entities}
+        moves = {i.player_id: _DEMO_MOVES[i.data["move"]] for i in intents if i.data.get("move") in _DEMO_MOVES}
+        updates = []
+        for player_id, (dx, dy) in moves.items():
+            eid = self.avatars.get((zone_id, player_id))
+            if eid in pos:
+                x, y = pos[eid]
+                pos[eid] = (min(max(x + dx, 0), zone.width - 1), min(max(y + dy, 0), zone.height - 1))
+                updates.append(EntityUpdate(eid, x=pos[eid][0], y=pos[eid][1]))
+        state = [{"id": str(e.id), "x": pos[e.id][0], "y": pos[e.id][1], "w": e.width, "h": e.height,
+                  **{k: e.metadata[k] for k in ("kind", "player_id", "label") if k in e.metadata}} for e in entities]
+        return TickResult(entity_updates=updates, broadcast_state={"tick": tick_number, "entities": state})
+
+    def get_player_state(self, zone_id: UUID, player_id: UUID, full_state: dict) -> dict:
+        return full_state
+
+
 # =============================================================================
 # Server state
 # =============================================================================
@@ -2653,6 +2710,17 @@ class Server:
         self._shut_down = False
         self._heartbeat: asyncio.Task | None = None
 
+    def _load_game(self) -> Any:
+        path = self.cfg.get("game", "module")
+        try:
+            return load_game(path)
+        except ConfigError:
+            if path != DEFAULT_GAME or importlib.util.find_spec("game_modules") is not None:
+                raise
+        log.warning("game_modules/ is not beside gridserver.py: running the built-in demo game "
+                    "(set [game] module to your own)")
+        return BuiltinDemo()
+
     def is_debug_player(self, username: str) -> bool:
         return self.debug and (not self.debug_players or username in self.debug_players)
 
@@ -2668,7 +2736,7 @@ class Server:
             self.world.add_zone(zone, by_zone.get(zone.id, ()))
         log.info("loaded %d zones and %d entities", len(zones), len(entities))
         if self.game is None:
-            self.game = load_game(self.cfg.get("game", "module"))
+            self.game = self._load_game()
         settings = self.cfg.section(self.cfg.get("game", "module"))
         await self.loop.run_in_executor(None, self.game.on_init, FrameworkAPI(self, settings))
         # Long-lived objects (the world) leave the collector's view; collections get rarer.
@@ -3235,7 +3303,9 @@ async def _serve(cfg: Config) -> int:
         print(f"gridserver: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         await runner.cleanup()
         return 2
-    log.info("gridserver listening on http://%s:%d (game %s)", host, port, cfg.get("game", "module"))
+    game = app[SERVER].game
+    log.info("gridserver listening on http://%s:%d (game %s)", host, port,
+             getattr(game, "__name__", type(game).__name__))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
