@@ -197,7 +197,8 @@ OPTIONS: list[_Option] = [
     _Option("game", "module", "game_modules.walkers", "str",
             "dotted path of the game module (package.module or package.module:Name)"),
     _Option("debug", "log_level", "info", "str", "debug, info, warning or error"),
-    _Option("debug", "access_log", "false", "bool", "log every HTTP request"),
+    _Option("debug", "access_log", "false", "bool",
+            "log every HTTP request (method, path without the query string, status, size, time)"),
 ]
 
 
@@ -3271,6 +3272,14 @@ class _EnvelopeRequestHandler(web_protocol.RequestHandler):
         return response
 
 
+class _AccessLogger(web.AbstractAccessLogger):
+    """One line per request, without the query string: a WebSocket URL carries its token there."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info('%s "%s %s" %s %s %.3fs', request.remote, request.method, request.path,
+                         response.status, response.body_length, time)
+
+
 class _EnvelopeServer(web_server.Server):
     def __call__(self) -> web_protocol.RequestHandler:
         return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -3289,6 +3298,7 @@ class _AppRunner(web.AppRunner):
 async def _serve(cfg: Config) -> int:
     app = create_app(cfg)
     runner = _AppRunner(app, access_log=log if cfg.get("debug", "access_log") else None,
+                        access_log_class=_AccessLogger,
                         shutdown_timeout=cfg.get("server", "shutdown_timeout"))
     try:
         await runner.setup()
