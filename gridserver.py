@@ -176,6 +176,8 @@ OPTIONS: list[_Option] = [
     _Option("auth", "session_ttl", "0", "float", "seconds a session lives; 0: until logout", 0),
     _Option("auth", "bcrypt_rounds", "12", "int", "bcrypt cost (4 to 31); 4 only for tests and benchmarks", 4),
     _Option("auth", "bcrypt_threads", "2", "int", "threads that hash passwords off the event loop", 1),
+    _Option("auth", "max_pending_hashes", "128", "int",
+            "logins and registrations waiting for bcrypt at once; more answer 503 busy", 1),
     _Option("tick", "interval", "1.0", "float", "seconds between ticks", 0.001),
     _Option("tick", "max_intents_per_player", "10", "int",
             "intents a player may send per tick; more are dropped with rate_limited", 1),
@@ -1621,7 +1623,9 @@ class Accounts:
     """Registration, login and sessions. bcrypt runs in its own thread pool, off the loop.
 
     Sessions found valid are cached in memory (the server is the only writer of the table);
-    logout removes the session from the cache and the database at once.
+    logout removes the session from the cache and the database at once. At most
+    ``max_pending_hashes`` bcrypt jobs wait at once: past that a login or registration
+    answers 503 ``busy`` at once, rather than queueing longer than any client would wait.
     """
 
     CACHE_LIMIT = 200_000
@@ -1632,17 +1636,25 @@ class Accounts:
         self.min_length = cfg.get("auth", "min_password_length")
         self.ttl = cfg.get("auth", "session_ttl")
         self.executor = ThreadPoolExecutor(cfg.get("auth", "bcrypt_threads"), thread_name_prefix="gridserver-bcrypt")
+        self.max_pending = cfg.get("auth", "max_pending_hashes")
+        self._pending = 0
         self._cache: dict[str, Session] = {}
         self._dummy_hash: bytes | None = None
 
+    async def _bcrypt(self, fn: Callable, *args: Any) -> Any:
+        if self._pending >= self.max_pending:
+            raise ApiError(503, "busy", "Too many logins at once; try again in a few seconds.")
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self._pending -= 1
+
     async def _hash(self, password: bytes) -> str:
-        loop = asyncio.get_running_loop()
-        hashed = await loop.run_in_executor(self.executor, bcrypt.hashpw, password, bcrypt.gensalt(self.rounds))
-        return hashed.decode("ascii")
+        return (await self._bcrypt(bcrypt.hashpw, password, bcrypt.gensalt(self.rounds))).decode("ascii")
 
     async def _check(self, password: bytes, hashed: bytes) -> bool:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, bcrypt.checkpw, password, hashed)
+        return await self._bcrypt(bcrypt.checkpw, password, hashed)
 
     def _password_bytes(self, password: str) -> bytes:
         try:

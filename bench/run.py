@@ -482,7 +482,8 @@ async def logins(players_total: int, burst: int, use_pg: bool, drivers: int) -> 
             zones = await make_zones(http, server, players[0]["token"], max(1, players_total // 50), 64)
             server.stop()  # again at the default cost: the burst's accounts get cost-12 hashes
             server = ServerProcess(db.dsn, {"GRIDSERVER_GAME_MODULES_WALKERS_FOG_RADIUS": "0",
-                                            "GRIDSERVER_AUTH_BCRYPT_ROUNDS": "12"})
+                                            "GRIDSERVER_AUTH_BCRYPT_ROUNDS": "12",
+                                            "GRIDSERVER_AUTH_MAX_PENDING_HASHES": str(burst + accounts)})
             await server.wait_ready(http)
             await make_players(http, server, accounts, "slow", concurrency=accounts)
             for i, p in enumerate(players):  # sessions survive the restart

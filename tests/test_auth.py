@@ -364,3 +364,17 @@ async def test_login_burst_does_not_stall_tick(start_server, dsn):
     assert status == 200
     line = next(ln for ln in text.splitlines() if ln.startswith("gridserver_ticks_total "))
     assert int(float(line.split()[1])) >= ticks_before + ticks
+
+
+async def test_a_login_flood_past_the_bcrypt_queue_gets_503_busy_at_once(start_server, tmp_path):
+    """Past ``max_pending_hashes`` waiting bcrypt jobs, logins answer 503 busy instead of queueing."""
+    running = await start_server(make_config(f"sqlite:///{tmp_path / 'db'}", auth_bcrypt_rounds=10,
+                                             auth_bcrypt_threads=1, auth_max_pending_hashes=2))
+    await running.player("flooded", PASSWORD)
+    body = {"username": "flooded", "password": PASSWORD}
+    answers = await asyncio.gather(*(running.call("POST", "/api/auth/login", json=body) for _ in range(12)))
+    statuses = sorted(status for status, _ in answers)
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
+    assert all(b["error"] == "busy" and b["message"] for s, b in answers if s == 503)
+    status, _ = await running.call("POST", "/api/auth/login", json=body)  # the queue drained: served again
+    assert status == 200
