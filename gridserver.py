@@ -2464,12 +2464,12 @@ class Persister:
         and start just after a tick ends: a flush of 100,000 entities must not delay a tick,
         and every zone's rows then come from the same tick.
         """
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        if engine is not None and engine._task is not None and not engine.paused:
+            with contextlib.suppress(asyncio.TimeoutError):  # not under the lock: zone deletion takes it
+                await asyncio.wait_for(engine.tick_ended(), engine.interval * 2)
         async with self.lock:
-            loop = asyncio.get_running_loop()
-            engine = self.engine
-            if engine is not None and engine._task is not None and not engine.paused:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(engine.tick_ended(), engine.interval * 2)
             rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes)
             t0 = time.monotonic()
             try:
