@@ -1612,6 +1612,7 @@ class Session:
     player_id: UUID
     username: str
     expires_at: float | None  # seconds since the epoch; None: until logout
+    checked_at: float = 0.0   # monotonic time the database last confirmed it
 
 
 def token_digest(token: str) -> str:
@@ -1622,13 +1623,16 @@ def token_digest(token: str) -> str:
 class Accounts:
     """Registration, login and sessions. bcrypt runs in its own thread pool, off the loop.
 
-    Sessions found valid are cached in memory (the server is the only writer of the table);
-    logout removes the session from the cache and the database at once. At most
+    Sessions found valid are cached in memory; logout removes the session from the cache and
+    the database at once. A cached session is confirmed against the database again after
+    ``recheck`` seconds (a session deleted behind the server's back then ends), except while
+    the database is unreachable: sessions in use keep working through an outage. At most
     ``max_pending_hashes`` bcrypt jobs wait at once: past that a login or registration
     answers 503 ``busy`` at once, rather than queueing longer than any client would wait.
     """
 
     CACHE_LIMIT = 200_000
+    recheck = 60.0  #: seconds a cached session is trusted before the database confirms it again
 
     def __init__(self, store: _Store, cfg: Config):
         self.store = store
@@ -1707,12 +1711,20 @@ class Accounts:
             return None
         digest = token_digest(token)
         session = self._cache.get(digest)
+        if session is not None and time.monotonic() - session.checked_at > self.recheck:
+            try:
+                if await self.store.session(digest) is None:
+                    self._cache.pop(digest, None)
+                    return None
+                session.checked_at = time.monotonic()
+            except DatabaseUnavailable:
+                pass  # keep serving the session from memory until the database answers
         if session is None:
             row = await self.store.session(digest)
             if row is None:
                 return None
             expires = row[1].timestamp() if row[1] is not None else None
-            session = Session(digest, row[0], row[2], expires)
+            session = Session(digest, row[0], row[2], expires, time.monotonic())
             if len(self._cache) >= self.CACHE_LIMIT:
                 self._cache.clear()
             self._cache[digest] = session

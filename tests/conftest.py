@@ -56,9 +56,9 @@ def pg_exec(sql: str, dsn: str = PG_DSN) -> list:
 
 
 def db_rows(dsn: str, sql: str) -> list[tuple]:
-    """Rows of ``sql`` read straight from the test's database, bypassing the server."""
+    """Run ``sql`` straight on the test's database, bypassing the server; its rows, if any."""
     if dsn.startswith("sqlite:///"):
-        conn = sqlite3.connect(dsn[len("sqlite:///"):])
+        conn = sqlite3.connect(dsn[len("sqlite:///"):], isolation_level=None)  # autocommit, like pg_exec
         try:
             return conn.execute(sql).fetchall()
         finally:

@@ -378,3 +378,17 @@ async def test_a_login_flood_past_the_bcrypt_queue_gets_503_busy_at_once(start_s
     assert all(b["error"] == "busy" and b["message"] for s, b in answers if s == 503)
     status, _ = await running.call("POST", "/api/auth/login", json=body)  # the queue drained: served again
     assert status == 200
+
+
+async def test_a_session_deleted_in_the_database_ends_after_the_recheck(start_server, dsn):
+    """Sessions are cached, but the database is asked again after ``Accounts.recheck`` seconds."""
+    running = await start_server(make_config(dsn))
+    p = await running.player()
+    status, _ = await running.call("GET", "/api/auth/me", p["token"])
+    assert status == 200                                   # cached now
+    db_rows(dsn, "DELETE FROM sessions")                    # revoked behind the server's back
+    status, _ = await running.call("GET", "/api/auth/me", p["token"])
+    assert status == 200                                   # still trusted within the recheck window
+    running.srv.accounts.recheck = 0.0
+    status, body = await running.call("GET", "/api/auth/me", p["token"])
+    assert status == 401 and body["error"] == "unauthorized"
