@@ -26,15 +26,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Runs gridserver.py as ``python gridserver.py`` would, with the game_modules package made
+#: unimportable: what a lone copy sees on a machine where the project is not installed
+#: (in CI it is installed, so a copy would find the real game_modules).
+_WITHOUT_GAME_MODULES = ("import runpy, sys; sys.modules['game_modules'] = None; "
+                         "runpy.run_path('gridserver.py', run_name='__main__')")
+
+
 @contextlib.asynccontextmanager
 async def server_process(folder, **env_overrides):
-    """``python gridserver.py`` in ``folder`` on a free port; yields (base URL, process). SIGTERM at the end."""
+    """A lone gridserver.py in ``folder`` on a free port; yields (base URL, process). SIGTERM at the end."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
     env.update(GRIDSERVER_SERVER_PORT=str(port), GRIDSERVER_AUTH_BCRYPT_ROUNDS="4",
                GRIDSERVER_TICK_INTERVAL="0.1", PYTHONPATH="", **env_overrides)
     log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "gridserver.py"], cwd=folder, env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-c", _WITHOUT_GAME_MODULES], cwd=folder, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
