@@ -2403,6 +2403,11 @@ class TickEngine:
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run())
 
+    @property
+    def running(self) -> bool:
+        """Ticking on its own schedule: started, not stopped, not paused."""
+        return self._task is not None and not self.paused
+
     async def stop(self, deadline: float | None = None) -> None:
         """Stop scheduling; a tick under way finishes first.
 
@@ -2478,7 +2483,7 @@ class Persister:
         """
         loop = asyncio.get_running_loop()
         engine = self.engine
-        if engine is not None and engine._task is not None and not engine.paused:
+        if engine is not None and engine.running:
             with contextlib.suppress(asyncio.TimeoutError):  # not under the lock: zone deletion takes it
                 await asyncio.wait_for(engine.tick_ended(), engine.interval * 2)
         async with self.lock:

@@ -71,12 +71,18 @@ def dsn_with_schema(schema: str, dsn: str = PG_DSN) -> str:
     return f"{dsn}{sep}options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture(params=[b for b in BACKENDS if b])
-def backend(request):
-    if request.param == "postgres" and not pg_available():
+def require_pg() -> None:
+    """Skip the calling test when PostgreSQL is unreachable (fail it under GRIDSERVER_REQUIRE_PG=1)."""
+    if not pg_available():
         if REQUIRE_PG:
             pytest.fail(f"PostgreSQL required (GRIDSERVER_REQUIRE_PG=1) but {PG_DSN} is unreachable")
         pytest.skip(f"PostgreSQL at {PG_DSN} is unreachable")
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b])
+def backend(request):
+    if request.param == "postgres":
+        require_pg()
     return request.param
 
 
@@ -180,7 +186,7 @@ async def stop_server(running: Running) -> None:
     await running.server.close()
 
 
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
+async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, what: str = "condition"):
     """Poll ``predicate`` (sync or async) until it is truthy; fail after ``timeout`` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -190,7 +196,7 @@ async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
         if value:
             return value
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(interval)
 
 

@@ -184,14 +184,14 @@ class Faulty:
         "surrogate_metadata": lambda self, zone, entities: self._meta(zone, entities, {"s": "\ud800"}),
         "nul_metadata": lambda self, zone, entities: self._meta(zone, entities, {"s": "a\x00b"}),
         "nul_key_metadata": lambda self, zone, entities: self._meta(zone, entities, {"a\x00": 1}),
-        "deep_metadata": lambda self, zone, entities: self._meta(zone, entities, _deep(990)),
-        "too_deep_to_encode": lambda self, zone, entities: self._meta(zone, entities, _deep(1500)),
+        "deep_metadata": lambda self, zone, entities: self._meta(zone, entities, nested_dict(990)),
+        "too_deep_to_encode": lambda self, zone, entities: self._meta(zone, entities, nested_dict(1500)),
         "player_state_raises": lambda self, zone, entities: TickResult(broadcast_state={"player_state": "raise"}),
         "player_state_garbage": lambda self, zone, entities: TickResult(broadcast_state={"player_state": "garbage"}),
     }
 
 
-def _deep(depth: int) -> dict:
+def nested_dict(depth: int) -> dict:
     root: dict = {}
     node = root
     for _ in range(depth - 1):

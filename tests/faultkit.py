@@ -201,20 +201,6 @@ class Client:
         return self.url.replace("http://", "ws://") + f"/ws?token={token}"
 
 
-async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    """Poll ``predicate`` (sync or async) until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(interval)
-
-
 class TickWatch:
     """Counts the server's ticks over a span (from /metrics), to show the tick kept time."""
 

@@ -28,9 +28,8 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
-from conftest import PG_DSN, REQUIRE_PG, dsn_with_schema, pg_available, pg_exec
-from faultkit import (OP_BINARY, OP_TEXT, Client, RawWS, ServerProcess, TickWatch, add_figure,
-                      client_frame, figure, wait_until)
+from conftest import PG_DSN, dsn_with_schema, pg_exec, require_pg, wait_for
+from faultkit import OP_BINARY, OP_TEXT, Client, RawWS, ServerProcess, TickWatch, add_figure, client_frame, figure
 
 #: A soak run (bench/soak.py) multiplies the crash cycles and the abuse waves.
 SOAK_ROUNDS = int(os.environ.get("GRIDSERVER_SOAK_ROUNDS", "1"))
@@ -42,10 +41,7 @@ FAULTY = "tests.fault_games:Faulty"
 @pytest.fixture
 def pg_schema():
     """A fresh PostgreSQL schema; the fault suite's database promises are about PostgreSQL."""
-    if not pg_available():
-        if REQUIRE_PG:
-            pytest.fail(f"PostgreSQL required (GRIDSERVER_REQUIRE_PG=1) but {PG_DSN} is unreachable")
-        pytest.skip(f"PostgreSQL at {PG_DSN} is unreachable")
+    require_pg()
     schema = "f_" + uuid.uuid4().hex[:16]
     pg_exec(f"CREATE SCHEMA {schema}")
     yield schema
@@ -223,12 +219,12 @@ async def test_sigkill_mid_play_keeps_everything_older_than_a_flush(pg_schema, t
         for p, name in zip(players, names):
             await play.join(p["token"], zones[name]["id"])
         try:
-            await wait_until(lambda: all(len(play.frames.get(z, [])) >= 5 for z in names),
+            await wait_for(lambda: all(len(play.frames.get(z, [])) >= 5 for z in names),
                              timeout=20, what="ticks reaching the players")
             must_have = {z: play.last_step(z) for z in names}
             must_spawns = {z: play.seen_spawns(z) for z in names}
             flushed = (await c.metrics())["gridserver_flushes_total"]
-            await wait_until(lambda: _flushes_at_least(c, flushed + 2), timeout=20, what="two more flushes")
+            await wait_for(lambda: _flushes_at_least(c, flushed + 2), timeout=20, what="two more flushes")
             if cycle == 0:
                 await asyncio.sleep(random.uniform(0, 0.3))  # anywhere in the flush cycle
             else:  # inside a flush's transaction, while it writes entity rows
@@ -266,7 +262,7 @@ async def test_sigkill_mid_play_keeps_everything_older_than_a_flush(pg_schema, t
         z = zones["kept ✓"]
         assert (z["id"], z["width"], z["height"], z["metadata"]) == (kept["id"], 7, 9, {"owner": "ü", "n": [1, 2]})
         # The module's first step after the restart continues from exactly the saved one.
-        await wait_until(lambda: {t[0] for t in read_trace(trace)} >= set(names),
+        await wait_for(lambda: {t[0] for t in read_trace(trace)} >= set(names),
                          timeout=10, what="the first ticks after the restart")
         after = read_trace(trace)
         for name in names:
@@ -328,7 +324,7 @@ async def test_sigterm_saves_the_last_tick_and_sends_close_frames(pg_schema, tmp
     await play.join(players[1]["token"], zones["counter-1"]["id"])
     await play.join(players[2]["token"], zones["counter-0"]["id"], spawn=False)
     try:
-        await wait_until(lambda: all(len(play.frames.get(z, [])) >= 5 for z in ("counter-0", "counter-1")),
+        await wait_for(lambda: all(len(play.frames.get(z, [])) >= 5 for z in ("counter-0", "counter-1")),
                          timeout=20, what="ticks reaching the players")
         await asyncio.sleep(random.uniform(0, 0.2))
         srv.send(signal.SIGTERM)
@@ -382,7 +378,7 @@ async def test_database_outage_then_return_without_restart(mode, pg_schema, tmp_
     await play.join(p["token"], zones["counter-0"]["id"])
     slowest = 0.0
     try:
-        await wait_until(lambda: len(play.frames.get("counter-0", [])) >= 5, timeout=20, what="ticks")
+        await wait_for(lambda: len(play.frames.get("counter-0", [])) >= 5, timeout=20, what="ticks")
         before_outage = play.last_step("counter-0")
         proxy.cut() if mode == "refused" else proxy.stall()
 
@@ -391,7 +387,7 @@ async def test_database_outage_then_return_without_restart(mode, pg_schema, tmp_
             return status == 503 and (body["status"], body["database"]) == ("degraded", "down")
 
         async with TickWatch(c, interval) as watch:
-            await wait_until(degraded, timeout=20, what="/healthz degraded")
+            await wait_for(degraded, timeout=20, what="/healthz degraded")
             calls = [
                 ("POST", "/api/auth/register", None, {"username": "u_" + uuid.uuid4().hex[:8], "password": "12345678"}),
                 ("POST", "/api/auth/login", None, {"username": p["username"], "password": p["password"]}),
@@ -422,7 +418,7 @@ async def test_database_outage_then_return_without_restart(mode, pg_schema, tmp_
             assert elapsed <= bound, f"a burst of 30 calls took {elapsed:.1f} s (bound {bound} s)"
             status, body = await c.call("GET", "/api/zones", p["token"])  # a session in use: served from memory
             assert status == 200 and "counter-0" in {z["name"] for z in body["zones"]}, body
-            await wait_until(lambda: play.last_step("counter-0") >= before_outage + 20, timeout=20,
+            await wait_for(lambda: play.last_step("counter-0") >= before_outage + 20, timeout=20,
                              what="ticks during the outage")
         watch.assert_kept_time("the outage")
         m = await c.metrics()
@@ -438,9 +434,9 @@ async def test_database_outage_then_return_without_restart(mode, pg_schema, tmp_
             status, body = await c.call("GET", "/healthz", timeout=5)
             return status == 200 and body["status"] == "ok"
 
-        await wait_until(healthy, timeout=20, what="/healthz ok again")
+        await wait_for(healthy, timeout=20, what="/healthz ok again")
         flushed = (await c.metrics())["gridserver_flushes_total"]
-        await wait_until(lambda: _flushes_at_least(c, flushed + 2), timeout=20, what="flushes after the return")
+        await wait_for(lambda: _flushes_at_least(c, flushed + 2), timeout=20, what="flushes after the return")
     finally:
         await play.stop()
     saved = counter_rows(direct)
@@ -682,10 +678,7 @@ def requests(draw, ids: dict) -> dict:
 
 def _fuzz_server(tmp_path_factory, backend: str):
     if backend == "postgres":
-        if not pg_available():
-            if REQUIRE_PG:
-                pytest.fail(f"PostgreSQL required (GRIDSERVER_REQUIRE_PG=1) but {PG_DSN} is unreachable")
-            pytest.skip(f"PostgreSQL at {PG_DSN} is unreachable")
+        require_pg()
         schema = "f_" + uuid.uuid4().hex[:16]
         pg_exec(f"CREATE SCHEMA {schema}")
         dsn = dsn_with_schema(schema)
@@ -905,15 +898,6 @@ async def test_zone_strings_no_database_can_store_are_400(dsn, start_server):
     assert ok["metadata"] == {"k": "\\u0000 is text here"}
 
 
-def _nested(depth: int) -> dict:
-    root: dict = {}
-    node = root
-    for _ in range(depth - 1):
-        node["d"] = {}
-        node = node["d"]
-    return root
-
-
 async def test_metadata_too_deep_to_load_back_is_400_and_the_world_restarts(dsn, start_server):
     """Zone metadata nested past the limit is refused: stored, it stopped the server from ever
     loading its world again (the PostgreSQL driver's JSON reader recursed)."""
@@ -926,7 +910,7 @@ async def test_metadata_too_deep_to_load_back_is_400_and_the_world_restarts(dsn,
         status, answer = await running.call("POST", "/api/zones", p["token"], data=text,
                                             headers={"Content-Type": "application/json"})
         assert status == 400 and "metadata" in answer["message"] and "100" in answer["message"], answer
-    ok = await running.zone(p["token"], name="deep100", metadata=_nested(100))
+    ok = await running.zone(p["token"], name="deep100", metadata=nested_dict(100))
     await stop_server(running)
     again = await start_server(make_config(dsn, server_debug=True), Passive())
     status, zones = await again.call("GET", "/api/zones", p["token"])
@@ -937,7 +921,7 @@ async def test_metadata_too_deep_to_load_back_is_400_and_the_world_restarts(dsn,
 # Module faults
 # ---------------------------------------------------------------------------------------------
 
-from fault_games import Faulty  # noqa: E402
+from fault_games import Faulty, nested_dict  # noqa: E402
 
 MODULE_FAULTS = ["raise", "hang", "oob", *Faulty.GARBAGE]
 
@@ -1001,7 +985,7 @@ async def test_module_faults_stay_in_their_zone_and_the_zone_recovers(pg_schema,
 
     seen = []
     try:
-        await wait_until(lambda: len(victim.ticks) >= 3 and len(healthy.ticks) >= 3, timeout=20, what="ticks")
+        await wait_for(lambda: len(victim.ticks) >= 3 and len(healthy.ticks) >= 3, timeout=20, what="ticks")
         async with TickWatch(c, interval) as watch:
             for mode in MODULE_FAULTS:
                 before = await victim_state()
@@ -1011,19 +995,19 @@ async def test_module_faults_stay_in_their_zone_and_the_zone_recovers(pg_schema,
                     async def stalled():
                         s = await victim_state()
                         return s["stalled_seconds"] > 0 and s["skipped_ticks"] >= before["skipped_ticks"] + 3 and s
-                    state = await wait_until(stalled, timeout=10, what="the hang to show")
+                    state = await wait_for(stalled, timeout=10, what="the hang to show")
                     assert (await c.metrics())["gridserver_zones_stalled"] == 1
                 elif mode.startswith("player_state"):  # the tick is applied; its frames cannot be built
                     async def failing():
                         s = await victim_state()
                         return s["errors"] >= before["errors"] + 2 and s
-                    state = await wait_until(failing, timeout=10, what=f"{mode} errors")
+                    state = await wait_for(failing, timeout=10, what=f"{mode} errors")
                     assert "get_player_state" in state["last_error"]["message"], state["last_error"]
                 else:
                     async def failing():
                         s = await victim_state()
                         return s["errors"] >= before["errors"] + 2 and s
-                    state = await wait_until(failing, timeout=10, what=f"{mode} errors")
+                    state = await wait_for(failing, timeout=10, what=f"{mode} errors")
                     assert state["last_error"]["kind"] == ("exception" if mode == "raise" else "invalid_result"), \
                         (mode, state["last_error"])
                     assert (await c.metrics())["gridserver_zone_errors_total"] >= errors_before + 2
@@ -1032,14 +1016,14 @@ async def test_module_faults_stay_in_their_zone_and_the_zone_recovers(pg_schema,
                     async def failing():
                         s = await victim_state()
                         return s["errors"] >= before["errors"] + 2 and s
-                    state = await wait_until(failing, timeout=10, what=f"{mode} errors")
+                    state = await wait_for(failing, timeout=10, what=f"{mode} errors")
                     assert state["entities"] == before["entities"], (mode, state["entities"])
                 if mode != "hang":
                     assert state["last_error"]["message"], state
                 seen.append((mode, state["last_error"]["message"][:80] if state["last_error"] else "stalled"))
                 last = victim.ticks[-1][0] if victim.ticks else 0
                 await set_mode("ok")
-                await wait_until(lambda: sum(1 for n, _ in victim.ticks if n > last) >= 3, timeout=10,
+                await wait_for(lambda: sum(1 for n, _ in victim.ticks if n > last) >= 3, timeout=10,
                                  what=f"the zone to recover from {mode}")
         watch.assert_kept_time("the module faults")
         # The healthy zone's player got every tick, in order, while all that went on.
@@ -1050,7 +1034,7 @@ async def test_module_faults_stay_in_their_zone_and_the_zone_recovers(pg_schema,
         # Persistence kept working through it all: the latest steps reach the database.
         want = {"healthy": healthy.ticks[-1][1]["step"], "victim": victim.ticks[-1][1]["step"]}
         flushed = (await c.metrics())["gridserver_flushes_total"]
-        await wait_until(lambda: _flushes_at_least(c, flushed + 2), timeout=10, what="flushes after the faults")
+        await wait_for(lambda: _flushes_at_least(c, flushed + 2), timeout=10, what="flushes after the faults")
         rows = {name: r[0]["meta"]["step"] for name, r in counter_rows(dsn).items()}
         assert rows["healthy"] >= want["healthy"] and rows["victim"] >= want["victim"], (rows, want)
         assert "unhandled error" not in srv.log_text()
@@ -1085,23 +1069,23 @@ async def test_database_refusing_writes_keeps_changes_and_recovers(pg_schema, tm
     await play.join(p["token"], zones["counter-0"]["id"])
     s = pg_schema
     try:
-        await wait_until(lambda: len(play.frames.get("counter-0", [])) >= 5, timeout=20, what="ticks")
+        await wait_for(lambda: len(play.frames.get("counter-0", [])) >= 5, timeout=20, what="ticks")
         pg_exec(f"CREATE TABLE {s}.fault_switch (refuse boolean); INSERT INTO {s}.fault_switch VALUES (true); "
                 f"CREATE FUNCTION {s}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
                 f"IF (SELECT refuse FROM {s}.fault_switch) THEN RAISE EXCEPTION 'entity writes refused'; END IF; "
                 f"RETURN NEW; END $$; "
                 f"CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON {s}.entities FOR EACH ROW EXECUTE FUNCTION {s}.refuse()")
         refused_from = play.last_step("counter-0")
-        await wait_until(lambda: _metric_at_least(c, "gridserver_flush_failures_total", 3), timeout=20,
+        await wait_for(lambda: _metric_at_least(c, "gridserver_flush_failures_total", 3), timeout=20,
                          what="flushes retried while writes are refused")
         status, body = await c.call("GET", "/healthz")
         assert status == 503 and body["status"] == "degraded", body
         refused_to = play.last_step("counter-0")
         assert refused_to > refused_from + 5  # the game went on
         pg_exec(f"UPDATE {s}.fault_switch SET refuse = false")
-        await wait_until(lambda: _healthz_ok(c), timeout=20, what="/healthz ok again")
+        await wait_for(lambda: _healthz_ok(c), timeout=20, what="/healthz ok again")
         flushed = (await c.metrics())["gridserver_flushes_total"]
-        await wait_until(lambda: _flushes_at_least(c, flushed + 2), timeout=20, what="flushes")
+        await wait_for(lambda: _flushes_at_least(c, flushed + 2), timeout=20, what="flushes")
     finally:
         await play.stop()
     saved = counter_rows(dsn)["counter-0"]
@@ -1156,7 +1140,7 @@ class Victim:
         self.ws = await self.http.ws_connect(self.client.ws_url(self.token))
         await self.ws.send_json({"type": "subscribe", "zone_id": self.zone_id})
         self.task = asyncio.ensure_future(self._read())
-        await wait_until(lambda: len(self.numbers) >= 3, timeout=10, what="the victim's first ticks")
+        await wait_for(lambda: len(self.numbers) >= 3, timeout=10, what="the victim's first ticks")
         return self
 
     async def _read(self) -> None:
@@ -1328,7 +1312,7 @@ async def _connection_abuse(tmp_path, processes, http) -> None:
         status, body = await c.call("GET", f"/api/debug/zones/{zone}/state", admin["token"])
         return body["members"]
 
-    await wait_until(lambda: _equals(connections(), 1), timeout=10, what="one connection")
+    await wait_for(lambda: _equals(connections(), 1), timeout=10, what="one connection")
     sockets0, rss = srv.tcp_sockets(), [srv.rss()]
     abused = 0
     try:
@@ -1336,10 +1320,10 @@ async def _connection_abuse(tmp_path, processes, http) -> None:
             for wave in range(2 * SOAK_ROUNDS):  # the same abuse again: it must not need more memory
                 abused += await _abuse_wave(srv, players, zone)
                 # Everything abusive is dropped by the server itself.
-                await wait_until(lambda: _equals(connections(), 1), timeout=30, what="connections back to one")
-                await wait_until(lambda: srv.tcp_sockets() <= sockets0 + 2, timeout=30,
+                await wait_for(lambda: _equals(connections(), 1), timeout=30, what="connections back to one")
+                await wait_for(lambda: srv.tcp_sockets() <= sockets0 + 2, timeout=30,
                                  what=f"sockets back to {sockets0} (silent TCP clients dropped)")
-                await wait_until(lambda: _equals(members(), [admin["id"]]), timeout=10,
+                await wait_for(lambda: _equals(members(), [admin["id"]]), timeout=10,
                                  what="the zone's members back to one")
                 rss.append(srv.rss())
         watch.assert_kept_time("the abuse")

@@ -10,8 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from conftest import (PG_DSN, REQUIRE_PG, ROOT, Passive, dsn_with_schema, make_config, pg_available, pg_exec,
-                      stop_server)
+from conftest import PG_DSN, Passive, ROOT, dsn_with_schema, make_config, pg_exec, require_pg, stop_server
 
 SCHEMA_SQL = os.path.join(ROOT, "schema.sql")
 TABLES = ["entities", "players", "sessions", "zones"]
@@ -20,10 +19,7 @@ TABLES = ["entities", "players", "sessions", "zones"]
 @pytest.fixture
 def pg_schemas():
     """Two fresh, empty PostgreSQL schemas (dropped afterwards)."""
-    if not pg_available():
-        if REQUIRE_PG:
-            pytest.fail(f"PostgreSQL required (GRIDSERVER_REQUIRE_PG=1) but {PG_DSN} is unreachable")
-        pytest.skip(f"PostgreSQL at {PG_DSN} is unreachable")
+    require_pg()
     names = ["s" + c + "_" + uuid.uuid4().hex[:12] for c in "ab"]
     for n in names:
         pg_exec(f"CREATE SCHEMA {n}")
