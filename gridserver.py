@@ -51,6 +51,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import ipaddress
 import itertools
 import logging
 import math
@@ -159,13 +160,16 @@ OPTIONS: list[_Option] = [
     _Option("server", "port", "8080", "int", "TCP port to listen on", 0),
     _Option("server", "debug", "false", "bool", "debug mode: debug routes exist only when true"),
     _Option("server", "debug_players", "", "str",
-            "comma-separated usernames allowed to use debug routes; empty: every player"),
+            "comma-separated usernames allowed to use debug routes; empty: every player (refused unless "
+            "host is a loopback address)"),
     _Option("server", "max_body_size", "65536", "int", "largest REST request body in bytes", 64),
     _Option("server", "max_zone_size", "10000", "int", "largest zone width and height", 1),
     _Option("server", "shutdown_timeout", "10", "float",
             "seconds a graceful stop waits for the final flush", 0),
     _Option("server", "client_timeout", "60", "float",
             "seconds a client may take to send a request's headers or body, and an idle HTTP connection stays open", 0.1),
+    _Option("server", "max_connections_per_address", "256", "int",
+            "open connections (HTTP and WebSocket) one client address may hold; more are answered 429 and closed", 1),
     _Option("database", "dsn", "sqlite:///gridserver.db", "str",
             "postgresql://user@host/db for PostgreSQL through aiopg; sqlite:///PATH for the embedded default"),
     _Option("database", "pool_min", "1", "int", "PostgreSQL pool: connections kept open", 0),
@@ -177,10 +181,22 @@ OPTIONS: list[_Option] = [
     _Option("auth", "bcrypt_rounds", "12", "int", "bcrypt cost (4 to 31); 4 only for tests and benchmarks", 4),
     _Option("auth", "bcrypt_threads", "2", "int", "threads that hash passwords off the event loop", 1),
     _Option("auth", "max_pending_hashes", "128", "int",
-            "logins and registrations waiting for bcrypt at once; more answer 503 busy", 1),
+            "logins and registrations waiting for bcrypt at once; more answer 503 busy (one address: "
+            "at most an eighth of them, more answer 429)", 1),
+    _Option("auth", "max_failed_logins", "10", "int",
+            "failed logins a minute per username and per client address; past it every login of that "
+            "username or address answers 429 too_many_attempts until the minute has passed", 1),
+    _Option("auth", "max_sessions", "100", "int",
+            "sessions one player may hold; a login past it ends the player's oldest session", 1),
     _Option("tick", "interval", "1.0", "float", "seconds between ticks", 0.001),
     _Option("tick", "max_intents_per_player", "10", "int",
-            "intents a player may send per tick; more are dropped with rate_limited", 1),
+            "intents a player may send per zone tick, whichever connection sent them; more are dropped "
+            "with rate_limited", 1),
+    _Option("tick", "max_intents_per_zone", "20000", "int",
+            "intents a zone holds for its next tick (also while paused or stalled); more are dropped "
+            "with rate_limited", 1),
+    _Option("tick", "max_entities_per_zone", "200000", "int",
+            "entities a zone may hold; a tick result that would go past it is rejected", 1),
     _Option("tick", "zone_timeout", "0", "float",
             "seconds a zone's module call may run before the tick goes on without it; 0: half the interval", 0),
     _Option("tick", "paused", "false", "bool", "start with the tick paused (debug stepping)"),
@@ -196,6 +212,10 @@ OPTIONS: list[_Option] = [
             "seconds a dropped player keeps their zone; reconnecting within it resumes the subscription", 0),
     _Option("websocket", "max_behind", "10", "int",
             "ticks a client may fall behind (unsent) before it is disconnected", 1),
+    _Option("websocket", "max_subscribes_per_tick", "2", "int",
+            "subscribes and unsubscribes a player may send per tick; more are refused with rate_limited", 1),
+    _Option("websocket", "max_depth", "32", "int",
+            "deepest nesting of objects and arrays in an intent's data; deeper intents are bad_message", 1),
     _Option("game", "module", "game_modules.walkers", "str",
             "dotted path of the game module (package.module or package.module:Name)"),
     _Option("debug", "log_level", "info", "str", "debug, info, warning or error"),
@@ -316,8 +336,23 @@ def _check_config(cfg: Config) -> None:
         raise ConfigError(f"[debug] log_level: expected debug, info, warning or error, got {cfg.get('debug', 'log_level')!r}")
     if cfg.get("database", "pool_min") > cfg.get("database", "pool_max"):
         raise ConfigError("[database] pool_min: must not exceed pool_max")
+    if cfg.get("server", "debug") and not any(n.strip() for n in cfg.get("server", "debug_players").split(",")) \
+            and not _is_loopback(cfg.get("server", "host")):
+        raise ConfigError(f"[server] debug = true with an empty [server] debug_players would make every player "
+                          f"an admin on {cfg.get('server', 'host')!r}: name the debug players, or listen on "
+                          f"a loopback address")
     if not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", cfg.get("game", "module")):
         raise ConfigError(f"[game] module: expected a dotted path like game_modules.walkers, got {cfg.get('game', 'module')!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _example_ini() -> str:
@@ -344,11 +379,12 @@ def _example_ini() -> str:
 class ApiError(Exception):
     """An error with an HTTP status and a machine code; becomes the JSON envelope at the edge."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 class DatabaseUnavailable(Exception):
@@ -372,8 +408,11 @@ def _json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(text=json_dumps(body), status=status, content_type="application/json")
 
 
-def _error_response(status: int, code: str, message: str) -> web.Response:
-    return _json_response({"error": code, "message": message}, status)
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    response = _json_response({"error": code, "message": message}, status)
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 def _parse_uuid(text: str, code: str = "not_found", what: str = "resource") -> UUID:
@@ -611,6 +650,11 @@ _OPTIONAL_HOOKS = ("on_player_join", "on_player_leave")
 #: Cells per side of one spatial bucket. A query touches only the buckets its area
 #: crosses, so its cost follows the entities near it, not the size of the zone.
 BUCKET_SIZE = 16
+#: An entity (or query) over more buckets than this is "large": it is kept in one list that
+#: every query checks, rather than in each bucket it crosses (memory stays one entry).
+LARGE_BUCKETS = 64
+#: The bucket key of large entities (bucket coordinates never reach 2**62).
+LARGE = -1
 
 
 class SpatialIndex:
@@ -628,13 +672,20 @@ class SpatialIndex:
         self._size = bucket_size
 
     def _keys(self, x: int, y: int, w: int, h: int) -> list[int]:
-        """The bucket keys of a rectangle (of its point when it has no area), clipped at 0."""
+        """The bucket keys of a rectangle (of its point when it has no area), clipped at 0.
+
+        A rectangle over more than ``LARGE_BUCKETS`` buckets has the one key ``LARGE``: such
+        entities are few and are checked by every query, so one 10000x10000 entity costs one
+        set entry instead of hundreds of thousands of buckets.
+        """
         s = self._size
         if w == 0 or h == 0:
             return [(x // s) << 32 | (y // s)] if x >= 0 and y >= 0 else []
         bx0, by0, bx1, by1 = max(x, 0) // s, max(y, 0) // s, (x + w - 1) // s, (y + h - 1) // s
         if bx0 == bx1 and by0 == by1:
             return [bx0 << 32 | by0]
+        if (bx1 - bx0 + 1) * (by1 - by0 + 1) > LARGE_BUCKETS:
+            return [LARGE]
         return [bx << 32 | by for bx in range(bx0, bx1 + 1) for by in range(by0, by1 + 1)]
 
     def insert(self, e: Entity) -> None:
@@ -683,16 +734,27 @@ class SpatialIndex:
             self.insert(e)
 
     def _candidates(self, x: int, y: int, w: int, h: int) -> Iterable[Entity]:
-        """Every entity in the buckets the rectangle crosses, each once."""
-        keys = self._keys(x, y, w, h)
+        """Every entity in the buckets the rectangle crosses (and every large one), each once.
+
+        A query over more buckets than the index holds walks the buckets it holds instead.
+        """
         buckets = self._buckets
-        if len(keys) == 1:
-            return buckets.get(keys[0], ())
-        found: set[Entity] = set()
-        for key in keys:
-            bucket = buckets.get(key)
-            if bucket:
-                found |= bucket
+        large = buckets.get(LARGE)
+        s = self._size
+        bx0, by0, bx1, by1 = max(x, 0) // s, max(y, 0) // s, (x + w - 1) // s, (y + h - 1) // s
+        if bx0 == bx1 and by0 == by1 and not large:
+            return buckets.get(bx0 << 32 | by0, ())
+        found: set[Entity] = set(large) if large else set()
+        if (bx1 - bx0 + 1) * (by1 - by0 + 1) > len(buckets):
+            for key, bucket in buckets.items():
+                if key != LARGE and bx0 <= key >> 32 <= bx1 and by0 <= key & 0xFFFFFFFF <= by1:
+                    found |= bucket
+            return found
+        for bx in range(bx0, bx1 + 1):
+            for by in range(by0, by1 + 1):
+                bucket = buckets.get(bx << 32 | by)
+                if bucket:
+                    found |= bucket
         return found
 
     def query_area(self, x: int, y: int, w: int, h: int) -> list[Entity]:
@@ -734,8 +796,9 @@ class _ZoneState:
     entities: dict[UUID, Entity] = field(default_factory=dict)
     index: SpatialIndex = field(default_factory=SpatialIndex)
     intents: list[Intent] = field(default_factory=list)
-    events: list[tuple[str, UUID]] = field(default_factory=list)  # ("join"|"leave", player)
-    intent_generation: int = 0          # bumped when the tick takes the intents
+    intent_counts: dict[UUID, int] = field(default_factory=dict)  # per player, for the next tick
+    limited: set = field(default_factory=set)  # connections told ``rate_limited`` for the next tick
+    events: dict[UUID, str] = field(default_factory=dict)  # player -> "join"|"leave", net, in order
     ticks: int = 0                      # ticks this zone has processed
     errors: int = 0
     last_error: dict | None = None
@@ -766,8 +829,9 @@ class World:
     and ``deleted`` (ids) are what the next persistence flush must write or remove.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_entities_per_zone: int = 200_000) -> None:
         self.lock = threading.RLock()
+        self.max_entities = max_entities_per_zone
         self.zones: dict[UUID, _ZoneState] = {}
         self.entity_zone: dict[UUID, _ZoneState] = {}
         self.dirty: set[Entity] = set()
@@ -795,6 +859,20 @@ class World:
                     self.deleted.discard(eid)
             return zs
 
+    def restore_zone(self, zs: _ZoneState) -> None:
+        """Put back a zone taken out by ``remove_zone`` (its deletion failed); its entities
+        are all written again by the next flush. An entity whose id another zone took
+        meanwhile stays there."""
+        with self.lock:
+            self.zones[zs.zone.id] = zs
+            for eid, e in list(zs.entities.items()):
+                if eid in self.entity_zone:
+                    del zs.entities[eid]
+                    zs.index.remove(e)
+                    continue
+                self.entity_zone[eid] = zs
+                self.dirty.add(e)
+
     def zone_by_name(self, name: str) -> _ZoneState | None:
         for zs in list(self.zones.values()):
             if zs.zone.name == name:
@@ -805,6 +883,16 @@ class World:
     def get_entity(self, entity_id: UUID) -> Entity | None:
         zs = self.entity_zone.get(entity_id)
         return None if zs is None else zs.entities.get(entity_id)
+
+    def zone_entities_json(self, zs: _ZoneState) -> list[dict]:
+        """A zone's entities as JSON, as of one moment (taken under the lock)."""
+        with self.lock:
+            return [e.to_json() for e in zs.entities.values()]
+
+    def entity_json(self, entity_id: UUID) -> dict | None:
+        with self.lock:
+            e = self.get_entity(entity_id)
+            return None if e is None else e.to_json()
 
     def entities_of(self, zone_id: UUID) -> list[Entity]:
         zs = self.zones.get(zone_id)
@@ -900,6 +988,9 @@ class World:
                 raise TickRejected(f"delete of unknown entity {eid}")
             gone.add(eid)
             deletes.append(eid)
+        if creates and len(entities) + len(creates) - len(deletes) > self.max_entities:
+            raise TickRejected(f"the zone would hold {len(entities) + len(creates) - len(deletes)} entities, "
+                               f"more than [tick] max_entities_per_zone ({self.max_entities})")
         return creates, updates, deletes
 
     def _validate_updates(self, zs: _ZoneState, changes: list, born: dict, repeated: bool) -> list[tuple]:
@@ -1100,7 +1191,12 @@ class Metrics:
         "zone_errors_total": "zone ticks rejected (module exception or invalid result)",
         "zone_ticks_skipped_total": "zone ticks skipped because the zone's module call was still running",
         "intents_accepted_total": "intents queued for a tick",
-        "intents_dropped_total": "intents dropped by the per-tick limit or because the zone went away",
+        "intents_dropped_total": "intents dropped by the per-player or per-zone tick limits",
+        "subscribes_dropped_total": "subscribes and unsubscribes refused by the per-tick limit",
+        "bad_intents_total": "intents refused at the door: numbers JSON cannot carry, nesting too deep",
+        "logins_throttled_total": "logins and registrations answered 429 (failed-login limits, a share of bcrypt)",
+        "failed_logins_total": "logins with a wrong password or an unknown user",
+        "connections_refused_total": "connections refused for max_connections_per_address",
         "messages_sent_total": "WebSocket messages handed to sockets",
         "bytes_sent_total": "WebSocket payload bytes handed to sockets",
         "ticks_dropped_total": "tick messages replaced by a newer one before a slow client took them",
@@ -1229,6 +1325,10 @@ _SQL = {
                "WHERE s.token_digest = %s",
     "delete_session": "DELETE FROM sessions WHERE token_digest = %s",
     "delete_expired_sessions": "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at < %s",
+    "delete_player_sessions": "DELETE FROM sessions WHERE player_id = %s RETURNING token_digest",
+    "delete_old_sessions": "DELETE FROM sessions WHERE player_id = %s AND token_digest NOT IN ("
+                           "SELECT token_digest FROM sessions WHERE player_id = %s "
+                           "ORDER BY created_at DESC, token_digest LIMIT %s) RETURNING token_digest",
     "insert_zone": "INSERT INTO zones (id, name, width, height, metadata, created_at, updated_at) "
                    "VALUES (%s, %s, %s, %s, %s, %s, %s)",
     "delete_zone_entities": "DELETE FROM entities WHERE zone_id = %s",
@@ -1240,6 +1340,8 @@ _SQL = {
 
 #: One flush chunk: the rows travel as one JSON array parameter, unpacked by PostgreSQL, so a
 #: chunk of thousands of entities is one statement. Rows of zones deleted meanwhile are skipped.
+#: Every column is written, ``zone_id`` and ``created_at`` too: an entity that a module deleted
+#: in one zone and created with the same id in another is saved as moved, as memory has it.
 _PG_UPSERT_ENTITIES = """
 INSERT INTO entities (id, zone_id, x, y, width, height, metadata, created_at, updated_at)
 SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::int, (r->>3)::int, (r->>4)::int, (r->>5)::int,
@@ -1247,8 +1349,9 @@ SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::int, (r->>3)::int, (r->>4)::int, (
 FROM json_array_elements(%s::json) AS r
 WHERE EXISTS (SELECT 1 FROM zones z WHERE z.id = (r->>1)::uuid)
 ON CONFLICT (id) DO UPDATE SET
-    x = EXCLUDED.x, y = EXCLUDED.y, width = EXCLUDED.width, height = EXCLUDED.height,
-    metadata = EXCLUDED.metadata, updated_at = EXCLUDED.updated_at
+    zone_id = EXCLUDED.zone_id, x = EXCLUDED.x, y = EXCLUDED.y, width = EXCLUDED.width,
+    height = EXCLUDED.height, metadata = EXCLUDED.metadata, created_at = EXCLUDED.created_at,
+    updated_at = EXCLUDED.updated_at
 """
 _PG_DELETE_ENTITIES = "DELETE FROM entities WHERE id = ANY(%s::uuid[])"
 
@@ -1256,8 +1359,9 @@ _SQLITE_UPSERT_ENTITY = """
 INSERT INTO entities (id, zone_id, x, y, width, height, metadata, created_at, updated_at)
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM zones WHERE id = ?)
 ON CONFLICT (id) DO UPDATE SET
-    x = excluded.x, y = excluded.y, width = excluded.width, height = excluded.height,
-    metadata = excluded.metadata, updated_at = excluded.updated_at
+    zone_id = excluded.zone_id, x = excluded.x, y = excluded.y, width = excluded.width,
+    height = excluded.height, metadata = excluded.metadata, created_at = excluded.created_at,
+    updated_at = excluded.updated_at
 """
 _SQLITE_DELETE_ENTITY = "DELETE FROM entities WHERE id = ?"
 
@@ -1290,8 +1394,10 @@ class _Store:
     async def session(self, digest: str) -> tuple[UUID, _dt.datetime | None, str] | None: ...
     async def delete_session(self, digest: str) -> None: ...
     async def delete_expired_sessions(self, now: _dt.datetime) -> None: ...
+    async def delete_sessions(self, player_id: UUID, keep: int = 0) -> list[str]:
+        """End the player's sessions but the ``keep`` newest; the digests of those ended."""
     async def insert_zone(self, zone: Zone) -> None: ...
-    async def delete_zone(self, zone_id: UUID) -> None: ...
+    async def delete_zone(self, zone_id: UUID, entity_ids: list[UUID]) -> None: ...
     async def load(self) -> tuple[list[Zone], list[Entity]]: ...
     def prepare_flush(self, rows: list[tuple], deleted: list[UUID]) -> Any: ...
     async def flush(self, prepared: Any) -> None: ...
@@ -1385,6 +1491,11 @@ class PostgresStore(_Store):
         await cur.execute(sql, args)
         return await cur.fetchone() if cur.description else None
 
+    @staticmethod
+    async def _all(cur: Any, sql: str, args: tuple) -> list[tuple]:
+        await cur.execute(sql, args)
+        return await cur.fetchall()
+
     async def _tx(self, cur: Any, steps: list[tuple[str, tuple]]) -> None:
         await cur.execute("BEGIN")
         try:
@@ -1426,13 +1537,21 @@ class PostgresStore(_Store):
     async def delete_expired_sessions(self, now):
         await self._run(self._one, _SQL["delete_expired_sessions"], (now,))
 
+    async def delete_sessions(self, player_id, keep=0):
+        pid = str(player_id)
+        sql, args = ((_SQL["delete_old_sessions"], (pid, pid, keep)) if keep
+                     else (_SQL["delete_player_sessions"], (pid,)))
+        return [r[0] for r in await self._run(self._all, sql, args)]
+
     async def insert_zone(self, zone):
         await self._run(self._one, _SQL["insert_zone"], (str(zone.id), zone.name, zone.width, zone.height,
                                                          json_dumps(zone.metadata), zone.created_at, zone.updated_at))
 
-    async def delete_zone(self, zone_id):
+    async def delete_zone(self, zone_id, entity_ids):
         zid = str(zone_id)
-        await self._run(self._tx, [(_SQL["delete_zone_entities"], (zid,)), (_SQL["delete_zone"], (zid,))])
+        await self._run(self._tx, [(_SQL["delete_zone_entities"], (zid,)),
+                                   (_PG_DELETE_ENTITIES, ([str(e) for e in entity_ids],)),
+                                   (_SQL["delete_zone"], (zid,))])
 
     async def load(self):
         async def fetch(cur: Any) -> tuple[list, list]:
@@ -1521,6 +1640,9 @@ class SqliteStore(_Store):
     def _one(self, name: str, args: tuple) -> tuple | None:
         return self._conn.execute(self._q(name), args).fetchone()
 
+    def _all(self, name: str, args: tuple) -> list[tuple]:
+        return self._conn.execute(self._q(name), args).fetchall()
+
     def _tx(self, steps: list[tuple[str, Any, bool]]) -> None:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
@@ -1562,14 +1684,20 @@ class SqliteStore(_Store):
     async def delete_expired_sessions(self, now):
         await self._call(self._one, "delete_expired_sessions", (_iso(now),))
 
+    async def delete_sessions(self, player_id, keep=0):
+        pid = str(player_id)
+        name, args = ("delete_old_sessions", (pid, pid, keep)) if keep else ("delete_player_sessions", (pid,))
+        return [r[0] for r in await self._call(self._all, name, args)]
+
     async def insert_zone(self, zone):
         await self._call(self._one, "insert_zone", (str(zone.id), zone.name, zone.width, zone.height,
                                                     json_dumps(zone.metadata), _iso(zone.created_at),
                                                     _iso(zone.updated_at)))
 
-    async def delete_zone(self, zone_id):
+    async def delete_zone(self, zone_id, entity_ids):
         zid = str(zone_id)
         await self._call(self._tx, [(self._q("delete_zone_entities"), (zid,), False),
+                                    (_SQLITE_DELETE_ENTITY, [(str(e),) for e in entity_ids], True),
                                     (self._q("delete_zone"), (zid,), False)])
 
     async def load(self):
@@ -1620,45 +1748,120 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class _FailureWindow:
+    """Failures per key (a username, a client address) over the last ``window`` seconds.
+
+    A key with ``limit`` failures in the window is locked until the oldest of them is
+    ``window`` seconds old. At most ``max_keys`` keys are remembered: past that, keys whose
+    failures have all expired go first, then the oldest keys.
+    """
+
+    def __init__(self, limit: int, window: float = 60.0, max_keys: int = 100_000):
+        self.limit, self.window, self.max_keys = limit, window, max_keys
+        self._fails: dict[str, collections.deque[float]] = {}
+
+    def retry_after(self, key: str, now: float) -> float:
+        """Seconds until ``key`` may try again (0: it may now)."""
+        fails = self._fails.get(key)
+        if fails is None:
+            return 0.0
+        while fails and fails[0] <= now - self.window:
+            fails.popleft()
+        if not fails:
+            del self._fails[key]
+            return 0.0
+        return fails[0] + self.window - now if len(fails) >= self.limit else 0.0
+
+    def fail(self, key: str, now: float) -> bool:
+        """Count a failure of ``key``; True when this failure locked it (not when it was already)."""
+        locked = self.retry_after(key, now) > 0
+        fails = self._fails.get(key)
+        if fails is None:
+            if len(self._fails) >= self.max_keys:
+                self._forget(now)
+            fails = self._fails[key] = collections.deque(maxlen=self.limit)
+        fails.append(now)
+        return not locked and len(fails) >= self.limit
+
+    def _forget(self, now: float) -> None:
+        for key in [k for k, f in self._fails.items() if not f or f[-1] <= now - self.window]:
+            del self._fails[key]
+        for key in list(itertools.islice(self._fails, max(0, len(self._fails) - self.max_keys // 2))):
+            del self._fails[key]
+
+
 class Accounts:
     """Registration, login and sessions. bcrypt runs in its own thread pool, off the loop.
 
     Sessions found valid are cached in memory; logout removes the session from the cache and
     the database at once. A cached session is confirmed against the database again after
     ``recheck`` seconds (a session deleted behind the server's back then ends), except while
-    the database is unreachable: sessions in use keep working through an outage. At most
-    ``max_pending_hashes`` bcrypt jobs wait at once: past that a login or registration
-    answers 503 ``busy`` at once, rather than queueing longer than any client would wait.
+    the database is unreachable: sessions in use keep working through an outage.
+
+    Policies against floods and guessing:
+
+    * At most ``max_pending_hashes`` bcrypt jobs wait at once: past that a login or
+      registration answers 503 ``busy`` at once, rather than queueing longer than any client
+      would wait. One client address may hold at most an eighth of them (429 past that), so
+      an anonymous flood from one address never locks the others out.
+    * ``max_failed_logins`` failures a minute per username and per client address: past that,
+      every login of that username or from that address answers 429 ``too_many_attempts``
+      with ``Retry-After``, even with the right password, without any bcrypt work, until the
+      oldest failure is a minute old. Failed logins are logged (username and address, never
+      the password). The price of the username limit: anyone can keep one player from
+      logging in for as long as they keep failing as that player, 10 times a minute from
+      addresses of their own; sessions in use are not touched.
+    * A player holds at most ``max_sessions`` sessions: a login past that ends the oldest.
     """
 
     CACHE_LIMIT = 200_000
     recheck = 60.0  #: seconds a cached session is trusted before the database confirms it again
 
-    def __init__(self, store: _Store, cfg: Config):
+    def __init__(self, store: _Store, cfg: Config, metrics: "Metrics | None" = None):
         self.store = store
+        self.metrics = metrics or Metrics()
         self.rounds = cfg.get("auth", "bcrypt_rounds")
         self.min_length = cfg.get("auth", "min_password_length")
         self.ttl = cfg.get("auth", "session_ttl")
         self.executor = ThreadPoolExecutor(cfg.get("auth", "bcrypt_threads"), thread_name_prefix="gridserver-bcrypt")
         self.max_pending = cfg.get("auth", "max_pending_hashes")
+        self.max_pending_per_address = max(1, self.max_pending // 8)
+        self.max_sessions = cfg.get("auth", "max_sessions")
+        limit = cfg.get("auth", "max_failed_logins")
+        self.failed_by_name = _FailureWindow(limit)
+        self.failed_by_address = _FailureWindow(limit)
         self._pending = 0
+        self._pending_by_address: dict[str, int] = {}
         self._cache: dict[str, Session] = {}
         self._dummy_hash: bytes | None = None
 
-    async def _bcrypt(self, fn: Callable, *args: Any) -> Any:
+    def _too_many(self, seconds: float, what: str) -> ApiError:
+        self.metrics.logins_throttled_total += 1
+        wait = max(1, math.ceil(seconds))
+        return ApiError(429, "too_many_attempts", f"Too many {what}; try again in {wait} seconds.",
+                        {"Retry-After": str(wait)})
+
+    async def _bcrypt(self, address: str, fn: Callable, *args: Any) -> Any:
         if self._pending >= self.max_pending:
             raise ApiError(503, "busy", "Too many logins at once; try again in a few seconds.")
+        mine = self._pending_by_address.get(address, 0)
+        if mine >= self.max_pending_per_address:
+            raise self._too_many(1, "logins at once from your address")
         self._pending += 1
+        self._pending_by_address[address] = mine + 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         finally:
             self._pending -= 1
+            left = self._pending_by_address.pop(address) - 1
+            if left:
+                self._pending_by_address[address] = left
 
-    async def _hash(self, password: bytes) -> str:
-        return (await self._bcrypt(bcrypt.hashpw, password, bcrypt.gensalt(self.rounds))).decode("ascii")
+    async def _hash(self, password: bytes, address: str = "") -> str:
+        return (await self._bcrypt(address, bcrypt.hashpw, password, bcrypt.gensalt(self.rounds))).decode("ascii")
 
-    async def _check(self, password: bytes, hashed: bytes) -> bool:
-        return await self._bcrypt(bcrypt.checkpw, password, hashed)
+    async def _check(self, password: bytes, hashed: bytes, address: str) -> bool:
+        return await self._bcrypt(address, bcrypt.checkpw, password, hashed)
 
     def _password_bytes(self, password: str) -> bytes:
         try:
@@ -1673,14 +1876,14 @@ class Accounts:
             raise ApiError(400, "bad_request", "The field 'password' must not contain NUL characters.")
         return raw
 
-    async def register(self, username: str, password: str) -> dict:
+    async def register(self, username: str, password: str, address: str = "") -> dict:
         if not _USERNAME_RE.fullmatch(username):
             raise ApiError(400, "bad_request",
                            "The field 'username' must be 3 to 32 characters of letters, digits, '_', '.' or '-'.")
         raw = self._password_bytes(password)
         if await self.store.player_by_name(username) is not None:
             raise ApiError(409, "username_taken", f"The username {username!r} is taken.")
-        hashed = await self._hash(raw)
+        hashed = await self._hash(raw, address)
         player_id, created = uuid.uuid4(), _now()
         try:
             await self.store.insert_player(player_id, username, hashed, created)
@@ -1688,22 +1891,48 @@ class Accounts:
             raise ApiError(409, "username_taken", f"The username {username!r} is taken.") from None
         return {"id": str(player_id), "username": username, "created_at": _iso(created)}
 
-    async def login(self, username: str, password: str) -> dict:
-        """Unknown users and wrong passwords get the same answer after the same bcrypt work."""
+    async def login(self, username: str, password: str, address: str = "") -> tuple[dict, list[str]]:
+        """Log in: (the answer, digests of the player's sessions this login ended).
+
+        Unknown users and wrong passwords get the same answer after the same bcrypt work; a
+        username or address over ``max_failed_logins`` gets 429 before any (see the class).
+        """
+        valid_name = _USERNAME_RE.fullmatch(username) is not None
+        clock = time.monotonic()
+        wait = max(self.failed_by_name.retry_after(username, clock) if valid_name else 0.0,
+                   self.failed_by_address.retry_after(address, clock))
+        if wait > 0:
+            raise self._too_many(wait, "failed logins for this username or from your address")
         if self._dummy_hash is None:
-            self._dummy_hash = (await self._hash(secrets.token_bytes(16))).encode("ascii")
-        raw = password.encode("utf-8", "surrogatepass")[:72].replace(b"\x00", b"")
-        player = await self.store.player_by_name(username) if _USERNAME_RE.fullmatch(username) else None
+            self._dummy_hash = (await self._hash(secrets.token_bytes(16), address)).encode("ascii")
+        full = password.encode("utf-8", "surrogatepass")
+        raw = full[:72].replace(b"\x00", b"")  # bcrypt refuses NUL; the check below fails such a password
+        player = await self.store.player_by_name(username) if valid_name else None
         hashed = player["password_hash"].encode("ascii") if player else self._dummy_hash
-        ok = await self._check(raw, hashed)
-        if not ok or player is None or len(password.encode("utf-8", "surrogatepass")) > 72:
+        ok = await self._check(raw, hashed, address)
+        if not ok or player is None or len(full) > 72 or b"\x00" in full:
+            self._failed(username if valid_name else None, address)
             raise ApiError(401, "invalid_credentials", "The username or password is wrong.")
         token = secrets.token_urlsafe(32)
         now = _now()
         expires = now + _dt.timedelta(seconds=self.ttl) if self.ttl else None
         await self.store.insert_session(token_digest(token), player["id"], now, expires)
         await self.store.set_last_login(player["id"], now)
-        return {"token": token, "player_id": str(player["id"]), "expires_at": _iso(expires)}
+        ended = await self.store.delete_sessions(player["id"], keep=self.max_sessions)
+        for digest in ended:
+            self._cache.pop(digest, None)
+        return {"token": token, "player_id": str(player["id"]), "expires_at": _iso(expires)}, ended
+
+    def _failed(self, username: str | None, address: str) -> None:
+        """Count and log a failed login (never the password)."""
+        self.metrics.failed_logins_total += 1
+        clock = time.monotonic()
+        log.info("failed login for %r from %s", (username or "(not a valid username)")[:40], address or "?")
+        for window, key, what in ((self.failed_by_name, username, "username"),
+                                  (self.failed_by_address, address, "address")):
+            if key is not None and window.fail(key, clock):
+                log.warning("%d failed logins a minute for the %s %r: its logins answer 429 for a minute",
+                            window.limit, what, key[:40])
 
     async def authenticate(self, token: str | None) -> Session | None:
         """The live session of ``token``, or None when it is unknown, expired or logged out."""
@@ -1733,9 +1962,16 @@ class Accounts:
             return None
         return session
 
-    async def logout(self, session: Session) -> None:
-        await self.store.delete_session(session.digest)
-        self._cache.pop(session.digest, None)
+    async def logout(self, session: Session, everywhere: bool = False) -> list[str]:
+        """End the session (``everywhere``: every session of its player); the digests ended."""
+        if everywhere:
+            ended = await self.store.delete_sessions(session.player_id)
+        else:
+            await self.store.delete_session(session.digest)
+            ended = []
+        for digest in {session.digest, *ended}:
+            self._cache.pop(digest, None)
+        return ended or [session.digest]
 
     async def me(self, session: Session) -> dict:
         player = await self.store.player_by_id(session.player_id)
@@ -1786,8 +2022,7 @@ class Connection:
     """
 
     __slots__ = ("ws", "transport", "session", "player_id", "username", "zone_id", "connected_at",
-                 "behind", "closed", "intent_generation", "intent_count", "told_rate_limited",
-                 "expiry_handle", "hub", "received", "seen", "pinged")
+                 "behind", "closed", "expiry_handle", "hub", "received", "seen", "pinged")
 
     def __init__(self, hub: "Hub", ws: web.WebSocketResponse, transport: Any, session: Session):
         self.hub = hub
@@ -1800,9 +2035,6 @@ class Connection:
         self.connected_at = _now()
         self.behind = 0
         self.closed = False
-        self.intent_generation = -1
-        self.intent_count = 0
-        self.told_rate_limited = False
         self.expiry_handle: asyncio.TimerHandle | None = None
         self.received = 0  # frames from the client, pongs included: the heartbeat's evidence of life
         self.seen = 0
@@ -1859,6 +2091,18 @@ class Connection:
                 self.transport.abort()
 
 
+def _queue_event(zs: _ZoneState, player_id: UUID, kind: str) -> None:
+    """Queue a join or leave for the zone's next tick. A join and a leave of one player
+    before that tick cancel out: the module sees neither (a player who left and came back
+    keeps what the module gave them; one who came and went never gets an avatar). So a
+    zone holds at most one pending event per player."""
+    pending = zs.events.get(player_id)
+    if pending is not None and pending != kind:
+        del zs.events[player_id]
+    else:
+        zs.events[player_id] = kind
+
+
 class Hub:
     """Who is connected, who is in which zone, and the messages they are owed.
 
@@ -1874,11 +2118,14 @@ class Hub:
         self.heartbeat = cfg.get("websocket", "heartbeat")
         self.grace = cfg.get("websocket", "reconnect_grace")
         self.max_intents = cfg.get("tick", "max_intents_per_player")
+        self.max_zone_intents = cfg.get("tick", "max_intents_per_zone")
+        self.max_subscribes = cfg.get("websocket", "max_subscribes_per_tick")
         self.max_behind = cfg.get("websocket", "max_behind")
         self.conns: dict[UUID, Connection] = {}
         self.subscribers: dict[UUID, dict[UUID, Connection]] = collections.defaultdict(dict)
         self.members: dict[UUID, set[UUID]] = collections.defaultdict(set)
         self._grace: dict[UUID, tuple[UUID, asyncio.TimerHandle]] = {}
+        self._moves: dict[UUID, int] = {}  # subscribes and unsubscribes per player this tick
         self._seq = itertools.count(1)
 
     # -- membership ----------------------------------------------------------------------
@@ -1886,7 +2133,7 @@ class Hub:
         zs = self.world.zones.get(zone_id)
         if zs is not None and player_id not in self.members[zone_id]:
             self.members[zone_id].add(player_id)
-            zs.events.append(("join", player_id))
+            _queue_event(zs, player_id, "join")
 
     def _leave(self, zone_id: UUID, player_id: UUID) -> None:
         members = self.members.get(zone_id)
@@ -1894,7 +2141,7 @@ class Hub:
             members.discard(player_id)
             zs = self.world.zones.get(zone_id)
             if zs is not None:
-                zs.events.append(("leave", player_id))
+                _queue_event(zs, player_id, "leave")
 
     def _grace_expired(self, player_id: UUID) -> None:
         entry = self._grace.pop(player_id, None)
@@ -1956,6 +2203,23 @@ class Hub:
                     del self.subscribers[conn.zone_id]
         conn.zone_id = None
 
+    def new_tick(self) -> None:
+        """A tick starts: every player may subscribe and unsubscribe again."""
+        self._moves.clear()
+
+    def _may_move(self, conn: Connection) -> bool:
+        """Count one subscribe or unsubscribe of the player against ``max_subscribes_per_tick``
+        (whichever connection sent it); past it, answer ``rate_limited`` and refuse it."""
+        n = self._moves.get(conn.player_id, 0) + 1
+        self._moves[conn.player_id] = n
+        if n <= self.max_subscribes:
+            return True
+        self.metrics.subscribes_dropped_total += 1
+        if n == self.max_subscribes + 1:
+            conn.error("rate_limited", f"At most {self.max_subscribes} subscribes and unsubscribes per tick; "
+                                       "the rest are refused.")
+        return False
+
     def subscribe(self, conn: Connection, zone_id: UUID) -> None:
         """Leave the current zone (if another) and join ``zone_id``; answer ``subscribed``.
 
@@ -1963,6 +2227,8 @@ class Hub:
         moment of delivery, so no tick of the old zone can follow the answer. ``zone_id`` is
         always the zone's own id object, so that check is an identity test.
         """
+        if not self._may_move(conn):
+            return
         zone_id = self.world.zones[zone_id].zone.id
         if conn.zone_id != zone_id:
             if conn.zone_id is not None:
@@ -1975,6 +2241,8 @@ class Hub:
         conn.send({"type": "subscribed", "zone_id": str(zone_id)})
 
     def unsubscribe(self, conn: Connection) -> None:
+        if not self._may_move(conn):
+            return
         if conn.zone_id is not None:
             old = conn.zone_id
             self._unsubscribe_conn(conn)
@@ -1982,27 +2250,30 @@ class Hub:
         conn.send({"type": "unsubscribed"})
 
     def add_intent(self, conn: Connection, data: dict) -> None:
-        """Queue an intent for the next tick of the player's zone, within the per-tick limit.
+        """Queue an intent for the next tick of the player's zone, within the per-tick limits.
 
-        The limit counts intents per zone tick: the count starts again when the zone's
-        tick takes its queue. Only the first intent dropped in a tick gets an error message.
+        ``max_intents_per_player`` counts per player and zone tick, whichever connection sent
+        them (reconnecting does not reset it), and ``max_intents_per_zone`` bounds the zone's
+        whole queue (also while the tick is paused or the zone stalled): the counts start
+        again when the zone's tick takes its queue. Only the first intent a connection has
+        dropped in a tick gets an error message.
         """
         zs = self.world.zones.get(conn.zone_id) if conn.zone_id is not None else None
         if zs is None:
             conn.error("not_subscribed", "Subscribe to a zone before sending intents.")
             return
-        if conn.intent_generation != zs.intent_generation:
-            conn.intent_generation = zs.intent_generation
-            conn.intent_count = 0
-            conn.told_rate_limited = False
-        if conn.intent_count >= self.max_intents:
+        player_id = conn.player_id
+        n = zs.intent_counts.get(player_id, 0)
+        if n >= self.max_intents or len(zs.intents) >= self.max_zone_intents:
             self.metrics.intents_dropped_total += 1
-            if not conn.told_rate_limited:
-                conn.told_rate_limited = True
-                conn.error("rate_limited", f"At most {self.max_intents} intents per tick; the rest are dropped.")
+            if conn not in zs.limited:
+                zs.limited.add(conn)
+                why = (f"At most {self.max_intents} intents per tick" if n >= self.max_intents
+                       else f"The zone holds {self.max_zone_intents} intents for its next tick")
+                conn.error("rate_limited", why + "; the rest are dropped.")
             return
-        conn.intent_count += 1
-        zs.intents.append(Intent(conn.player_id, zs.zone.id, data, time.time(), next(self._seq)))
+        zs.intent_counts[player_id] = n + 1
+        zs.intents.append(Intent(player_id, zs.zone.id, data, time.time(), next(self._seq)))
         self.metrics.intents_accepted_total += 1
 
     def zone_deleted(self, zone_id: UUID) -> None:
@@ -2018,10 +2289,17 @@ class Hub:
 
     async def end_session(self, digest: str) -> None:
         """Close the connection of a session that logged out or expired (no grace period)."""
-        for conn in list(self.conns.values()):
-            if conn.session.digest == digest:
-                self.detach(conn, keep_zone=False)
-                await conn.close(CLOSE_SESSION_ENDED, "session ended")
+        await self.end_sessions([digest])
+
+    async def end_sessions(self, digests: list[str]) -> None:
+        """Close the connections of sessions that ended (no grace period)."""
+        if not digests:
+            return
+        ended = set(digests)
+        closing = [c for c in list(self.conns.values()) if c.session.digest in ended]
+        for conn in closing:
+            self.detach(conn, keep_zone=False)
+        await asyncio.gather(*(c.close(CLOSE_SESSION_ENDED, "session ended") for c in closing))
 
     async def heartbeat_loop(self) -> None:
         """Find dead peers without a timer per connection.
@@ -2318,6 +2596,7 @@ class TickEngine:
         self.tick_number += 1
         n = self.tick_number
         self._last_sent = 0.0
+        self.hub.new_tick()
         jobs = []
         subscribers = self.hub.subscribers
         for zs in list(self.world.zones.values()):
@@ -2326,8 +2605,9 @@ class TickEngine:
                 self.metrics.zone_ticks_skipped_total += 1
                 continue
             intents, zs.intents = zs.intents, []
-            zs.intent_generation += 1
-            events, zs.events = zs.events, []
+            zs.intent_counts, zs.limited = {}, set()
+            events = [(kind, player_id) for player_id, kind in zs.events.items()]
+            zs.events = {}
             subs = subscribers.get(zs.zone.id)
             job = _ZoneJob(zs, n, list(zs.entities.values()), intents, events,
                            list(subs.values()) if subs else [])
@@ -2496,7 +2776,8 @@ class Persister:
                 else:
                     await self.store.ping()
             except BaseException as exc:  # nothing taken out of the dirty set may be lost
-                self.world.restore_changes(rows, deleted)
+                restoring = loop.run_in_executor(self.executor, self.world.restore_changes, rows, deleted)
+                await asyncio.shield(restoring)  # cancelled or not, the changes go back
                 if not isinstance(exc, Exception):  # cancelled: the caller is stopping
                     raise
                 # Unreachable, or reachable but refusing the write (read-only after a failover,
@@ -2696,7 +2977,8 @@ class BuiltinDemo:
     def on_tick(self, zone_id: UUID, entities: list[Entity], intents: list[Intent], tick_number: int) -> TickResult:
         zone = self.fw.get_zone(zone_id)
         pos = {e.id: (e.x, e.y) for e in entities}
-        moves = {i.player_id: _DEMO_MOVES[i.data["move"]] for i in intents if i.data.get("move") in _DEMO_MOVES}
+        moves = {i.player_id: _DEMO_MOVES[i.data["move"]] for i in intents
+                 if isinstance(i.data.get("move"), str) and i.data["move"] in _DEMO_MOVES}
         updates = []
         for player_id, (dx, dy) in moves.items():
             eid = self.avatars.get((zone_id, player_id))
@@ -2724,18 +3006,20 @@ class Server:
         self.cfg = cfg
         self.game = game
         self.metrics = Metrics()
-        self.world = World()
+        self.world = World(cfg.get("tick", "max_entities_per_zone"))
         self.store = open_store(cfg)
-        self.accounts = Accounts(self.store, cfg)
+        self.accounts = Accounts(self.store, cfg, self.metrics)
         self.hub = Hub(self.world, self.metrics, cfg)
         self.debug = cfg.get("server", "debug")
         self.debug_players = {n.strip() for n in cfg.get("server", "debug_players").split(",") if n.strip()}
         self.max_body = cfg.get("server", "max_body_size")
         self.max_zone = cfg.get("server", "max_zone_size")
         self.client_timeout = cfg.get("server", "client_timeout")
+        self.max_depth = cfg.get("websocket", "max_depth")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: TickEngine | None = None
         self.persister = Persister(self.world, self.store, self.metrics, cfg)
+        self.world_executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-world")
         self.started = time.time()
         self._shut_down = False
         self._heartbeat: asyncio.Task | None = None
@@ -2797,6 +3081,7 @@ class Server:
         await self.store.close()
         self.accounts.executor.shutdown(wait=False)
         self.persister.executor.shutdown(wait=False)
+        self.world_executor.shutdown(wait=False)
 
     # -- zones -----------------------------------------------------------------------------
     async def create_zone(self, name: Any, width: Any, height: Any, metadata: Any) -> Zone:
@@ -2819,16 +3104,30 @@ class Server:
             raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.") from None
         if self.world.zone_by_name(name) is not None:  # created by a racing call meanwhile
             raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.")
-        self.world.add_zone(zone)
+        await self.in_world(self.world.add_zone, zone)
         return zone
 
+    async def in_world(self, fn: Callable, *args: Any) -> Any:
+        """Run ``fn`` (which takes ``World.lock``) in the world thread: the event loop never
+        waits on that lock, which a tick's apply or a flush snapshot may hold for a while."""
+        return await asyncio.get_running_loop().run_in_executor(self.world_executor, fn, *args)
+
     async def delete_zone(self, zone_id: UUID) -> None:
-        """Delete a zone and its entities in one transaction, then tell its subscribers."""
+        """Delete a zone and its entities in one transaction, then tell its subscribers.
+
+        The zone leaves memory first (no tick touches it after that), then the database
+        deletes its rows, and the rows of entities moved into it and not yet flushed; if the
+        database fails, the zone is put back as it was and the caller gets the error.
+        """
         async with self.persister.lock:
-            if zone_id not in self.world.zones:
+            zs = await self.in_world(self.world.remove_zone, zone_id)
+            if zs is None:
                 raise ApiError(404, "zone_not_found", f"No zone has the id {zone_id}.")
-            await self.store.delete_zone(zone_id)
-            self.world.remove_zone(zone_id)
+            try:
+                await self.store.delete_zone(zone_id, list(zs.entities))
+            except BaseException:
+                await self.in_world(self.world.restore_zone, zs)
+                raise
         self.hub.zone_deleted(zone_id)
 
     def zone_json(self, zs: _ZoneState) -> dict:
@@ -2899,7 +3198,7 @@ async def _errors_middleware(request: web.Request, handler: Callable) -> web.Str
     try:
         return await handler(request)
     except ApiError as exc:
-        return _error_response(exc.status, exc.code, exc.message)
+        return _error_response(exc.status, exc.code, exc.message, exc.headers)
     except DatabaseUnavailable:
         return _error_response(503, "database_unavailable", "The database is unavailable; try again shortly.")
     except web.HTTPException as exc:
@@ -2917,21 +3216,27 @@ async def register(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     body = await _read_object(request, srv.max_body, srv.client_timeout)
     username, password = _field(body, "username", str), _field(body, "password", str)
-    return _json_response(await srv.accounts.register(username, password), 201)
+    return _json_response(await srv.accounts.register(username, password, request.remote or ""), 201)
 
 
 async def login(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     body = await _read_object(request, srv.max_body, srv.client_timeout)
     username, password = _field(body, "username", str), _field(body, "password", str)
-    return _json_response(await srv.accounts.login(username, password))
+    answer, ended = await srv.accounts.login(username, password, request.remote or "")
+    await srv.hub.end_sessions(ended)
+    return _json_response(answer)
 
 
 async def logout(request: web.Request) -> web.Response:
+    """``POST /api/auth/logout``; the body ``{"all": true}`` (optional) ends every session of the player."""
     srv = request.app[SERVER]
     session = await _session(request)
-    await srv.accounts.logout(session)
-    await srv.hub.end_session(session.digest)
+    everywhere = False
+    if request.can_read_body:
+        body = await _read_object(request, srv.max_body, srv.client_timeout)
+        everywhere = _field(body, "all", bool, False, False)
+    await srv.hub.end_sessions(await srv.accounts.logout(session, everywhere))
     return web.Response(status=204)
 
 
@@ -3000,8 +3305,7 @@ async def debug_zone_state(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
     zs = srv.zone_or_404(request.match_info["zone_id"])
-    with srv.world.lock:
-        entities = [e.to_json() for e in zs.entities.values()]
+    entities = await srv.in_world(srv.world.zone_entities_json, zs)
     return _json_response({
         "zone": srv.zone_json(zs), "entities": entities, "tick_number": srv.engine.tick_number,
         "pending_intents": len(zs.intents), "last_error": zs.last_error,
@@ -3016,11 +3320,10 @@ async def debug_entity(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
     entity_id = _parse_uuid(request.match_info["entity_id"], "entity_not_found", "entity")
-    with srv.world.lock:
-        e = srv.world.get_entity(entity_id)
-        if e is None:
-            raise ApiError(404, "entity_not_found", f"No entity has the id {entity_id}.")
-        return _json_response(e.to_json())
+    found = await srv.in_world(srv.world.entity_json, entity_id)
+    if found is None:
+        raise ApiError(404, "entity_not_found", f"No entity has the id {entity_id}.")
+    return _json_response(found)
 
 
 async def debug_connections(request: web.Request) -> web.Response:
@@ -3175,6 +3478,41 @@ def _unpaired_surrogate(msg: dict) -> bool:
     return False
 
 
+#: The largest magnitude JSON can carry to every client as a number (an IEEE double).
+_DOUBLE_MAX = sys.float_info.max
+
+
+def _data_problem(data: dict, max_depth: int) -> str | None:
+    """Why an intent's ``data`` must be refused at the door (None: it may be queued).
+
+    Whatever is queued reaches the module and may be echoed into a zone's state, which must
+    serialize for every player: so no NaN or Infinity (which the parser accepts, as it does
+    ``1e999`` and 400-digit numbers, which become infinite), no integer beyond the double
+    range, and no nesting deeper than ``max_depth`` (``data`` itself is level 1).
+    """
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        value, depth = pop()
+        if isinstance(value, dict):
+            children: Iterable = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > max_depth:
+            return f"nests deeper than {max_depth} levels"
+        for child in children:
+            if isinstance(child, (dict, list)):
+                push((child, depth + 1))
+            elif isinstance(child, float):
+                if not math.isfinite(child):
+                    return "holds NaN, Infinity or a number too large for JSON"
+            elif isinstance(child, int) and not isinstance(child, bool) and abs(child) > _DOUBLE_MAX:
+                return "holds a number too large for JSON"
+    return None
+
+
 def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> None:
     if len(text) > max_size or (len(text) * 4 > max_size and len(text.encode("utf-8", "surrogatepass")) > max_size):
         conn.error("message_too_large", f"Messages may be at most {max_size} bytes.")
@@ -3197,6 +3535,11 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
         data = msg.get("data")
         if not isinstance(data, dict):
             conn.error("bad_message", "The field 'data' must be a JSON object.")
+            return
+        problem = _data_problem(data, srv.max_depth)
+        if problem is not None:
+            srv.metrics.bad_intents_total += 1
+            conn.error("bad_message", f"The field 'data' {problem}.")
             return
         srv.hub.add_intent(conn, data)
     elif kind == "subscribe":
@@ -3294,11 +3637,20 @@ class _EnvelopeRequestHandler(web_protocol.RequestHandler):
             log.error("error handling a request from %s", request.remote, exc_info=exc)
             response = _error_response(500, "internal_error", "The server failed to handle this request.")
         else:
-            detail = (message or (str(exc) if exc else "") or "malformed request").splitlines()[0][:200]
+            detail = _redact((message or (str(exc) if exc else "") or "malformed request").splitlines()[0])[:200]
             log.debug("unparseable request from %s: %s", request.remote, detail)
             response = _error_response(status, "bad_request", f"The request is not valid HTTP: {detail}")
         response.force_close()
         return response
+
+
+_SECRET_RE = re.compile(r"([?&][^=&\s'\"]*=|bearer(?:\s|\\t)+)[^&\s'\"]*", re.IGNORECASE)
+
+
+def _redact(text: str) -> str:
+    """``text`` with every query value (``?token=...``, however its name is escaped) and
+    ``Bearer ...`` replaced, for logs and error messages that quote a piece of a request."""
+    return _SECRET_RE.sub(r"\1[redacted]", text)
 
 
 class _AccessLogger(web.AbstractAccessLogger):
@@ -3309,22 +3661,120 @@ class _AccessLogger(web.AbstractAccessLogger):
                          response.status, response.body_length, time)
 
 
+def _http_answer(status: int, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response with the JSON envelope, closing the connection: for answers
+    written straight to a transport, before any request has been read."""
+    body = json_dumps({"error": code, "message": message}).encode("utf-8")
+    reason = {429: "Too Many Requests"}.get(status, "Error")
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii") + body
+
+
+class _AddressLimit:
+    """Open connections per client address, at most ``limit`` each (``max_connections_per_address``).
+
+    Counted when the TCP connection is accepted, before any byte is read, so that sockets
+    that never send anything count too; a connection over the limit is answered 429 and
+    closed at once (a WebSocket is refused before its upgrade).
+    """
+
+    ANSWER = _http_answer(429, "too_many_connections", "Too many open connections from your address.")
+
+    def __init__(self, limit: int, metrics: Metrics):
+        self.limit, self.metrics = limit, metrics
+        self.by_address: dict[str, int] = {}
+        self._address_of: dict[int, str] = {}
+
+    def admit(self, handler: Any, transport: Any) -> bool:
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) and peer else ""
+        n = self.by_address.get(address, 0)
+        if n >= self.limit:
+            self.metrics.connections_refused_total += 1
+            return False
+        self.by_address[address] = n + 1
+        self._address_of[id(handler)] = address
+        return True
+
+    def release(self, handler: Any) -> None:
+        address = self._address_of.pop(id(handler), None)
+        if address is not None:
+            left = self.by_address.pop(address) - 1
+            if left:
+                self.by_address[address] = left
+
+
 class _EnvelopeServer(web_server.Server):
+    address_limit: _AddressLimit | None = None
+
     def __call__(self) -> web_protocol.RequestHandler:
         return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
 
+    def connection_made(self, handler: web_protocol.RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self.address_limit is not None and not self.address_limit.admit(handler, transport):
+            transport.write(_AddressLimit.ANSWER)
+            transport.close()
+
+    def connection_lost(self, handler: web_protocol.RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        if self.address_limit is not None:
+            self.address_limit.release(handler)
+
 
 class _AppRunner(web.AppRunner):
-    """The app runner of ``python gridserver.py``: connections get ``_EnvelopeRequestHandler``."""
+    """The app runner of ``python gridserver.py``: connections get ``_EnvelopeRequestHandler``
+    and are counted per client address."""
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
         if type(server) is web_server.Server and hasattr(server, "_kwargs"):
             server.__class__ = _EnvelopeServer  # same state, one method more
+            srv = self._app[SERVER]
+            server.address_limit = _AddressLimit(srv.cfg.get("server", "max_connections_per_address"), srv.metrics)
         return server
 
 
+def _raise_open_file_limit() -> None:
+    """Raise the soft limit of open files to the hard one (every socket is a file) and log it."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
+    log.info("open files limit: %d", soft)
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log an error of ``accept()`` (out of file descriptors, say) at most once a second,
+    with the count of those not logged, instead of once per failed accept."""
+    last: dict[str, list] = {}
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        message = str(context.get("message", ""))
+        if "accept" in message:
+            now = time.monotonic()
+            seen = last.get(message)
+            if seen is not None and now - seen[0] < 1.0:
+                seen[1] += 1
+                return
+            last[message] = [now, 0]
+            if seen is not None and seen[1]:
+                context = dict(context, message=f"{message} ({seen[1]} more in the second before)")
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 async def _serve(cfg: Config) -> int:
+    _quiet_accept_errors(asyncio.get_running_loop())
     app = create_app(cfg)
     runner = _AppRunner(app, access_log=log if cfg.get("debug", "access_log") else None,
                         access_log_class=_AccessLogger,
@@ -3375,6 +3825,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=cfg.get("debug", "log_level").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _raise_open_file_limit()
     for name in cfg.unused_sections:
         log.warning("config section [%s] is not used: it is neither a gridserver section nor the game module's", name)
     try:

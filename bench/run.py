@@ -90,7 +90,10 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
         env.update({"GRIDSERVER_DATABASE_DSN": dsn, "GRIDSERVER_SERVER_PORT": str(self.port),
                     "GRIDSERVER_SERVER_DEBUG": "true", "GRIDSERVER_AUTH_BCRYPT_ROUNDS": "4",
-                    "GRIDSERVER_DEBUG_LOG_LEVEL": "warning"})
+                    "GRIDSERVER_DEBUG_LOG_LEVEL": "warning",
+                    # every simulated player comes from 127.0.0.1: lift the per-address limits
+                    "GRIDSERVER_SERVER_MAX_CONNECTIONS_PER_ADDRESS": "1000000",
+                    "GRIDSERVER_AUTH_MAX_PENDING_HASHES": "8192"})
         env.update(settings)
         self.log = open(os.path.join("/tmp", f"gridserver-bench-{self.port}.log"), "w")
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "gridserver.py")], cwd=ROOT, env=env,
@@ -483,7 +486,8 @@ async def logins(players_total: int, burst: int, use_pg: bool, drivers: int) -> 
             server.stop()  # again at the default cost: the burst's accounts get cost-12 hashes
             server = ServerProcess(db.dsn, {"GRIDSERVER_GAME_MODULES_WALKERS_FOG_RADIUS": "0",
                                             "GRIDSERVER_AUTH_BCRYPT_ROUNDS": "12",
-                                            "GRIDSERVER_AUTH_MAX_PENDING_HASHES": str(burst + accounts)})
+                                            # one address may hold an eighth of the queue
+                                            "GRIDSERVER_AUTH_MAX_PENDING_HASHES": str(8 * (burst + accounts))})
             await server.wait_ready(http)
             await make_players(http, server, accounts, "slow", concurrency=accounts)
             for i, p in enumerate(players):  # sessions survive the restart

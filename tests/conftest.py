@@ -200,6 +200,22 @@ async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, what
         await asyncio.sleep(interval)
 
 
+async def call_from(address: str, url: str, json=None, method: str = "POST", token: str | None = None,
+                    timeout: float = 20.0) -> tuple[int, object]:
+    """One HTTP call from the local address ``address`` (any 127.x.y.z on Linux): a client of
+    its own as far as the server can tell. (status, JSON body or text)."""
+    import aiohttp
+    connector = aiohttp.TCPConnector(local_addr=(address, 0), force_close=True)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+        async with http.request(method, url, json=json, headers=headers) as resp:
+            text = await resp.text()
+            try:
+                return resp.status, gridserver.json_loads(text) if text else None
+            except ValueError:
+                return resp.status, text
+
+
 class Passive:
     """A game module that does nothing: the server's own behaviour is what a test sees."""
 
@@ -349,6 +365,33 @@ async def tcp_proxy():
     yield make
     for proxy in proxies:
         await proxy.close()
+
+
+@pytest.fixture
+def pg_schema():
+    """A fresh PostgreSQL schema; the fault suite's database promises are about PostgreSQL."""
+    require_pg()
+    schema = "f_" + uuid.uuid4().hex[:16]
+    pg_exec(f"CREATE SCHEMA {schema}")
+    yield schema
+    pg_exec(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+async def http():
+    import aiohttp
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def processes():
+    """Server processes (``faultkit.ServerProcess``) started by a test through ``start``;
+    whatever is still running at the end is killed."""
+    started: list = []
+    yield started
+    for proc in started:
+        proc.stop()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,4 +1,4 @@
-"""Game modules for the fault suite (``tests/test_faults.py``), run by a real server process.
+"""Game modules for the fault suite (``tests/test_faults*.py``), run by a real server process.
 
 They are named in the server's environment as ``GRIDSERVER_GAME_MODULE=tests.fault_games:Counter``
 (the working directory, the repository root, is on the import path) and read their settings
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 from gridserver import EntityCreate, EntityUpdate, TickResult
 
@@ -198,3 +199,53 @@ def nested_dict(depth: int) -> dict:
         node["d"] = {}
         node = node["d"]
     return root
+
+
+class Traveller:
+    """One entity with a fixed id that travels between zones the only way the protocol
+    allows: deleted by the zone it leaves and created, with the same id, by the zone it
+    enters, usually in the same tick (at most the next one).
+
+    Zones ``a`` and ``b`` are created at start. Intents: ``{"spawn": true}`` creates the
+    traveller in the zone the intent was sent to when it exists nowhere; ``{"to": NAME}``
+    sets the goal (module-wide, kept in memory only: after a restart nothing moves until a
+    goal is set again). Each zone tick, with a goal set: a zone holding the traveller that is
+    not the goal deletes it; the goal zone creates it when it exists nowhere (deleted earlier
+    in this tick, or in the last one, by the zone it left).
+    """
+
+    ID = uuid.UUID("5d1c0c2e-7a3b-4c1e-9f00-7a7e11e70001")
+    ZONES = ("a", "b")
+
+    def on_init(self, framework):
+        self.fw = framework
+        self.goal: str | None = None
+        names = {z.name for z in framework.list_zones()}
+        for name in self.ZONES:
+            if name not in names:
+                framework.create_zone(name, 16, 16, {"game": "traveller"})
+
+    def _create(self) -> EntityCreate:
+        return EntityCreate(3, 4, 1, 1, {"kind": "traveller"}, self.ID)
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        zone = self.fw.get_zone(zone_id)
+        creates, deletes = [], []
+        for intent in intents:
+            to = intent.data.get("to")
+            if isinstance(to, str):
+                self.goal = to
+            if intent.data.get("spawn") is True and not creates and self.fw.get_entity(self.ID) is None:
+                creates.append(self._create())
+        here = any(e.id == self.ID for e in entities)
+        goal = self.goal
+        if goal is not None:
+            if here and zone.name != goal:
+                deletes.append(self.ID)
+            elif zone.name == goal and not here and not creates and self.fw.get_entity(self.ID) is None:
+                creates.append(self._create())
+        return TickResult(entity_creates=creates, entity_deletes=deletes,
+                          broadcast_state={"zone": zone.name, "tick": tick_number, "here": here, "goal": goal})
+
+    def get_player_state(self, zone_id, player_id, full_state):
+        return full_state

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import resource
 import signal
 import socket
 import struct
@@ -63,10 +64,12 @@ class ServerProcess:
 
     ``settings`` maps ``SECTION_KEY`` (e.g. ``TICK_INTERVAL``) to a value. The process runs in
     its own session so ``kill()`` reaches it alone; its output goes to ``log_path``.
+    ``rlimit_nofile`` (soft, hard), when given, is the process's open files limit.
     """
 
     def __init__(self, tmp_path, dsn: str, game: str = "tests.fault_games:Counter",
-                 settings: dict | None = None, game_settings: dict | None = None, port: int | None = None):
+                 settings: dict | None = None, game_settings: dict | None = None, port: int | None = None,
+                 rlimit_nofile: tuple[int, int] | None = None):
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
@@ -89,8 +92,13 @@ class ServerProcess:
         self.env = env
         self.log_path = str(tmp_path / f"server-{self.port}-{uuid.uuid4().hex[:6]}.log")
         self._log = open(self.log_path, "wb")
+        preexec = None
+        if rlimit_nofile is not None:
+            def preexec() -> None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, rlimit_nofile)
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "gridserver.py")], cwd=ROOT, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=preexec)
         self.pid = self.proc.pid
 
     def log_text(self) -> str:
@@ -153,6 +161,13 @@ class ServerProcess:
     def rss(self) -> int:
         with open(f"/proc/{self.pid}/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def start(processes: list, *args, **kwargs) -> ServerProcess:
+    """A ``ServerProcess`` that the ``processes`` fixture stops at the end of the test."""
+    proc = ServerProcess(*args, **kwargs)
+    processes.append(proc)
+    return proc
 
 
 class Client:

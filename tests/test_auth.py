@@ -7,9 +7,10 @@ import datetime as dt
 import hashlib
 import uuid
 
+import aiohttp
 import pytest
 
-from conftest import Passive, db_rows, make_config, wait_for
+from conftest import Passive, call_from, db_rows, make_config, wait_for
 
 PASSWORD = "correct horse"
 
@@ -342,7 +343,8 @@ async def test_sessions_table_stores_only_digest(start_server, dsn):
 
 async def test_login_burst_does_not_stall_tick(start_server, dsn):
     interval = 0.05
-    s = await started(start_server, dsn, auth_bcrypt_rounds=10, tick_interval=interval)
+    # 20 logins at once from one address: within its share of the bcrypt queue (an eighth)
+    s = await started(start_server, dsn, auth_bcrypt_rounds=10, tick_interval=interval, auth_max_pending_hashes=256)
     name = new_name()
     status, body = await s.call("POST", "/api/auth/register", json={"username": name, "password": PASSWORD})
     assert status == 201, body
@@ -367,12 +369,14 @@ async def test_login_burst_does_not_stall_tick(start_server, dsn):
 
 
 async def test_a_login_flood_past_the_bcrypt_queue_gets_503_busy_at_once(start_server, tmp_path):
-    """Past ``max_pending_hashes`` waiting bcrypt jobs, logins answer 503 busy instead of queueing."""
+    """Past ``max_pending_hashes`` waiting bcrypt jobs, logins answer 503 busy instead of queueing
+    (from 12 addresses, so that no one address goes past its share of the queue)."""
     running = await start_server(make_config(f"sqlite:///{tmp_path / 'db'}", auth_bcrypt_rounds=10,
                                              auth_bcrypt_threads=1, auth_max_pending_hashes=2))
     await running.player("flooded", PASSWORD)
     body = {"username": "flooded", "password": PASSWORD}
-    answers = await asyncio.gather(*(running.call("POST", "/api/auth/login", json=body) for _ in range(12)))
+    answers = await asyncio.gather(*(call_from(f"127.0.0.{2 + i}", running.url + "/api/auth/login", body)
+                                     for i in range(12)))
     statuses = sorted(status for status, _ in answers)
     assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
     assert all(b["error"] == "busy" and b["message"] for s, b in answers if s == 503)
@@ -392,3 +396,105 @@ async def test_a_session_deleted_in_the_database_ends_after_the_recheck(start_se
     running.srv.accounts.recheck = 0.0
     status, body = await running.call("GET", "/api/auth/me", p["token"])
     assert status == 401 and body["error"] == "unauthorized"
+
+
+# --------------------------------------------------------------------------- limits and sessions
+
+async def test_a_password_with_nul_never_logs_in_as_the_password_without_it(start_server, dsn):
+    """bcrypt cannot take NUL; "correct\\0horse" must not pass for "correcthorse"."""
+    s = await started(start_server, dsn)
+    p = await s.player(password="correcthorse")
+    for wrong in ("correct\u0000horse", "\u0000correcthorse", "correcthorse\u0000"):
+        status, body = await s.call("POST", "/api/auth/login", json={"username": p["username"], "password": wrong})
+        assert_error(status, body, 401, "invalid_credentials")
+    status, _ = await s.call("POST", "/api/auth/login", json={"username": p["username"], "password": "correcthorse"})
+    assert status == 200
+
+
+async def test_failed_logins_lock_the_username_and_the_address_with_retry_after(start_server, dsn):
+    s = await started(start_server, dsn, auth_max_failed_logins=3)
+    p = await s.player()
+    other = await s.player()
+    for _ in range(3):
+        status, body = await s.call("POST", "/api/auth/login", json={"username": p["username"], "password": "wrong one"})
+        assert_error(status, body, 401, "invalid_credentials")
+    for who in (p, other):  # the username and this address (127.0.0.1) are locked: even the right password
+        async with s.http.post(s.url + "/api/auth/login",
+                               json={"username": who["username"], "password": PASSWORD}) as resp:
+            body = await resp.json()
+            assert resp.status == 429 and body["error"] == "too_many_attempts", body
+            assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    # the username from another address is locked too; another user from another address is not
+    status, body = await call_from("127.0.0.7", s.url + "/api/auth/login", {"username": p["username"], "password": PASSWORD})
+    assert_error(status, body, 429, "too_many_attempts")
+    status, body = await call_from("127.0.0.7", s.url + "/api/auth/login",
+                                   {"username": other["username"], "password": PASSWORD})
+    assert status == 200, body
+    assert s.srv.metrics.failed_logins_total == 3 and s.srv.metrics.logins_throttled_total == 3
+    # the lock ends when the oldest failure leaves the window
+    for window in (s.srv.accounts.failed_by_name, s.srv.accounts.failed_by_address):
+        window.window = 0.0
+    status, body = await s.call("POST", "/api/auth/login", json={"username": p["username"], "password": PASSWORD})
+    assert status == 200, body
+
+
+def test_failure_window_locks_at_the_limit_and_opens_when_the_oldest_failure_expires():
+    from gridserver import _FailureWindow
+    w = _FailureWindow(limit=3, window=60.0, max_keys=4)
+    assert w.retry_after("k", 0.0) == 0.0
+    assert [w.fail("k", t) for t in (0.0, 10.0, 20.0)] == [False, False, True]
+    assert w.fail("k", 21.0) is False             # locked already: only the locking failure says so
+    assert w.retry_after("k", 21.0) == pytest.approx(49.0)
+    assert w.retry_after("k", 69.9) == pytest.approx(0.1)
+    assert w.retry_after("k", 70.0) == 0.0        # the failure at 10 expired: two left, under the limit
+    assert w.fail("k", 71.0) is True
+    assert w.retry_after("k", 71.0) == pytest.approx(9.0)   # the one at 20 is now the oldest of three
+    assert w.retry_after("k", 200.0) == 0.0 and "k" not in w._fails
+    for i in range(10):                           # memory stays bounded by max_keys
+        w.fail(f"key{i}", 300.0 + i)
+    assert len(w._fails) <= 4
+
+
+async def test_logout_all_ends_every_session_and_closes_their_sockets(start_server, dsn):
+    s = await started(start_server, dsn)
+    p = await s.player()
+    status, second = await s.call("POST", "/api/auth/login", json={"username": p["username"], "password": PASSWORD})
+    assert status == 200
+    other = await s.player()
+    ws = await s.http.ws_connect(s.ws_url(second["token"]))
+    try:
+        await wait_for(lambda: len(s.srv.hub.conns) == 1)
+        status, body = await s.call("POST", "/api/auth/logout", p["token"], json={"all": "yes"})
+        assert_error(status, body, 400, "bad_request", "all")
+        status, _ = await s.call("POST", "/api/auth/logout", p["token"], json={"all": True})
+        assert status == 204
+        for token in (p["token"], second["token"]):
+            status, body = await s.call("GET", "/api/auth/me", token)
+            assert_error(status, body, 401, "unauthorized")
+        msg = await ws.receive(timeout=5)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4001, msg
+    finally:
+        await ws.close()
+    assert db_rows(s.srv.cfg.get("database", "dsn"), "SELECT count(*) FROM sessions")[0][0] == 1  # the other player's
+    status, _ = await s.call("GET", "/api/auth/me", other["token"])
+    assert status == 200
+
+
+async def test_a_player_holds_at_most_max_sessions_the_oldest_end(start_server, dsn):
+    s = await started(start_server, dsn, auth_max_sessions=3)
+    p = await s.player()
+    tokens = [p["token"]]
+    for _ in range(4):
+        status, body = await s.call("POST", "/api/auth/login", json={"username": p["username"], "password": PASSWORD})
+        assert status == 200
+        tokens.append(body["token"])
+    statuses = [(await s.call("GET", "/api/auth/me", t))[0] for t in tokens]
+    assert statuses == [401, 401, 200, 200, 200], statuses
+    assert db_rows(s.srv.cfg.get("database", "dsn"), "SELECT count(*) FROM sessions")[0][0] == 3
+
+
+@pytest.mark.parametrize("text", ["b'/ws?token=SECRET&x=1'", "b'/ws?a=1&%74oken=SECRET'", "Authorization: Bearer SECRET",
+                                  "Authorization: bearer\\tSECRET", "bytearray(b'/ws?TOKEN=SECRET...')"])
+def test_a_quoted_request_never_shows_a_token(text):
+    from gridserver import _redact
+    assert "SECRET" not in _redact(text) and "[redacted]" in _redact(text)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import uuid
 
 import pytest
@@ -172,3 +174,40 @@ async def test_operations_need_no_token(start_server, tmp_path, path):
     running = await start_server(cfg(tmp_path), OneThing())
     status, _ = await running.call("GET", path)
     assert status == 200
+
+
+async def test_the_event_loop_never_waits_on_the_world_lock(start_server, tmp_path):
+    """A tick's apply or a flush snapshot may hold ``World.lock`` for a while: requests that
+    need it wait for it off the loop, and everything else is answered meanwhile."""
+    running = await start_server(cfg(tmp_path, server_debug=True), OneThing())
+    p = await running.player()
+    token = p["token"]
+    zone, doomed = await running.zone(token), await running.zone(token)
+    lock = running.srv.world.lock
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    try:
+        waiting = [asyncio.ensure_future(c) for c in (
+            running.call("GET", f"/api/debug/zones/{zone['id']}/state", token),
+            running.call("POST", "/api/zones", token, json={"name": "made-" + uuid.uuid4().hex[:6], "width": 4,
+                                                           "height": 4}),
+            running.call("DELETE", f"/api/zones/{doomed['id']}", token))]
+        status, body = await asyncio.wait_for(running.call("GET", "/healthz"), 5)
+        assert status == 200, body
+        status, _ = await asyncio.wait_for(running.call("GET", "/api/auth/me", token), 5)
+        assert status == 200
+        assert holder.is_alive() and not any(f.done() for f in waiting)  # they wait for the lock, the loop does not
+    finally:
+        release.set()
+    answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    assert [status for status, _ in answers] == [200, 201, 204], answers
+    assert answers[0][1]["zone"]["id"] == zone["id"]
+    holder.join(5)

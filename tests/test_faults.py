@@ -29,7 +29,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from conftest import PG_DSN, dsn_with_schema, pg_exec, require_pg, wait_for
-from faultkit import OP_BINARY, OP_TEXT, Client, RawWS, ServerProcess, TickWatch, add_figure, client_frame, figure
+from faultkit import OP_BINARY, OP_TEXT, Client, RawWS, ServerProcess, TickWatch, add_figure, client_frame, figure, start
 
 #: A soak run (bench/soak.py) multiplies the crash cycles and the abuse waves.
 SOAK_ROUNDS = int(os.environ.get("GRIDSERVER_SOAK_ROUNDS", "1"))
@@ -38,35 +38,6 @@ COUNTER = "tests.fault_games:Counter"
 FAULTY = "tests.fault_games:Faulty"
 
 
-@pytest.fixture
-def pg_schema():
-    """A fresh PostgreSQL schema; the fault suite's database promises are about PostgreSQL."""
-    require_pg()
-    schema = "f_" + uuid.uuid4().hex[:16]
-    pg_exec(f"CREATE SCHEMA {schema}")
-    yield schema
-    pg_exec(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def processes():
-    """Servers started by a test; whatever is still running at the end is killed."""
-    started: list[ServerProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
-def start(processes, *args, **kwargs) -> ServerProcess:
-    proc = ServerProcess(*args, **kwargs)
-    processes.append(proc)
-    return proc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -811,7 +782,9 @@ def test_rest_fuzzing_answers_json_4xx_never_500(backend, tmp_path_factory):
 
 
 async def _normal_player_session(srv: ServerProcess) -> None:
-    async with aiohttp.ClientSession() as http:
+    """A player who is not the fuzzer: another client address (the fuzzer's failed logins may
+    have locked 127.0.0.1 out for a minute, as they should)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as http:
         c = Client(srv.url, http)
         p = await c.player()
         zones = await c.zones(p["token"])
@@ -1267,6 +1240,9 @@ async def test_websocket_bad_input_gets_errors_others_play_on(tmp_path, http, pr
         # The attacker's player can still play normally.
         good = await RawWS.connect(srv.port, attacker["token"])
         await good.send_json({"type": "subscribe", "zone_id": zone["id"]})
+        # (after a tick: the flood used up this player's intents for the tick under way, and
+        # reconnecting does not reset the count)
+        await good.until(lambda m: m["type"] == "tick", timeout=10)
         await good.send_json({"type": "intent", "data": {"fine": True}})
         await good.until(lambda m: m["type"] == "tick" and {"fine": True} in [i["data"] for i in m["state"]["intents"]],
                          timeout=10)
@@ -1296,7 +1272,10 @@ async def _connection_abuse(tmp_path, processes, http) -> None:
     interval = 0.05
     srv = start(processes, tmp_path, f"sqlite:///{tmp_path / 'db'}", COUNTER,
                 {"tick_interval": interval, "websocket_heartbeat": 2, "websocket_max_behind": 3,
-                 "websocket_reconnect_grace": 1, "server_client_timeout": 2},
+                 "websocket_reconnect_grace": 1, "server_client_timeout": 2,
+                 # every abuser comes from 127.0.0.1 here: this test is about what the server
+                 # cleans up, not about the per-address limits (tests/test_faults_access.py)
+                 "server_max_connections_per_address": 100000, "auth_max_pending_hashes": 1024},
                 {"zones": 1, "entities": 20, "pad": 20000})
     await srv.ready(http)
     c = Client(srv.url, http)
@@ -1417,7 +1396,10 @@ async def test_auth_tokens_sessions_and_injection(pg_schema, tmp_path, http, pro
     interval = 0.05
     srv = start(processes, tmp_path, dsn, COUNTER,
                 {"tick_interval": interval, "auth_bcrypt_rounds": 10, "auth_session_ttl": 4,
-                 "server_debug_players": "admin"}, {"zones": 1, "entities": 5})
+                 "server_debug_players": "admin",
+                 # dozens of deliberate failed logins below, all from 127.0.0.1: the failed-login
+                 # limit has its own test (tests/test_faults_access.py)
+                 "auth_max_failed_logins": 1000}, {"zones": 1, "entities": 5})
     await srv.ready(http)
     c = Client(srv.url, http)
     admin = await c.player("admin")
@@ -1499,6 +1481,7 @@ async def test_auth_tokens_sessions_and_injection(pg_schema, tmp_path, http, pro
     counts = {t: pg_exec(f"SELECT count(*) FROM {t}", dsn)[0][0] for t in ("players", "zones", "entities")}
     made = []
     for i, text in enumerate(INJECTIONS):
+        admin = await c.login("admin")  # sessions live 4 s here; a loaded machine takes longer than that
         for body in ({"username": text, "password": "correct horse"}, {"username": "alice", "password": text}):
             status, _ = await c.call("POST", "/api/auth/register", None, body)
             assert status in (400, 409)

@@ -1,7 +1,8 @@
 """``python gridserver.py`` as a user runs it: a real process, configured by the environment.
 
-A lone copy of the file (no game_modules/ beside it, no config) runs the built-in demo game;
-the access log never holds a session token.
+A lone copy of the file (no game_modules/ beside it, no config) runs the built-in demo game,
+which shrugs off malformed moves; the access log never holds a session token; debug mode
+for every player is refused on an address other machines reach.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +18,9 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
+
+import gridserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,3 +127,103 @@ async def test_access_log_never_holds_a_token(tmp_path):
     text = (tmp_path / "server.log").read_text()
     assert '"GET /ws"' in text and '"GET /api/auth/me" 200' in text, text  # the requests are logged
     assert token not in text and "token=" not in text, text
+
+
+async def test_the_builtin_demo_survives_moves_that_are_not_strings(tmp_path):
+    """``{"move": []}``, ``{"move": {}}`` and ``{"move": 5}`` (unhashable, or no direction) are
+    ignored by the built-in demo: the tick they arrive in runs like any other and a
+    ``{"move": "right"}`` sent with them in the same tick moves the avatar."""
+    shutil.copy(os.path.join(ROOT, "gridserver.py"), tmp_path / "gridserver.py")
+    async with server_process(tmp_path, GRIDSERVER_SERVER_DEBUG="true") as (base, proc):
+        port = int(base.rsplit(":", 1)[1])
+        async with aiohttp.ClientSession() as http:
+            token = await login(http, base, "mover")
+            auth = {"Authorization": f"Bearer {token}"}
+            async with http.get(base + "/api/zones", headers=auth) as r:
+                lobby = (await r.json())["zones"][0]["id"]
+            async with http.ws_connect(f"ws://127.0.0.1:{port}/ws?token={token}") as ws:
+                await ws.send_json({"type": "subscribe", "zone_id": lobby})
+
+                seen = [0]  # the last tick number received
+
+                async def next_tick() -> tuple[int, int | None]:
+                    """The next tick's number and the avatar's x (None: no avatar yet)."""
+                    while True:
+                        msg = await asyncio.wait_for(ws.receive_json(), 5)
+                        if msg.get("type") == "tick":
+                            seen[0] = msg["tick_number"]
+                            mine = [e for e in msg["state"]["entities"] if e.get("label") == "mover"]
+                            return msg["tick_number"], (mine[0]["x"] if mine else None)
+
+                x0 = None
+                for _ in range(50):
+                    _, x0 = await next_tick()
+                    if x0 is not None:
+                        break
+                assert x0 is not None, "no avatar"
+                direction, step = ("right", 1) if x0 < 23 else ("left", -1)  # the lobby is 24 wide
+                async with http.post(base + "/api/debug/tick/pause", headers=auth) as r:
+                    assert r.status == 200
+                for move in ([], {}, 5, direction):  # all in the same tick
+                    await ws.send_json({"type": "intent", "data": {"move": move}})
+                await ws.send_json({"type": "ping"})
+                answers = []
+                while not answers or answers[-1] != {"type": "pong"}:
+                    msg = await asyncio.wait_for(ws.receive_json(), 5)
+                    if msg.get("type") != "tick":
+                        answers.append(msg)
+                    else:
+                        seen[0] = msg["tick_number"]
+                assert answers == [{"type": "pong"}], answers  # every intent taken
+                async with http.post(base + "/api/debug/tick/resume", headers=auth) as r:
+                    assert r.status == 200
+                before = seen[0]
+                ticks = [await next_tick() for _ in range(5)]
+    numbers = [n for n, _ in ticks]
+    assert numbers == list(range(before + 1, before + 6)), f"the lobby skipped ticks: {before}, then {numbers}"
+    assert x0 + step in [x for _, x in ticks], f"the avatar did not move {direction} from {x0}: {ticks}"
+    text = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in text and "module raised" not in text, text[-3000:]
+
+
+#: ``[server] debug`` itself, not the start of ``[server] debug_players``.
+_DEBUG_KEY = re.compile(r"\[server\] debug(?!_)")
+
+
+def test_debug_for_every_player_is_refused_off_loopback(tmp_path, monkeypatch):
+    """``[server] debug`` with an empty ``debug_players`` makes every player an admin: the
+    configuration is refused, naming both keys, unless the server listens on a loopback
+    address or debug players are named."""
+    monkeypatch.chdir(tmp_path)  # no config.ini
+    debug = {"GRIDSERVER_SERVER_DEBUG": "true"}
+    refused = [{"GRIDSERVER_SERVER_HOST": host} for host in ("0.0.0.0", "::", "192.0.2.7", "gridserver.example")]
+    refused.append({"GRIDSERVER_SERVER_HOST": "0.0.0.0", "GRIDSERVER_SERVER_DEBUG_PLAYERS": " , "})
+    for env in refused:
+        with pytest.raises(gridserver.ConfigError) as caught:
+            gridserver.Config.load(None, environ={**debug, **env})
+        message = str(caught.value)
+        assert _DEBUG_KEY.search(message) and "[server] debug_players" in message, (env, message)
+        assert "\n" not in message, message
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        cfg = gridserver.Config.load(None, environ={**debug, "GRIDSERVER_SERVER_HOST": host})
+        assert cfg.get("server", "debug") is True and cfg.get("server", "host") == host
+    cfg = gridserver.Config.load(None, environ={**debug, "GRIDSERVER_SERVER_HOST": "0.0.0.0",
+                                                "GRIDSERVER_SERVER_DEBUG_PLAYERS": "admin"})
+    assert cfg.get("server", "debug_players") == "admin"
+    cfg = gridserver.Config.load(None, environ={"GRIDSERVER_SERVER_HOST": "0.0.0.0"})
+    assert cfg.get("server", "debug") is False
+
+    # A real process so configured exits with code 2 and one line on stderr. The game module
+    # named does not exist, so that a server that took the configuration would still stop
+    # before listening (on every interface), with another message.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
+    env.update(GRIDSERVER_SERVER_HOST="0.0.0.0", GRIDSERVER_SERVER_DEBUG="true",
+               GRIDSERVER_SERVER_PORT=str(_free_port()), GRIDSERVER_DATABASE_DSN=f"sqlite:///{tmp_path / 'db'}",
+               GRIDSERVER_GAME_MODULE="no_such_game_module_here")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "gridserver.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert len(lines) == 1 and done.stdout == "", (done.stdout, done.stderr)
+    assert lines[0].startswith("gridserver: ") and _DEBUG_KEY.search(lines[0]) \
+        and "[server] debug_players" in lines[0], lines[0]

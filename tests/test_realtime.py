@@ -830,3 +830,38 @@ async def test_heartbeat_drops_a_silent_peer_and_keeps_a_quiet_live_one(start_se
         assert uuid.UUID(quiet["id"]) in hub.conns and not ws.closed
         reader.cancel()
     sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# What one player may queue (without sockets)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"a": NaN}', "NaN"), ('{"a": [1, Infinity]}', "NaN"), ('{"a": {"b": -Infinity}}', "NaN"),
+    ('{"a": 1e999}', "NaN"), ('{"a": ' + "9" * 400 + '.0}', "NaN"), ('{"a": ' + "9" * 400 + "}", "too large"),
+    ('{"a": -' + "9" * 400 + "}", "too large"),
+    ('{"a": ' + "[" * 32 + "]" * 32 + "}", "deeper than 32"),
+])
+def test_intent_data_json_cannot_carry_again_is_refused(text, problem):
+    data = gridserver.json_loads(text)
+    found = gridserver._data_problem(data, 32)
+    assert found is not None and problem in found, found
+
+
+@pytest.mark.parametrize("text", [
+    "{}", '{"move": "up", "n": 1.5, "big": 1e308, "i": ' + "9" * 300 + ', "t": true, "z": null}',
+    '{"a": ' + "[" * 31 + "]" * 31 + "}",  # 32 levels, data itself counted: the deepest allowed
+])
+def test_intent_data_json_can_carry_is_accepted(text):
+    data = gridserver.json_loads(text)
+    assert gridserver._data_problem(data, 32) is None
+    gridserver.json_dumps(data)  # and it does serialize again
+
+
+def test_a_join_and_a_leave_before_the_tick_cancel_out():
+    zs = gridserver._ZoneState(gridserver.Zone(uuid.uuid4(), "z", 4, 4))
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for player, kind in [(a, "join"), (b, "leave"), (a, "leave"), (c, "join"), (b, "join"), (a, "join")]:
+        gridserver._queue_event(zs, player, kind)
+    assert list(zs.events.items()) == [(c, "join"), (a, "join")]  # b left and came back: neither

@@ -401,3 +401,64 @@ def test_remove_zone_forgets_its_entities_and_their_changes():
     with pytest.raises(TickRejected):
         world.update_entity(a.id, x=1)
     assert gridserver.World().take_changes() == ([], [])
+
+
+# -- limits ----------------------------------------------------------------------------------
+
+def test_a_zone_holds_at_most_max_entities_per_zone():
+    world, zone, a, b, c = make_world()
+    world.max_entities = 5
+    world.apply(zone.id, TickResult(entity_creates=[EntityCreate(1, 1), EntityCreate(2, 2)]))  # 5: at the cap
+    before = snapshot(world, zone)
+    with pytest.raises(TickRejected, match="max_entities_per_zone"):
+        world.apply(zone.id, TickResult(entity_creates=[EntityCreate(3, 3)]))
+    assert snapshot(world, zone) == before
+    world.apply(zone.id, TickResult(entity_creates=[EntityCreate(3, 3)], entity_deletes=[a.id]))  # one out, one in
+
+
+def test_one_huge_entity_costs_one_index_entry_and_is_still_found():
+    world = World()
+    zone = Zone(uuid.uuid4(), "big", 10000, 10000)
+    world.add_zone(zone)
+    created, _, _ = world.apply(zone.id, TickResult(entity_creates=[EntityCreate(0, 0, 10000, 10000)]))
+    index = world.zones[zone.id].index
+    assert len(index._buckets) == 1 and sum(len(b) for b in index._buckets.values()) == 1
+    huge = created[0]
+    assert area_ids(world, zone, 5000, 5000, 1, 1) == {huge.id}
+    assert {e.id for e in world.query_overlap(zone.id, 9999, 9999, 1, 1)} == {huge.id}
+    world.apply(zone.id, TickResult(entity_updates=[EntityUpdate(huge.id, width=1, height=1)]))
+    assert area_ids(world, zone, 5000, 5000, 1, 1) == set() and area_ids(world, zone, 0, 0, 1, 1) == {huge.id}
+    assert len(index._buckets) == 1 and gridserver.LARGE not in index._buckets
+
+
+def test_an_entity_deleted_in_one_zone_and_created_in_another_is_one_move_for_the_flush():
+    world, zone, a, b, c = make_world()
+    other = Zone(uuid.uuid4(), "other", W, H)
+    world.add_zone(other)
+    world.apply(zone.id, TickResult(entity_deletes=[a.id]))
+    world.apply(other.id, TickResult(entity_creates=[EntityCreate(5, 5, 2, 2, {"kind": "a"}, a.id)]))
+    rows, deleted = world.take_changes()
+    assert deleted == [] and [(r[0], r[1].zone_id) for r in rows] == [(a.id, other.id)]
+    assert world.get_entity(a.id).zone_id == other.id
+    assert {e.id for e in world.entities_of(zone.id)} == {b.id, c.id}
+
+
+def test_remove_zone_then_restore_zone_puts_everything_back_and_marks_it_for_the_flush():
+    world, zone, a, b, c = make_world()
+    zs = world.remove_zone(zone.id)
+    assert zone.id not in world.zones and world.get_entity(a.id) is None
+    world.restore_zone(zs)
+    assert world.get_entity(a.id) is a and area_ids(world, zone, 10, 10, 1, 1) == {a.id}
+    assert {e.id for e in world.dirty} == {a.id, b.id, c.id}
+
+
+def test_restore_zone_leaves_an_id_another_zone_took_meanwhile_where_it_is():
+    world, zone, a, b, c = make_world()
+    other = Zone(uuid.uuid4(), "other", W, H)
+    world.add_zone(other)
+    zs = world.remove_zone(zone.id)
+    world.apply(other.id, TickResult(entity_creates=[EntityCreate(1, 1, 1, 1, {}, a.id)]))
+    world.restore_zone(zs)
+    assert world.get_entity(a.id).zone_id == other.id
+    assert {e.id for e in world.entities_of(zone.id)} == {b.id, c.id}
+    assert area_ids(world, zone, 10, 10, 1, 1) == set()
