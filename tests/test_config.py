@@ -243,3 +243,13 @@ def test_cli_print_config_matches_example_ini(tmp_path):
     parser.read_string(proc.stdout)
     for opt in gridserver.OPTIONS:
         assert parser.get(opt.section, opt.key).strip() == opt.default
+
+
+def test_readme_configuration_table_lists_every_option_as_declared():
+    """The README's table is written from ``OPTIONS``: a key added or changed there without
+    the README fails here."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        rows = [line for line in fh.read().splitlines() if line.startswith("| ") and "`GRIDSERVER_" in line]
+    expected = [f"| {o.section} | {o.key} | `{o.default or '(empty)'}` | `{o.env}` | {o.help} |"
+                for o in gridserver.OPTIONS]
+    assert rows == expected
