@@ -21,6 +21,9 @@ import time
 import uuid
 
 import aiohttp
+from aiohttp import WSMsgType
+
+from conftest import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -214,6 +217,57 @@ class Client:
 
     def ws_url(self, token: str) -> str:
         return self.url.replace("http://", "ws://") + f"/ws?token={token}"
+
+
+class TickReader:
+    """A well-behaved player subscribed to one zone: records the tick numbers it gets and
+    every other message."""
+
+    def __init__(self, http: aiohttp.ClientSession, client: Client, token: str, zone_id: str):
+        self.http, self.client, self.token, self.zone_id = http, client, token, zone_id
+        self.numbers: list[int] = []
+        self.other: list = []
+
+    async def start(self) -> "TickReader":
+        self.ws = await self.http.ws_connect(self.client.ws_url(self.token), heartbeat=None)
+        await self.ws.send_json({"type": "subscribe", "zone_id": self.zone_id})
+        self.task = asyncio.ensure_future(self._read())
+        await wait_for(lambda: len(self.numbers) >= 3, timeout=10, what="the reader's first ticks")
+        return self
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self.ws.receive()
+            if msg.type != WSMsgType.TEXT:
+                self.other.append((msg.type, msg.data))
+                return
+            m = json.loads(msg.data)
+            if m["type"] == "tick":
+                self.numbers.append(m["tick_number"])
+            elif m["type"] != "subscribed":
+                self.other.append(m)
+
+    async def new_ticks(self, n: int, timeout: float = 10.0) -> list[int]:
+        """Wait for ``n`` ticks after now; the tick numbers received meanwhile."""
+        start = len(self.numbers)
+        await wait_for(lambda: len(self.numbers) >= start + n, timeout=timeout, what=f"{n} more ticks")
+        return self.numbers[start:]
+
+    def gaps(self, since: int = 0) -> list[tuple[int, int]]:
+        n = [t for t in self.numbers if t >= since]
+        return [(a, b) for a, b in zip(n, n[1:]) if b != a + 1]
+
+    def assert_unaffected(self) -> None:
+        """Every tick arrived, nothing else did, and the socket is still open."""
+        assert not self.gaps(), f"the reader missed ticks: {self.gaps()[:5]}"
+        assert not self.other, f"the reader got {self.other[:3]}"
+        assert not self.task.done()
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.ws.close()
+
 
 
 class TickWatch:

@@ -29,7 +29,8 @@ import pytest
 from aiohttp import WSMsgType
 
 from conftest import PG_DSN, dsn_with_schema, pg_exec, require_pg, wait_for
-from faultkit import OP_BINARY, OP_TEXT, Client, RawWS, ServerProcess, TickWatch, add_figure, client_frame, figure, start
+from faultkit import (OP_BINARY, OP_TEXT, Client, RawWS, ServerProcess, TickReader, TickWatch, add_figure,
+                      client_frame, figure, start)
 
 #: A soak run (bench/soak.py) multiplies the crash cycles and the abuse waves.
 SOAK_ROUNDS = int(os.environ.get("GRIDSERVER_SOAK_ROUNDS", "1"))
@@ -1101,46 +1102,6 @@ async def test_oversized_frame_gets_its_close_frame_even_while_the_client_sends(
         ws.abort()
 
 
-class Victim:
-    """A well-behaved player in the zone under attack: records every tick number it gets."""
-
-    def __init__(self, http, client: Client, token: str, zone_id: str):
-        self.http, self.client, self.token, self.zone_id = http, client, token, zone_id
-        self.numbers: list[int] = []
-        self.other: list = []
-
-    async def start(self) -> "Victim":
-        self.ws = await self.http.ws_connect(self.client.ws_url(self.token))
-        await self.ws.send_json({"type": "subscribe", "zone_id": self.zone_id})
-        self.task = asyncio.ensure_future(self._read())
-        await wait_for(lambda: len(self.numbers) >= 3, timeout=10, what="the victim's first ticks")
-        return self
-
-    async def _read(self) -> None:
-        while True:
-            msg = await self.ws.receive()
-            if msg.type != WSMsgType.TEXT:
-                self.other.append((msg.type, msg.data))
-                return
-            m = json.loads(msg.data)
-            if m["type"] == "tick":
-                self.numbers.append(m["tick_number"])
-            elif m["type"] != "subscribed":
-                self.other.append(m)
-
-    def assert_unaffected(self) -> None:
-        n = self.numbers
-        gaps = [(a, b) for a, b in zip(n, n[1:]) if b != a + 1]
-        assert not gaps, f"the victim missed ticks: {gaps[:5]}"
-        assert not self.other, f"the victim got {self.other[:3]}"
-        assert not self.task.done()
-
-    async def stop(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        await self.ws.close()
-
-
 #: (what is sent, the error code it must get). The connection stays open for the next one.
 WS_BAD_MESSAGES = [
     ("binary frame", (b'{"type": "ping"}', OP_BINARY), "bad_message"),
@@ -1183,7 +1144,7 @@ async def test_websocket_bad_input_gets_errors_others_play_on(tmp_path, http, pr
     admin, victim_p, attacker = await c.player(), await c.player(), await c.player()
     status, zone = await c.call("POST", "/api/zones", admin["token"], {"name": "arena", "width": 8, "height": 8})
     assert status == 201
-    victim = await Victim(http, c, victim_p["token"], zone["id"]).start()
+    victim = await TickReader(http, c, victim_p["token"], zone["id"]).start()
     sent = 0
     try:
         async with TickWatch(c, interval) as watch:
@@ -1282,7 +1243,7 @@ async def _connection_abuse(tmp_path, processes, http) -> None:
     admin = await c.player()
     players = await asyncio.gather(*(c.player() for _ in range(60)))
     zone = (await c.zones(admin["token"]))["counter-0"]["id"]
-    victim = await Victim(http, c, admin["token"], zone).start()
+    victim = await TickReader(http, c, admin["token"], zone).start()
 
     async def connections() -> int:
         return int((await c.metrics())["gridserver_connections"])

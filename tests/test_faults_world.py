@@ -28,7 +28,7 @@ from aiohttp import WSMsgType
 
 from conftest import db_rows, dsn_with_schema, wait_for
 from fault_games import Traveller, nested_dict
-from faultkit import Client, RawWS, ServerProcess, client_frame, figure, start
+from faultkit import Client, RawWS, ServerProcess, TickReader, client_frame, figure, start
 
 #: A soak run (bench/soak.py) multiplies the floods' reconnects.
 SOAK_ROUNDS = int(os.environ.get("GRIDSERVER_SOAK_ROUNDS", "1"))
@@ -47,50 +47,6 @@ async def stop_gracefully(srv: ServerProcess) -> None:
 
 async def drain_until(ws: RawWS, kind: str, timeout: float = 10.0) -> dict:
     return await ws.until(lambda m: m["type"] == kind, timeout=timeout)
-
-
-class TickReader:
-    """A well-behaved player subscribed to one zone: records the tick numbers it gets and
-    every other message."""
-
-    def __init__(self, http: aiohttp.ClientSession, client: Client, token: str, zone_id: str):
-        self.http, self.client, self.token, self.zone_id = http, client, token, zone_id
-        self.numbers: list[int] = []
-        self.other: list = []
-
-    async def start(self) -> "TickReader":
-        self.ws = await self.http.ws_connect(self.client.ws_url(self.token), heartbeat=None)
-        await self.ws.send_json({"type": "subscribe", "zone_id": self.zone_id})
-        self.task = asyncio.ensure_future(self._read())
-        await wait_for(lambda: len(self.numbers) >= 3, timeout=10, what="the reader's first ticks")
-        return self
-
-    async def _read(self) -> None:
-        while True:
-            msg = await self.ws.receive()
-            if msg.type != WSMsgType.TEXT:
-                self.other.append((msg.type, msg.data))
-                return
-            m = json.loads(msg.data)
-            if m["type"] == "tick":
-                self.numbers.append(m["tick_number"])
-            elif m["type"] != "subscribed":
-                self.other.append(m)
-
-    async def new_ticks(self, n: int, timeout: float = 10.0) -> list[int]:
-        """Wait for ``n`` ticks after now; the tick numbers received meanwhile."""
-        start = len(self.numbers)
-        await wait_for(lambda: len(self.numbers) >= start + n, timeout=timeout, what=f"{n} more ticks")
-        return self.numbers[start:]
-
-    def gaps(self, since: int = 0) -> list[tuple[int, int]]:
-        n = [t for t in self.numbers if t >= since]
-        return [(a, b) for a, b in zip(n, n[1:]) if b != a + 1]
-
-    async def stop(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        await self.ws.close()
 
 
 async def zone_state(c: Client, token: str, zone_id: str) -> dict:
