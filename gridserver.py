@@ -18,18 +18,51 @@ A game module is a plain Python module (or class) with ``on_init``, ``on_tick`` 
 
     from gridserver import TickResult, EntityCreate, EntityUpdate
 
-Sections of this file (``grep -n '^# ==' gridserver.py``):
+Sections of this file, each calling only those above it (``grep -n '^# [A-Z]' gridserver.py``):
 
-    Imports and JSON                    Tick engine
-    Configuration                       Persistence
-    Wire helpers                        Game modules and the framework API
-    Public types and game protocol      Server state
-    Spatial index                       HTTP handlers
-    World state                         WebSocket handler
-    Metrics                             App factory and CLI
-    Storage (all SQL lives here)        Browser page (GET /)
+    Imports and JSON
+    Configuration
+    Wire helpers
+    Public types and game protocol
+    Spatial index
+    World state
+    The zone tick (pure)
+    Metrics
+    Storage (all SQL lives here)
     Accounts and sessions
     Hub: connections, subscriptions, sending
+    Tick engine
+    Persistence
+    Game modules and the framework API
+    Server state
+    Compatibility with aiohttp internals
+    HTTP handlers
+    WebSocket handler
+    App factory and CLI
+    Browser page
+
+Threads. Each thread runs one kind of work and writes only what it owns; hand-offs go
+through queues and ``loop.call_soon_threadsafe``, and the event loop never waits on a
+threading lock.
+
+* The event loop (main thread): HTTP, WebSocket, the hub, timers, the tick schedule. It
+  alone writes connections, subscriptions and each zone's inbox (intents, join and leave
+  events), and swaps a zone's inbox out as the inputs of its tick. Work that needs
+  ``World.lock`` goes to the world thread; blocking database calls to the database threads.
+* Game threads (``gridserver-game``): module code (``on_tick``, the hooks,
+  ``get_player_state``), ``run_zone_tick`` and applying results. They alone write the world's
+  entities and spatial index (under ``World.lock``), and hand finished zones to the loop
+  through a queue. A module call that overstays ``[tick] zone_timeout`` keeps its thread; a
+  fresh game thread takes the other zones, so module code can then run on two threads at
+  once, for different zones: module state shared between zones must be safe for that.
+* ``on_init`` runs once, in a worker thread, before the first tick; ``FrameworkAPI`` (its
+  reads take ``World.lock``; ``create_zone`` waits for the loop) serves module code in both.
+* The world thread (``gridserver-world``): adding, removing and restoring zones and the
+  debug routes' reads of entities, under ``World.lock``, for the loop.
+* Database threads: the flush thread (``gridserver-flush``: the snapshot of changed
+  entities under ``World.lock``, serializing it, restoring it when a flush failed), the
+  SQLite thread (``gridserver-sqlite``) and bcrypt (``gridserver-bcrypt``). They write
+  nothing in memory but what they are handed; PostgreSQL goes through aiopg on the loop.
 """
 
 from __future__ import annotations
@@ -43,6 +76,7 @@ import asyncio
 import base64
 import bisect
 import collections
+import concurrent.futures
 import configparser
 import contextlib
 import datetime as _dt
@@ -69,9 +103,10 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Awaitable, Callable, Iterable, Mapping, NamedTuple, Protocol
 from uuid import UUID
 
+import bcrypt
 from aiohttp import WSMsgType, web, web_protocol, web_server
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -99,11 +134,6 @@ try:  # PostgreSQL support is optional: the embedded SQLite default needs nothin
     import psycopg2.errors
 except ImportError:  # pragma: no cover
     aiopg = psycopg2 = None
-
-try:
-    import bcrypt
-except ImportError:  # pragma: no cover
-    bcrypt = None
 
 
 def _json_default(obj: Any) -> Any:
@@ -376,15 +406,28 @@ def _example_ini() -> str:
 # =============================================================================
 
 
-class ApiError(Exception):
-    """An error with an HTTP status and a machine code; becomes the JSON envelope at the edge."""
+class GridError(Exception):
+    """A refusal with a machine code (``"zone_not_found"``...) and one human sentence.
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    Raised anywhere inside the server; only the HTTP edge turns it into a status and the JSON
+    envelope (``HTTP_STATUS``). ``headers`` (``Retry-After``) go along with the answer.
+    """
+
+    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
         self.headers = headers
+
+
+#: The HTTP status of every error code, the one place where codes meet HTTP.
+HTTP_STATUS = {
+    "bad_request": 400, "unauthorized": 401, "invalid_credentials": 401, "forbidden": 403,
+    "not_found": 404, "zone_not_found": 404, "entity_not_found": 404, "method_not_allowed": 405,
+    "username_taken": 409, "zone_name_taken": 409, "not_paused": 409, "expectation_failed": 417,
+    "too_many_attempts": 429, "too_many_connections": 429, "internal_error": 500,
+    "busy": 503, "database_unavailable": 503,
+}
 
 
 class DatabaseUnavailable(Exception):
@@ -420,7 +463,7 @@ def _parse_uuid(text: str, code: str = "not_found", what: str = "resource") -> U
     try:
         value = UUID(text)
     except (ValueError, TypeError, AttributeError):
-        raise ApiError(404, code, f"No {what} has the id {text[:80]!r}.") from None
+        raise GridError(code, f"No {what} has the id {text[:80]!r}.") from None
     return value
 
 
@@ -485,36 +528,36 @@ def _as_uuid(value: Any) -> UUID:
 
 
 async def _read_object(request: web.Request, max_size: int, timeout: float | None = None) -> dict:
-    """The request body as a JSON object, or ``ApiError(400)`` saying what is wrong.
+    """The request body as a JSON object, or ``GridError("bad_request")`` saying what is wrong.
 
     The whole body must arrive within ``timeout`` seconds (a client that announces more than
     it sends, or trickles it, does not hold a handler forever).
     """
     if request.content_length is not None and request.content_length > max_size:
-        raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
+        raise GridError("bad_request", f"The body is larger than {max_size} bytes.")
     chunks, total = [], 0
     try:
         async with asyncio.timeout(timeout):
             while chunk := await request.content.read(65536):
                 total += len(chunk)
                 if total > max_size:
-                    raise ApiError(400, "bad_request", f"The body is larger than {max_size} bytes.")
+                    raise GridError("bad_request", f"The body is larger than {max_size} bytes.")
                 chunks.append(chunk)
     except TimeoutError:
-        raise ApiError(400, "bad_request", f"The body did not arrive within {timeout:g} seconds.") from None
+        raise GridError("bad_request", f"The body did not arrive within {timeout:g} seconds.") from None
     except ConnectionError:
-        raise ApiError(400, "bad_request", "The body could not be read.") from None
+        raise GridError("bad_request", "The body could not be read.") from None
     except (web_protocol.RequestPayloadError, HttpProcessingError):  # bad chunking or compression
-        raise ApiError(400, "bad_request", "The body could not be decoded (transfer or content encoding).") from None
+        raise GridError("bad_request", "The body could not be decoded (transfer or content encoding).") from None
     raw = b"".join(chunks)
     if not raw.strip():
-        raise ApiError(400, "bad_request", "The body must be a JSON object.")
+        raise GridError("bad_request", "The body must be a JSON object.")
     try:
         body = json_loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError, OverflowError):
-        raise ApiError(400, "bad_request", "The body is not valid JSON.") from None
+        raise GridError("bad_request", "The body is not valid JSON.") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", "The body must be a JSON object.")
+        raise GridError("bad_request", "The body must be a JSON object.")
     return body
 
 
@@ -522,7 +565,7 @@ def _field(body: dict, name: str, kind: type | tuple, required: bool = True, def
     """One typed field of a request body; bools are never accepted as integers."""
     if name not in body:
         if required:
-            raise ApiError(400, "bad_request", f"The field '{name}' is required.")
+            raise GridError("bad_request", f"The field '{name}' is required.")
         return default
     value = body[name]
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
@@ -530,8 +573,50 @@ def _field(body: dict, name: str, kind: type | tuple, required: bool = True, def
     if not isinstance(value, kind):
         names = {str: "a string", int: "an integer", dict: "a JSON object"}
         want = names.get(kind, getattr(kind, "__name__", str(kind))) if not isinstance(kind, tuple) else "a valid value"
-        raise ApiError(400, "bad_request", f"The field '{name}' must be {want}.")
+        raise GridError("bad_request", f"The field '{name}' must be {want}.")
     return value
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked WebSocket text frame (RFC 6455, server to client).
+
+    A tick's frame is built once per zone and written to every subscriber's transport as is.
+    """
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+_SECRET_RE = re.compile(r"([?&][^=&\s'\"]*=|bearer(?:\s|\\t)+)[^&\s'\"]*", re.IGNORECASE)
+
+
+def _redact(text: str) -> str:
+    """``text`` with every query value (``?token=...``, however its name is escaped) and
+    ``Bearer ...`` replaced, for logs and error messages that quote a piece of a request."""
+    return _SECRET_RE.sub(r"\1[redacted]", text)
+
+
+def _http_answer(status: int, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response with the JSON envelope, closing the connection: for answers
+    written straight to a transport, before any request has been read."""
+    body = json_dumps({"error": code, "message": message}).encode("utf-8")
+    reason = {429: "Too Many Requests"}.get(status, "Error")
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii") + body
+
+
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 417: "expectation_failed"}
+
+
+def _http_error_response(exc: web.HTTPException) -> web.Response:
+    """An aiohttp HTTP error (routing, size limits, expectations) as the contract's envelope."""
+    status = 400 if exc.status == 413 else exc.status
+    return _error_response(status, _HTTP_ERROR_CODES.get(exc.status, "bad_request"), exc.reason or "Bad request.")
 
 
 # =============================================================================
@@ -623,7 +708,6 @@ class Zone:
     updated_at: _dt.datetime = field(default_factory=_now)
 
 
-@runtime_checkable
 class GameLogicModule(Protocol):
     """What a game module implements (``on_player_join``/``on_player_leave`` are optional).
 
@@ -640,7 +724,6 @@ class GameLogicModule(Protocol):
 
 
 _REQUIRED_METHODS = ("on_init", "on_tick", "get_player_state")
-_OPTIONAL_HOOKS = ("on_player_join", "on_player_leave")
 
 
 # =============================================================================
@@ -819,6 +902,54 @@ def _in_bounds(zone: Zone, x: int, y: int, w: int, h: int) -> bool:
     if w == 0 or h == 0:
         return x < zone.width and y < zone.height and x + w <= zone.width and y + h <= zone.height
     return x + w <= zone.width and y + h <= zone.height
+
+
+def _check_metadata(meta: Any, change: Any) -> None:
+    """Metadata must be a JSON object the database and clients can take as it is (and a
+    database must be able to store and load it back: see ``_json_problem``)."""
+    if not isinstance(meta, dict):
+        raise TickRejected(f"metadata must be a dict in {_short_repr(change)}")
+    problem = _json_problem(meta)
+    if problem is not None:
+        raise TickRejected(f"metadata {problem} in {_short_repr(change)}")
+
+
+def _short_repr(value: Any) -> str:
+    """A repr for error messages that neither recurses without end nor runs to megabytes."""
+    return _REPR.repr(value)
+
+
+class _ShortRepr(reprlib.Repr):
+    def repr_instance(self, obj: Any, level: int) -> str:
+        try:
+            text = repr(obj)
+        except Exception:  # noqa: BLE001 - e.g. RecursionError on metadata nested too deep
+            return f"{type(obj).__name__}(id={getattr(obj, 'id', '?')}, ...)"
+        return text if len(text) <= self.maxother else text[:self.maxother - 3] + "..."
+
+
+_REPR = _ShortRepr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxdict, _REPR.maxlist = 4, 80, 200, 8, 8
+
+
+def _as_list(value: Any, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        return value
+    raise TickRejected(f"{what} must be a list, got {type(value).__name__}")
+
+
+class EntityRow(NamedTuple):
+    """One changed entity as a flush writes it: its values taken together under the world's
+    lock (metadata objects are replaced, never mutated, by the registry)."""
+
+    id: UUID
+    entity: Entity
+    x: int
+    y: int
+    width: int
+    height: int
+    metadata: dict
+    updated_at: float
 
 
 class World:
@@ -1079,64 +1210,132 @@ class World:
                 self.deleted.add(eid)
             return created, len(updates), len(deletes)
 
-    def take_changes(self) -> tuple[list[tuple], list[UUID]]:
+    def take_changes(self) -> tuple[list[EntityRow], list[UUID]]:
         """Snapshot and clear what the next flush must write: (rows, deleted ids).
 
-        A row is ``(id, entity, x, y, width, height, metadata, updated_at)``: the values as
-        they are now (metadata objects are replaced, never mutated, by the registry), taken
-        under the lock, so the snapshot is one state that existed.
+        The rows hold the values as they are now, taken under the lock, so the snapshot is
+        one state that existed.
         """
         with self.lock:
-            rows = [(e.id, e, e.x, e.y, e.width, e.height, e.metadata, e.updated_at) for e in self.dirty]
+            rows = [EntityRow(e.id, e, e.x, e.y, e.width, e.height, e.metadata, e.updated_at) for e in self.dirty]
             deleted = list(self.deleted)
             self.dirty = set()
             self.deleted = set()
             return rows, deleted
 
-    def restore_changes(self, rows: list[tuple], deleted: list[UUID]) -> None:
+    def restore_changes(self, rows: list[EntityRow], deleted: list[UUID]) -> None:
         """Put back a snapshot whose flush failed; later changes stay as they are."""
         with self.lock:
             for row in rows:
-                zs = self.entity_zone.get(row[0])
+                zs = self.entity_zone.get(row.id)
                 if zs is not None:
-                    self.dirty.add(zs.entities[row[0]])
+                    self.dirty.add(zs.entities[row.id])
             for eid in deleted:
                 if eid not in self.entity_zone:
                     self.deleted.add(eid)
 
 
-def _check_metadata(meta: Any, change: Any) -> None:
-    """Metadata must be a JSON object the database and clients can take as it is (and a
-    database must be able to store and load it back: see ``_json_problem``)."""
-    if not isinstance(meta, dict):
-        raise TickRejected(f"metadata must be a dict in {_short_repr(change)}")
-    problem = _json_problem(meta)
-    if problem is not None:
-        raise TickRejected(f"metadata {problem} in {_short_repr(change)}")
+# =============================================================================
+# The zone tick (pure)
+# =============================================================================
 
 
-def _short_repr(value: Any) -> str:
-    """A repr for error messages that neither recurses without end nor runs to megabytes."""
-    return _REPR.repr(value)
+@dataclass(slots=True)
+class ZoneInputs:
+    """What one zone's tick takes, swapped out of the zone's inbox as one snapshot.
+
+    ``events`` are ``("join" | "leave", player_id)`` in order; ``subscribers`` are the ids of
+    the players to compute a state (and a frame) for.
+    """
+
+    tick_number: int
+    intents: list[Intent] = field(default_factory=list)
+    events: list[tuple[str, UUID]] = field(default_factory=list)
+    subscribers: list[UUID] = field(default_factory=list)
 
 
-class _ShortRepr(reprlib.Repr):
-    def repr_instance(self, obj: Any, level: int) -> str:
-        try:
-            text = repr(obj)
-        except Exception:  # noqa: BLE001 - e.g. RecursionError on metadata nested too deep
-            return f"{type(obj).__name__}(id={getattr(obj, 'id', '?')}, ...)"
-        return text if len(text) <= self.maxother else text[:self.maxother - 3] + "..."
+@dataclass(slots=True)
+class ZoneOutcome:
+    """What one zone's tick produced: a frame per subscriber, or the error that lost the tick.
+
+    When ``error`` is set nothing of the tick was applied and ``frames`` is empty; ``kind`` is
+    ``"invalid_result"`` (the result broke a rule) or ``"exception"`` (module code raised:
+    ``exception`` is what it raised, for the caller to log).
+    """
+
+    frames: list[tuple[UUID, bytes]] = field(default_factory=list)
+    error: str | None = None
+    kind: str = ""
+    exception: BaseException | None = None
 
 
-_REPR = _ShortRepr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxdict, _REPR.maxlist = 4, 80, 200, 8, 8
+def run_zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs,
+                  clock: Callable[[], float]) -> ZoneOutcome:
+    """Run one zone's tick: join and leave hooks, ``on_tick``, the checks and the all-or-nothing
+    apply, then every subscriber's state, serialized into tick frames.
+
+    No I/O: no socket, no database, no clock but ``clock`` (seconds since the epoch: the
+    entities' ``updated_at`` and the frames' ``sent_at``). Any exception from the module and
+    any rule a result breaks loses the zone this tick (see ``World.validate``); players given
+    the same state object by ``get_player_state`` share one serialized frame.
+    """
+    zone_id = zs.zone.id
+    try:
+        extra: list[TickResult] = []
+        for kind, player_id in inputs.events:
+            hook = getattr(game, "on_player_join" if kind == "join" else "on_player_leave", None)
+            if hook is not None:
+                r = hook(zone_id, player_id)
+                if r is not None:
+                    extra.append(r)
+        result = game.on_tick(zone_id, [*zs.entities.values()], inputs.intents, inputs.tick_number)
+        if extra:
+            result = _merge_results(extra, result)
+        world.apply(zone_id, result, clock())
+    except TickRejected as exc:
+        return ZoneOutcome(error=str(exc), kind="invalid_result")
+    except Exception as exc:  # noqa: BLE001 - a module's failure must not reach the server
+        return ZoneOutcome(error=f"{type(exc).__name__}: {exc}", kind="exception", exception=exc)
+    state = result.broadcast_state if result is not None else {}
+    try:
+        return ZoneOutcome(frames=_player_frames(game, zone_id, inputs, state, clock()))
+    except Exception as exc:  # noqa: BLE001
+        return ZoneOutcome(error=f"get_player_state: {type(exc).__name__}: {exc}", kind="exception", exception=exc)
 
 
-def _as_list(value: Any, what: str) -> list:
-    if isinstance(value, (list, tuple)):
-        return value
-    raise TickRejected(f"{what} must be a list, got {type(value).__name__}")
+def _player_frames(game: Any, zone_id: UUID, inputs: ZoneInputs, full_state: dict,
+                   now: float) -> list[tuple[UUID, bytes]]:
+    """Each subscriber's tick frame; players given the same state object share one frame."""
+    if not inputs.subscribers:
+        return []
+    prefix = (f'{{"type":"tick","zone_id":"{zone_id}","tick_number":{inputs.tick_number},'
+              f'"sent_at":{now:.6f},"state":')
+    built: dict[int, tuple[Any, bytes]] = {}
+    frames = []
+    get_state = game.get_player_state
+    for player_id in inputs.subscribers:
+        state = get_state(zone_id, player_id, full_state)
+        cached = built.get(id(state))
+        if cached is None:
+            cached = (state, ws_text_frame((prefix + json_dumps(state) + "}").encode("utf-8")))
+            built[id(state)] = cached  # holding ``state`` keeps its id unique for this tick
+        frames.append((player_id, cached[1]))
+    return frames
+
+
+def _merge_results(first: list[TickResult], last: Any) -> Any:
+    """Hook results applied with the tick's own: creates, updates and deletes in order."""
+    if not isinstance(last, TickResult) and last is not None:
+        return last  # let validation reject it
+    merged = TickResult()
+    for r in [*first, *([last] if last is not None else [])]:
+        if not isinstance(r, TickResult):
+            raise TickRejected(f"a join/leave hook returned {type(r).__name__}, not a TickResult")
+        merged.entity_creates.extend(_as_list(r.entity_creates, "entity_creates"))
+        merged.entity_updates.extend(_as_list(r.entity_updates, "entity_updates"))
+        merged.entity_deletes.extend(_as_list(r.entity_deletes, "entity_deletes"))
+    merged.broadcast_state = last.broadcast_state if last is not None else {}
+    return merged
 
 
 # =============================================================================
@@ -1314,7 +1513,7 @@ CREATE TABLE IF NOT EXISTS entities (
 CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
 """
 
-# Statements shared by both backends, written with %s placeholders (SQLite gets ? instead).
+#: Statements shared by both backends, written with %s placeholders (SQLite gets ? instead).
 _SQL = {
     "insert_player": "INSERT INTO players (id, username, password_hash, created_at) VALUES (%s, %s, %s, %s)",
     "player_by_name": "SELECT id, username, password_hash, created_at, last_login FROM players WHERE username = %s",
@@ -1377,30 +1576,300 @@ class UniqueViolation(Exception):
         self.what = what
 
 
-class _Store:
-    """What the server asks of a database. ``healthy`` follows the last call's outcome."""
+class _Step(NamedTuple):
+    """One statement of a call: ``many`` runs it once per tuple of ``args`` (SQLite only)."""
+
+    sql: str
+    args: Any = ()
+    many: bool = False
+
+
+class _Dialect:
+    """How one database runs statements: placeholders, times, transactions, bulk writes.
+
+    ``run`` executes the steps in one transaction (a single statement on its own) and returns
+    the last statement's rows (``fetch``: "none", "one" or "all"). Any failure to reach the
+    database becomes ``DatabaseUnavailable``; a unique constraint, ``UniqueViolation``.
+    ``healthy`` follows the last call's outcome.
+    """
 
     healthy = True
+    timeout = 5.0
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def ping(self) -> None: ...
-    async def insert_player(self, player_id: UUID, username: str, pw_hash: str, created_at: _dt.datetime) -> None: ...
-    async def player_by_name(self, username: str) -> dict | None: ...
-    async def player_by_id(self, player_id: UUID) -> dict | None: ...
-    async def set_last_login(self, player_id: UUID, when: _dt.datetime) -> None: ...
+    async def run(self, steps: list[_Step], fetch: str = "none", timeout: float | None = None) -> Any: ...
+
+    def time(self, value: _dt.datetime | None) -> Any:
+        """A time as the driver takes it."""
+        return value
+
+    def delete_ids(self, ids: list[UUID]) -> list[_Step]:
+        """Steps deleting the entities with these ids."""
+        raise NotImplementedError
+
+    def flush_steps(self, rows: list[EntityRow], deleted: list[UUID]) -> list[_Step]:
+        """A flush's steps (in the flush thread): deletes first, then the upserts of ``rows``.
+        Rows of zones deleted meanwhile are skipped."""
+        raise NotImplementedError
+
+
+class _Postgres(_Dialect):
+    """PostgreSQL through an aiopg pool. Every call is bounded by ``timeout`` seconds."""
+
+    def __init__(self, dsn: str, pool_min: int, pool_max: int, timeout: float):
+        self.dsn, self.pool_min, self.pool_max, self.timeout = dsn, pool_min, pool_max, timeout
+        self.pool: Any = None
+
+    async def open(self) -> None:
+        try:
+            self.pool = await asyncio.wait_for(
+                aiopg.create_pool(self.dsn, minsize=self.pool_min, maxsize=self.pool_max,
+                                  timeout=self.timeout, connect_timeout=max(1, int(self.timeout))),
+                self.timeout * 2)
+        except (psycopg2.Error, OSError, asyncio.TimeoutError) as exc:
+            raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {str(exc).strip() or 'timed out'}") from None
+        await self.run([_Step(PG_SCHEMA)])
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.wait_closed(), self.timeout)
+
+    async def run(self, steps: list[_Step], fetch: str = "none", timeout: float | None = None) -> Any:
+        """On a pooled connection; a dropped connection is retried once, and a connection whose
+        call failed half way is closed rather than returned to the pool."""
+        timeout = timeout or self.timeout
+        for attempt in (1, 2):
+            conn = None
+            try:
+                conn = await asyncio.wait_for(self.pool.acquire(), self.timeout)
+                try:
+                    async with conn.cursor(timeout=timeout) as cur:
+                        result = await asyncio.wait_for(self._execute(cur, steps, fetch), timeout)
+                except BaseException:
+                    conn.close()
+                    raise
+                self.healthy = True
+                return result
+            except psycopg2.errors.UniqueViolation as exc:
+                self.healthy = True
+                name = getattr(getattr(exc, "diag", None), "constraint_name", "") or ""
+                raise UniqueViolation("username" if "players" in name else "zone_name") from None
+            except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
+                # An idle connection the server dropped fails on first use: try a fresh one.
+                stale = conn is not None and isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+                if attempt == 2 or not stale:
+                    self.healthy = False
+                    raise DatabaseUnavailable(str(exc).strip() or "timed out") from None
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        self.pool.release(conn)
+
+    @staticmethod
+    async def _execute(cur: Any, steps: list[_Step], fetch: str) -> Any:
+        tx = len(steps) > 1
+        if tx:
+            await cur.execute("BEGIN")
+        try:
+            for step in steps:
+                await cur.execute(step.sql, step.args or None)
+            rows = (await cur.fetchone() if fetch == "one" else await cur.fetchall()) \
+                if fetch != "none" and cur.description else None
+            if tx:
+                await cur.execute("COMMIT")
+        except BaseException:
+            if tx:
+                with contextlib.suppress(Exception):
+                    await cur.execute("ROLLBACK")
+            raise
+        return rows if rows is not None or fetch != "all" else []
+
+    def delete_ids(self, ids: list[UUID]) -> list[_Step]:
+        return [_Step(_PG_DELETE_ENTITIES, ([str(i) for i in ids],))] if ids else []
+
+    def flush_steps(self, rows: list[EntityRow], deleted: list[UUID]) -> list[_Step]:
+        """One JSON array per statement, serialized 1,000 rows at a time so that no single
+        call holds the GIL for long."""
+        zone_ids: dict[UUID, str] = {}
+        pieces = []
+        for start in range(0, len(rows), 1000):
+            chunk = []
+            for r in rows[start:start + 1000]:
+                zid = zone_ids.get(r.entity.zone_id) or zone_ids.setdefault(r.entity.zone_id, str(r.entity.zone_id))
+                chunk.append((str(r.id), zid, r.x, r.y, r.width, r.height, r.metadata, r.entity.created_at,
+                              r.updated_at))
+            pieces.append(json_dumps(chunk)[1:-1])
+        per = max(1, FLUSH_CHUNK // 1000)
+        return [*self.delete_ids(deleted),
+                *(_Step(_PG_UPSERT_ENTITIES, ("[" + ",".join(pieces[i:i + per]) + "]",))
+                  for i in range(0, len(pieces), per))]
+
+
+class _Sqlite(_Dialect):
+    """The embedded default: one SQLite file, used from one thread off the event loop."""
+
+    def __init__(self, path: str, timeout: float):
+        self.path, self.timeout = path, timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridserver-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        try:
+            await self._call(self._open)
+        except DatabaseUnavailable as exc:
+            raise DatabaseUnavailable(f"cannot open SQLite database {self.path}: {exc}") from None
+
+    def _open(self) -> None:
+        self._conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                     check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SQLITE_SCHEMA)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, fn: Callable, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await asyncio.wait_for(loop.run_in_executor(self._executor, fn, *args), self.timeout * 4)
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):
+                raise
+            raise UniqueViolation("username" if "players" in str(exc) else "zone_name") from None
+        except (sqlite3.OperationalError, asyncio.TimeoutError) as exc:
+            self.healthy = False
+            raise DatabaseUnavailable(str(exc) or "timed out") from None
+        self.healthy = True
+        return result
+
+    async def run(self, steps: list[_Step], fetch: str = "none", timeout: float | None = None) -> Any:
+        return await self._call(self._execute, steps, fetch)
+
+    def _execute(self, steps: list[_Step], fetch: str) -> Any:
+        conn = self._conn
+        tx = len(steps) > 1
+        if tx:
+            conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = None
+            for step in steps:
+                sql = step.sql.replace("%s", "?")
+                cur = (conn.executemany if step.many else conn.execute)(sql, step.args)
+            rows = None if fetch == "none" or cur is None else cur.fetchone() if fetch == "one" else cur.fetchall()
+            if tx:
+                conn.execute("COMMIT")
+        except BaseException:
+            if tx:
+                conn.execute("ROLLBACK")
+            raise
+        return rows
+
+    def time(self, value: _dt.datetime | None) -> Any:
+        return _iso(value)
+
+    def delete_ids(self, ids: list[UUID]) -> list[_Step]:
+        return [_Step(_SQLITE_DELETE_ENTITY, [(str(i),) for i in ids], True)] if ids else []
+
+    def flush_steps(self, rows: list[EntityRow], deleted: list[UUID]) -> list[_Step]:
+        upserts = [(str(r.id), str(r.entity.zone_id), r.x, r.y, r.width, r.height, json_dumps(r.metadata),
+                    _iso(r.entity.created_at), _iso(r.updated_at), str(r.entity.zone_id)) for r in rows]
+        return [*self.delete_ids(deleted), _Step(_SQLITE_UPSERT_ENTITY, upserts, True)]
+
+
+class Store:
+    """What the server asks of a database, written once over a ``_Dialect``.
+
+    Every method is one call of the dialect (one transaction where it has several steps),
+    bounded by ``[database] timeout``; ``DatabaseUnavailable`` when the database cannot be
+    reached. ``healthy`` follows the last call's outcome.
+    """
+
+    def __init__(self, dialect: _Dialect):
+        self.dialect = dialect
+        self._t = dialect.time
+
+    @property
+    def healthy(self) -> bool:
+        return self.dialect.healthy
+
+    async def open(self) -> None:
+        await self.dialect.open()
+
+    async def close(self) -> None:
+        await self.dialect.close()
+
+    async def _do(self, name: str, *args: Any, fetch: str = "none") -> Any:
+        return await self.dialect.run([_Step(_SQL[name], args)], fetch)
+
+    async def ping(self) -> None:
+        await self._do("ping", fetch="one")
+
+    async def insert_player(self, player_id: UUID, username: str, pw_hash: str, created_at: _dt.datetime) -> None:
+        await self._do("insert_player", str(player_id), username, pw_hash, self._t(created_at))
+
+    async def player_by_name(self, username: str) -> dict | None:
+        row = await self._do("player_by_name", username, fetch="one")
+        return None if row is None else _player_row(row)
+
+    async def player_by_id(self, player_id: UUID) -> dict | None:
+        row = await self._do("player_by_id", str(player_id), fetch="one")
+        return None if row is None else _player_row(row)
+
+    async def set_last_login(self, player_id: UUID, when: _dt.datetime) -> None:
+        await self._do("set_last_login", self._t(when), str(player_id))
+
     async def insert_session(self, digest: str, player_id: UUID, created_at: _dt.datetime,
-                             expires_at: _dt.datetime | None) -> None: ...
-    async def session(self, digest: str) -> tuple[UUID, _dt.datetime | None, str] | None: ...
-    async def delete_session(self, digest: str) -> None: ...
-    async def delete_expired_sessions(self, now: _dt.datetime) -> None: ...
+                             expires_at: _dt.datetime | None) -> None:
+        await self._do("insert_session", digest, str(player_id), self._t(created_at), self._t(expires_at))
+
+    async def session(self, digest: str) -> tuple[UUID, _dt.datetime | None, str] | None:
+        """(player id, expiry, username) of a session, or None."""
+        row = await self._do("session", digest, fetch="one")
+        return None if row is None else (_as_uuid(row[0]), _to_datetime(row[1]), row[2])
+
+    async def delete_session(self, digest: str) -> None:
+        await self._do("delete_session", digest)
+
+    async def delete_expired_sessions(self, now: _dt.datetime) -> None:
+        await self._do("delete_expired_sessions", self._t(now))
+
     async def delete_sessions(self, player_id: UUID, keep: int = 0) -> list[str]:
         """End the player's sessions but the ``keep`` newest; the digests of those ended."""
-    async def insert_zone(self, zone: Zone) -> None: ...
-    async def delete_zone(self, zone_id: UUID, entity_ids: list[UUID]) -> None: ...
-    async def load(self) -> tuple[list[Zone], list[Entity]]: ...
-    def prepare_flush(self, rows: list[tuple], deleted: list[UUID]) -> Any: ...
-    async def flush(self, prepared: Any) -> None: ...
+        pid = str(player_id)
+        rows = await (self._do("delete_old_sessions", pid, pid, keep, fetch="all") if keep
+                      else self._do("delete_player_sessions", pid, fetch="all"))
+        return [r[0] for r in rows or []]
+
+    async def insert_zone(self, zone: Zone) -> None:
+        await self._do("insert_zone", str(zone.id), zone.name, zone.width, zone.height, json_dumps(zone.metadata),
+                       self._t(zone.created_at), self._t(zone.updated_at))
+
+    async def delete_zone(self, zone_id: UUID, entity_ids: list[UUID]) -> None:
+        """The zone, its entities, and ``entity_ids`` (entities moved into it since the last
+        flush: their rows still name another zone), in one transaction."""
+        zid = str(zone_id)
+        await self.dialect.run([_Step(_SQL["delete_zone_entities"], (zid,)), *self.dialect.delete_ids(entity_ids),
+                                _Step(_SQL["delete_zone"], (zid,))])
+
+    async def load(self) -> tuple[list[Zone], list[Entity]]:
+        zones = await self.dialect.run([_Step(_SQL["zones"])], "all")
+        entities = await self.dialect.run([_Step(_SQL["entities"])], "all")
+        return [_zone_row(r) for r in zones], [_entity_row(r) for r in entities]
+
+    def prepare_flush(self, rows: list[EntityRow], deleted: list[UUID]) -> tuple[list[_Step], int]:
+        """In the flush thread: the flush's statements, serialized."""
+        return self.dialect.flush_steps(rows, deleted), len(rows)
+
+    async def flush(self, prepared: tuple[list[_Step], int]) -> None:
+        """Write a prepared flush in one transaction (big flushes may take longer)."""
+        steps, count = prepared
+        await self.dialect.run(steps, timeout=self.dialect.timeout * (1 + count // 20000))
 
 
 def _player_row(row: tuple) -> dict:
@@ -1425,304 +1894,13 @@ def _entity_row(row: tuple) -> Entity:
                   _to_datetime(row[7]).timestamp(), _to_datetime(row[8]).timestamp())
 
 
-class PostgresStore(_Store):
-    """PostgreSQL through an aiopg pool. Every call is bounded by ``timeout`` seconds."""
-
-    def __init__(self, dsn: str, pool_min: int, pool_max: int, timeout: float):
-        self.dsn, self.pool_min, self.pool_max, self.timeout = dsn, pool_min, pool_max, timeout
-        self.pool = None
-
-    async def open(self) -> None:
-        try:
-            self.pool = await asyncio.wait_for(
-                aiopg.create_pool(self.dsn, minsize=self.pool_min, maxsize=self.pool_max,
-                                  timeout=self.timeout, connect_timeout=max(1, int(self.timeout))),
-                self.timeout * 2)
-        except (psycopg2.Error, OSError, asyncio.TimeoutError) as exc:
-            raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {str(exc).strip() or 'timed out'}") from None
-        await self._run(self._exec_script, PG_SCHEMA)
-
-    async def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pool.wait_closed(), self.timeout)
-
-    async def _run(self, fn: Callable, *args: Any, timeout: float | None = None) -> Any:
-        """Run ``fn(cursor, *args)`` on a pooled connection; a dropped connection is retried once.
-
-        Any failure to reach the database becomes ``DatabaseUnavailable``; a connection whose
-        call failed half way is closed rather than returned to the pool.
-        """
-        timeout = timeout or self.timeout
-        for attempt in (1, 2):
-            conn = None
-            try:
-                conn = await asyncio.wait_for(self.pool.acquire(), self.timeout)
-                try:
-                    async with conn.cursor(timeout=timeout) as cur:
-                        result = await asyncio.wait_for(fn(cur, *args), timeout)
-                except BaseException:
-                    conn.close()
-                    raise
-                self.healthy = True
-                return result
-            except psycopg2.errors.UniqueViolation as exc:
-                self.healthy = True
-                name = getattr(getattr(exc, "diag", None), "constraint_name", "") or ""
-                raise UniqueViolation("username" if "players" in name else "zone_name") from None
-            except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
-                # An idle connection the server dropped fails on first use: try a fresh one.
-                stale = conn is not None and isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
-                if attempt == 2 or not stale:
-                    self.healthy = False
-                    raise DatabaseUnavailable(str(exc).strip() or "timed out") from None
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        self.pool.release(conn)
-
-    @staticmethod
-    async def _exec_script(cur: Any, script: str) -> None:
-        await cur.execute(script)
-
-    @staticmethod
-    async def _one(cur: Any, sql: str, args: tuple) -> tuple | None:
-        await cur.execute(sql, args)
-        return await cur.fetchone() if cur.description else None
-
-    @staticmethod
-    async def _all(cur: Any, sql: str, args: tuple) -> list[tuple]:
-        await cur.execute(sql, args)
-        return await cur.fetchall()
-
-    async def _tx(self, cur: Any, steps: list[tuple[str, tuple]]) -> None:
-        await cur.execute("BEGIN")
-        try:
-            for sql, args in steps:
-                await cur.execute(sql, args)
-            await cur.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await cur.execute("ROLLBACK")
-            raise
-
-    async def ping(self) -> None:
-        await self._run(self._one, _SQL["ping"], ())
-
-    async def insert_player(self, player_id, username, pw_hash, created_at):
-        await self._run(self._one, _SQL["insert_player"], (str(player_id), username, pw_hash, created_at))
-
-    async def player_by_name(self, username):
-        row = await self._run(self._one, _SQL["player_by_name"], (username,))
-        return None if row is None else _player_row(row)
-
-    async def player_by_id(self, player_id):
-        row = await self._run(self._one, _SQL["player_by_id"], (str(player_id),))
-        return None if row is None else _player_row(row)
-
-    async def set_last_login(self, player_id, when):
-        await self._run(self._one, _SQL["set_last_login"], (when, str(player_id)))
-
-    async def insert_session(self, digest, player_id, created_at, expires_at):
-        await self._run(self._one, _SQL["insert_session"], (digest, str(player_id), created_at, expires_at))
-
-    async def session(self, digest):
-        row = await self._run(self._one, _SQL["session"], (digest,))
-        return None if row is None else (_as_uuid(row[0]), row[1], row[2])
-
-    async def delete_session(self, digest):
-        await self._run(self._one, _SQL["delete_session"], (digest,))
-
-    async def delete_expired_sessions(self, now):
-        await self._run(self._one, _SQL["delete_expired_sessions"], (now,))
-
-    async def delete_sessions(self, player_id, keep=0):
-        pid = str(player_id)
-        sql, args = ((_SQL["delete_old_sessions"], (pid, pid, keep)) if keep
-                     else (_SQL["delete_player_sessions"], (pid,)))
-        return [r[0] for r in await self._run(self._all, sql, args)]
-
-    async def insert_zone(self, zone):
-        await self._run(self._one, _SQL["insert_zone"], (str(zone.id), zone.name, zone.width, zone.height,
-                                                         json_dumps(zone.metadata), zone.created_at, zone.updated_at))
-
-    async def delete_zone(self, zone_id, entity_ids):
-        zid = str(zone_id)
-        await self._run(self._tx, [(_SQL["delete_zone_entities"], (zid,)),
-                                   (_PG_DELETE_ENTITIES, ([str(e) for e in entity_ids],)),
-                                   (_SQL["delete_zone"], (zid,))])
-
-    async def load(self):
-        async def fetch(cur: Any) -> tuple[list, list]:
-            await cur.execute(_SQL["zones"])
-            zones = [_zone_row(r) for r in await cur.fetchall()]
-            await cur.execute(_SQL["entities"])
-            return zones, [_entity_row(r) for r in await cur.fetchall()]
-        return await self._run(fetch)
-
-    def prepare_flush(self, rows, deleted):
-        """In the flush thread: one JSON array per statement, serialized 1,000 rows at a time
-        so that no single call holds the GIL for long."""
-        zone_ids: dict[UUID, str] = {}
-        pieces = []
-        for start in range(0, len(rows), 1000):
-            chunk = []
-            for eid, e, x, y, w, h, meta, updated in rows[start:start + 1000]:
-                zid = zone_ids.get(e.zone_id) or zone_ids.setdefault(e.zone_id, str(e.zone_id))
-                chunk.append((str(eid), zid, x, y, w, h, meta, e.created_at, updated))
-            pieces.append(json_dumps(chunk)[1:-1])
-        per = max(1, FLUSH_CHUNK // 1000)
-        statements = ["[" + ",".join(pieces[i:i + per]) + "]" for i in range(0, len(pieces), per)]
-        return statements, [str(d) for d in deleted], len(rows)
-
-    async def flush(self, prepared):
-        statements, deleted, count = prepared
-
-        async def write(cur: Any) -> None:
-            await cur.execute("BEGIN")
-            try:
-                if deleted:
-                    await cur.execute(_PG_DELETE_ENTITIES, (deleted,))
-                for payload in statements:
-                    await cur.execute(_PG_UPSERT_ENTITIES, (payload,))
-                await cur.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await cur.execute("ROLLBACK")
-                raise
-        await self._run(write, timeout=self.timeout * (1 + count // 20000))  # big flushes take longer
-
-
-class SqliteStore(_Store):
-    """The embedded default: one SQLite file, used from one thread off the event loop."""
-
-    def __init__(self, path: str, timeout: float):
-        self.path, self.timeout = path, timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridserver-sqlite")
-        self._conn: sqlite3.Connection | None = None
-
-    async def _call(self, fn: Callable, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        try:
-            result = await asyncio.wait_for(loop.run_in_executor(self._executor, fn, *args), self.timeout * 4)
-        except sqlite3.IntegrityError as exc:
-            if "UNIQUE" not in str(exc):
-                raise
-            raise UniqueViolation("username" if "players" in str(exc) else "zone_name") from None
-        except (sqlite3.OperationalError, asyncio.TimeoutError) as exc:
-            self.healthy = False
-            raise DatabaseUnavailable(str(exc) or "timed out") from None
-        self.healthy = True
-        return result
-
-    def _open(self) -> None:
-        self._conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
-                                     check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.executescript(SQLITE_SCHEMA)
-
-    async def open(self) -> None:
-        try:
-            await self._call(self._open)
-        except DatabaseUnavailable as exc:
-            raise DatabaseUnavailable(f"cannot open SQLite database {self.path}: {exc}") from None
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-        self._executor.shutdown(wait=True)
-
-    def _q(self, name_or_sql: str) -> str:
-        return _SQL.get(name_or_sql, name_or_sql).replace("%s", "?")
-
-    def _one(self, name: str, args: tuple) -> tuple | None:
-        return self._conn.execute(self._q(name), args).fetchone()
-
-    def _all(self, name: str, args: tuple) -> list[tuple]:
-        return self._conn.execute(self._q(name), args).fetchall()
-
-    def _tx(self, steps: list[tuple[str, Any, bool]]) -> None:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, args, many in steps:
-                (conn.executemany if many else conn.execute)(sql, args)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    async def ping(self):
-        await self._call(self._one, "ping", ())
-
-    async def insert_player(self, player_id, username, pw_hash, created_at):
-        await self._call(self._one, "insert_player", (str(player_id), username, pw_hash, _iso(created_at)))
-
-    async def player_by_name(self, username):
-        row = await self._call(self._one, "player_by_name", (username,))
-        return None if row is None else _player_row(row)
-
-    async def player_by_id(self, player_id):
-        row = await self._call(self._one, "player_by_id", (str(player_id),))
-        return None if row is None else _player_row(row)
-
-    async def set_last_login(self, player_id, when):
-        await self._call(self._one, "set_last_login", (_iso(when), str(player_id)))
-
-    async def insert_session(self, digest, player_id, created_at, expires_at):
-        await self._call(self._one, "insert_session", (digest, str(player_id), _iso(created_at), _iso(expires_at)))
-
-    async def session(self, digest):
-        row = await self._call(self._one, "session", (digest,))
-        return None if row is None else (_as_uuid(row[0]), _to_datetime(row[1]), row[2])
-
-    async def delete_session(self, digest):
-        await self._call(self._one, "delete_session", (digest,))
-
-    async def delete_expired_sessions(self, now):
-        await self._call(self._one, "delete_expired_sessions", (_iso(now),))
-
-    async def delete_sessions(self, player_id, keep=0):
-        pid = str(player_id)
-        name, args = ("delete_old_sessions", (pid, pid, keep)) if keep else ("delete_player_sessions", (pid,))
-        return [r[0] for r in await self._call(self._all, name, args)]
-
-    async def insert_zone(self, zone):
-        await self._call(self._one, "insert_zone", (str(zone.id), zone.name, zone.width, zone.height,
-                                                    json_dumps(zone.metadata), _iso(zone.created_at),
-                                                    _iso(zone.updated_at)))
-
-    async def delete_zone(self, zone_id, entity_ids):
-        zid = str(zone_id)
-        await self._call(self._tx, [(self._q("delete_zone_entities"), (zid,), False),
-                                    (_SQLITE_DELETE_ENTITY, [(str(e),) for e in entity_ids], True),
-                                    (self._q("delete_zone"), (zid,), False)])
-
-    async def load(self):
-        def fetch() -> tuple[list, list]:
-            zones = [_zone_row(r) for r in self._conn.execute(_SQL["zones"])]
-            return zones, [_entity_row(r) for r in self._conn.execute(_SQL["entities"])]
-        return await self._call(fetch)
-
-    def prepare_flush(self, rows, deleted):
-        upserts = [(str(eid), str(e.zone_id), x, y, w, h, json_dumps(meta), _iso(e.created_at), _iso(updated),
-                    str(e.zone_id)) for eid, e, x, y, w, h, meta, updated in rows]
-        return upserts, [(str(d),) for d in deleted]
-
-    async def flush(self, prepared):
-        upserts, deleted = prepared
-        await self._call(self._tx, [(_SQLITE_DELETE_ENTITY, deleted, True), (_SQLITE_UPSERT_ENTITY, upserts, True)])
-
-
-def open_store(cfg: Config) -> _Store:
+def open_store(cfg: Config) -> Store:
     """The store the DSN names (not yet opened)."""
     dsn = cfg.get("database", "dsn")
+    timeout = cfg.get("database", "timeout")
     if dsn.startswith("sqlite:///"):
-        return SqliteStore(dsn[len("sqlite:///"):] or "gridserver.db", cfg.get("database", "timeout"))
-    return PostgresStore(dsn, cfg.get("database", "pool_min"), cfg.get("database", "pool_max"),
-                         cfg.get("database", "timeout"))
+        return Store(_Sqlite(dsn[len("sqlite:///"):] or "gridserver.db", timeout))
+    return Store(_Postgres(dsn, cfg.get("database", "pool_min"), cfg.get("database", "pool_max"), timeout))
 
 
 # =============================================================================
@@ -1817,7 +1995,7 @@ class Accounts:
     CACHE_LIMIT = 200_000
     recheck = 60.0  #: seconds a cached session is trusted before the database confirms it again
 
-    def __init__(self, store: _Store, cfg: Config, metrics: "Metrics | None" = None):
+    def __init__(self, store: Store, cfg: Config, metrics: "Metrics | None" = None):
         self.store = store
         self.metrics = metrics or Metrics()
         self.rounds = cfg.get("auth", "bcrypt_rounds")
@@ -1835,15 +2013,15 @@ class Accounts:
         self._cache: dict[str, Session] = {}
         self._dummy_hash: bytes | None = None
 
-    def _too_many(self, seconds: float, what: str) -> ApiError:
+    def _too_many(self, seconds: float, what: str) -> GridError:
         self.metrics.logins_throttled_total += 1
         wait = max(1, math.ceil(seconds))
-        return ApiError(429, "too_many_attempts", f"Too many {what}; try again in {wait} seconds.",
+        return GridError("too_many_attempts", f"Too many {what}; try again in {wait} seconds.",
                         {"Retry-After": str(wait)})
 
     async def _bcrypt(self, address: str, fn: Callable, *args: Any) -> Any:
         if self._pending >= self.max_pending:
-            raise ApiError(503, "busy", "Too many logins at once; try again in a few seconds.")
+            raise GridError("busy", "Too many logins at once; try again in a few seconds.")
         mine = self._pending_by_address.get(address, 0)
         if mine >= self.max_pending_per_address:
             raise self._too_many(1, "logins at once from your address")
@@ -1867,28 +2045,28 @@ class Accounts:
         try:
             raw = password.encode("utf-8")
         except UnicodeEncodeError:
-            raise ApiError(400, "bad_request", "The field 'password' is not valid Unicode text.") from None
+            raise GridError("bad_request", "The field 'password' is not valid Unicode text.") from None
         if len(password) < self.min_length:
-            raise ApiError(400, "bad_request", f"The field 'password' must be at least {self.min_length} characters.")
+            raise GridError("bad_request", f"The field 'password' must be at least {self.min_length} characters.")
         if len(raw) > 72:
-            raise ApiError(400, "bad_request", "The field 'password' must be at most 72 bytes in UTF-8.")
+            raise GridError("bad_request", "The field 'password' must be at most 72 bytes in UTF-8.")
         if b"\x00" in raw:
-            raise ApiError(400, "bad_request", "The field 'password' must not contain NUL characters.")
+            raise GridError("bad_request", "The field 'password' must not contain NUL characters.")
         return raw
 
     async def register(self, username: str, password: str, address: str = "") -> dict:
         if not _USERNAME_RE.fullmatch(username):
-            raise ApiError(400, "bad_request",
+            raise GridError("bad_request",
                            "The field 'username' must be 3 to 32 characters of letters, digits, '_', '.' or '-'.")
         raw = self._password_bytes(password)
         if await self.store.player_by_name(username) is not None:
-            raise ApiError(409, "username_taken", f"The username {username!r} is taken.")
+            raise GridError("username_taken", f"The username {username!r} is taken.")
         hashed = await self._hash(raw, address)
         player_id, created = uuid.uuid4(), _now()
         try:
             await self.store.insert_player(player_id, username, hashed, created)
         except UniqueViolation:  # a concurrent registration of the same name won the race
-            raise ApiError(409, "username_taken", f"The username {username!r} is taken.") from None
+            raise GridError("username_taken", f"The username {username!r} is taken.") from None
         return {"id": str(player_id), "username": username, "created_at": _iso(created)}
 
     async def login(self, username: str, password: str, address: str = "") -> tuple[dict, list[str]]:
@@ -1912,7 +2090,7 @@ class Accounts:
         ok = await self._check(raw, hashed, address)
         if not ok or player is None or len(full) > 72 or b"\x00" in full:
             self._failed(username if valid_name else None, address)
-            raise ApiError(401, "invalid_credentials", "The username or password is wrong.")
+            raise GridError("invalid_credentials", "The username or password is wrong.")
         token = secrets.token_urlsafe(32)
         now = _now()
         expires = now + _dt.timedelta(seconds=self.ttl) if self.ttl else None
@@ -1976,7 +2154,7 @@ class Accounts:
     async def me(self, session: Session) -> dict:
         player = await self.store.player_by_id(session.player_id)
         if player is None:  # deleted behind the server's back
-            raise ApiError(401, "unauthorized", "The session's player no longer exists.")
+            raise GridError("unauthorized", "The session's player no longer exists.")
         return player
 
 
@@ -1987,7 +2165,6 @@ class Accounts:
 #: Close codes beyond the standard ones.
 CLOSE_REPLACED = 4000   # the player connected again elsewhere
 CLOSE_SESSION_ENDED = 4001  # logout or session expiry
-CLOSE_TOO_SLOW = 4002   # the client fell behind and its outbox overflowed
 
 #: Bytes a client's socket may hold unsent before new ticks skip it (newest state wins).
 SEND_BUFFER_LIMIT = 256 * 1024
@@ -1995,21 +2172,6 @@ SEND_BUFFER_LIMIT = 256 * 1024
 SEND_BUFFER_HARD_LIMIT = 4 * 1024 * 1024
 #: The kernel's send buffer per WebSocket (it would otherwise grow to megabytes per client).
 KERNEL_SEND_BUFFER = 128 * 1024
-
-
-def ws_text_frame(payload: bytes) -> bytes:
-    """A complete, unmasked WebSocket text frame (RFC 6455, server to client).
-
-    A tick's frame is built once per zone and written to every subscriber's transport as is.
-    """
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 65536:
-        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
-    return header + payload
 
 
 class Connection:
@@ -2122,10 +2284,14 @@ class Hub:
         self.max_subscribes = cfg.get("websocket", "max_subscribes_per_tick")
         self.max_behind = cfg.get("websocket", "max_behind")
         self.conns: dict[UUID, Connection] = {}
+        #: player id -> username of each connected player, for ``FrameworkAPI.username``: written
+        #: on the loop, read from game threads (one dict lookup, atomic in CPython).
+        self.usernames: dict[UUID, str] = {}
         self.subscribers: dict[UUID, dict[UUID, Connection]] = collections.defaultdict(dict)
         self.members: dict[UUID, set[UUID]] = collections.defaultdict(set)
-        self._grace: dict[UUID, tuple[UUID, asyncio.TimerHandle]] = {}
+        self._held: dict[UUID, tuple[UUID, asyncio.TimerHandle]] = {}
         self._moves: dict[UUID, int] = {}  # subscribes and unsubscribes per player this tick
+        self._tasks: set[asyncio.Task] = set()
         self._seq = itertools.count(1)
 
     # -- membership ----------------------------------------------------------------------
@@ -2144,7 +2310,7 @@ class Hub:
                 _queue_event(zs, player_id, "leave")
 
     def _grace_expired(self, player_id: UUID) -> None:
-        entry = self._grace.pop(player_id, None)
+        entry = self._held.pop(player_id, None)
         if entry is not None:
             self._leave(entry[0], player_id)
 
@@ -2162,12 +2328,13 @@ class Hub:
             resume = old.zone_id
             self._unsubscribe_conn(old)
             old.closed = True
-            asyncio.ensure_future(old.close(CLOSE_REPLACED, "replaced by a new connection"))
-        entry = self._grace.pop(conn.player_id, None)
+            self.spawn(old.close(CLOSE_REPLACED, "replaced by a new connection"))
+        entry = self._held.pop(conn.player_id, None)
         if entry is not None:
             entry[1].cancel()
             resume = resume or entry[0]
         self.conns[conn.player_id] = conn
+        self.usernames[conn.player_id] = conn.username
         if resume is not None and resume in self.world.zones:
             resume = self.world.zones[resume].zone.id
             conn.zone_id = resume
@@ -2184,13 +2351,14 @@ class Hub:
         if self.conns.get(conn.player_id) is not conn:
             return  # replaced: the new connection owns the player now
         del self.conns[conn.player_id]
+        self.usernames.pop(conn.player_id, None)
         zone_id = conn.zone_id
         self._unsubscribe_conn(conn)
         if zone_id is None:
             return
         if keep_zone and self.grace > 0:
             handle = asyncio.get_running_loop().call_later(self.grace, self._grace_expired, conn.player_id)
-            self._grace[conn.player_id] = (zone_id, handle)
+            self._held[conn.player_id] = (zone_id, handle)
         else:
             self._leave(zone_id, conn.player_id)
 
@@ -2202,6 +2370,12 @@ class Hub:
                 if not subs:
                     del self.subscribers[conn.zone_id]
         conn.zone_id = None
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background, holding the task until it ends (closing sockets)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def new_tick(self) -> None:
         """A tick starts: every player may subscribe and unsubscribe again."""
@@ -2224,8 +2398,7 @@ class Hub:
         """Leave the current zone (if another) and join ``zone_id``; answer ``subscribed``.
 
         Ticks are delivered only to connections whose ``zone_id`` is the tick's zone at the
-        moment of delivery, so no tick of the old zone can follow the answer. ``zone_id`` is
-        always the zone's own id object, so that check is an identity test.
+        moment of delivery, so no tick of the old zone can follow the answer.
         """
         if not self._may_move(conn):
             return
@@ -2282,10 +2455,10 @@ class Hub:
             conn.zone_id = None
             conn.error("zone_deleted", "The zone you were subscribed to was deleted.")
         self.members.pop(zone_id, None)
-        for player_id, (zid, handle) in list(self._grace.items()):
+        for player_id, (zid, handle) in list(self._held.items()):
             if zid == zone_id:
                 handle.cancel()
-                del self._grace[player_id]
+                del self._held[player_id]
 
     async def end_session(self, digest: str) -> None:
         """Close the connection of a session that logged out or expired (no grace period)."""
@@ -2326,7 +2499,7 @@ class Hub:
         conns = list(self.conns.values())
         for conn in conns:
             conn.closed = True
-        await asyncio.gather(*(c.close(code, reason) for c in conns), return_exceptions=True)
+        await asyncio.gather(*(c.close(code, reason) for c in conns), *self._tasks, return_exceptions=True)
 
 
 # =============================================================================
@@ -2336,20 +2509,14 @@ class Hub:
 
 @dataclass(eq=False)
 class _ZoneJob:
-    """One zone's share of one tick, run in a game thread."""
+    """One zone's share of one tick: made on the loop, run in a game thread, delivered on the loop."""
 
     zs: _ZoneState
-    tick_number: int
-    entities: list[Entity]
-    intents: list[Intent]
-    events: list[tuple[str, UUID]]
-    subscribers: list[Connection]
+    inputs: ZoneInputs
     started: float = 0.0
     finished: float = 0.0
     stalled: bool = False
-    frames: list[tuple[Connection, bytes]] = field(default_factory=list)
-    error: str | None = None
-    error_kind: str = ""
+    outcome: ZoneOutcome | None = None
 
 
 class _GameThreads:
@@ -2357,113 +2524,124 @@ class _GameThreads:
 
     When a job overstays ``zone_timeout``, its thread is retired (it finishes that one job
     and exits, whenever the module returns) and a fresh thread takes over the queue, so one
-    hanging zone never holds up the others.
+    hanging zone never holds up the others. Module code then runs on two threads at once
+    (the stuck call and the other zones' calls): see "Threads" in the module docstring.
 
-    Finished jobs go to the event loop in batches (every ``HANDOFF_EVERY`` seconds of module
-    work, or when the queue runs dry), and the game thread then waits while the loop sends
-    them: if module code ran during the sends, the two threads would trade the GIL at every
-    socket write. So the first zones' players get their tick while later zones still compute,
-    and a hand-off (which costs a GIL switch) happens a few times per tick, not per zone.
+    Finished jobs go into the ``done`` queue; every ``HANDOFF_EVERY`` seconds of module work,
+    or when the job queue runs dry, the game thread asks the loop (``loop.call_soon_threadsafe``)
+    to take them and waits (on a queue, up to ``HANDOFF_WAIT``) while the loop sends them: if
+    module code ran during the sends, the two threads would trade the GIL at every socket
+    write. So the first zones' players get their tick while later zones still compute, and a
+    hand-off (which costs a GIL switch) happens a few times per tick, not per zone. The loop
+    also takes what is done when a zone overstays (the thread that finished those jobs may be
+    the one now stuck). No lock is shared with the loop: the queues never block it, and it
+    reads ``_current`` and writes ``_retired`` with single dict and set operations, which are
+    atomic in CPython.
     """
 
     HANDOFF_EVERY = 0.02   # seconds of module work between hand-offs to the loop
     HANDOFF_WAIT = 0.05    # longest the game thread waits for the loop to send a batch
 
-    def __init__(self, run_job: Callable[[_ZoneJob], None], notify: Callable[[], None]):
+    def __init__(self, run_job: Callable[[_ZoneJob], None], notify: Callable[[], None],
+                 loop: asyncio.AbstractEventLoop):
         self._run_job = run_job
-        self._notify = notify
+        self._notify = notify  # called on the loop: take what is done
+        self._loop = loop
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self.done: queue.SimpleQueue = queue.SimpleQueue()  # finished jobs, for the loop
+        self._sent: queue.SimpleQueue = queue.SimpleQueue()  # one token per hand-off the loop has sent
         self._current: dict[threading.Thread, _ZoneJob] = {}
         self._retired: set[threading.Thread] = set()
-        self._done: list[_ZoneJob] = []
-        self._batch_started = 0.0
-        self._sent = threading.Event()
-        self._live = 0
+        self._threads: list[threading.Thread] = []
         self._spawn()
 
     def _spawn(self) -> None:
-        t = threading.Thread(target=self._loop, name="gridserver-game", daemon=True)
-        with self._lock:
-            self._live += 1
+        t = threading.Thread(target=self._work, name="gridserver-game", daemon=True)
+        self._threads = [*(x for x in self._threads if x.is_alive()), t]
         t.start()
 
-    def _loop(self) -> None:
+    def _work(self) -> None:
+        """A game thread: take jobs until a ``None`` or until retired."""
         me = threading.current_thread()
+        batch_started: float | None = None
         while True:
             job = self._queue.get()
             if job is None:
                 break
-            with self._lock:
-                job.started = time.monotonic()
-                if not self._done:
-                    self._batch_started = job.started
-                self._current[me] = job
+            job.started = time.monotonic()
+            if batch_started is None:
+                batch_started = job.started
+            self._current[me] = job
             try:
                 self._run_job(job)
+            except BaseException:  # noqa: BLE001 - e.g. SystemExit from module code: the thread lives on
+                log.exception("zone %s tick %d: the game thread caught", job.zs.zone.id, job.inputs.tick_number)
             finally:
                 job.finished = time.monotonic()
-                with self._lock:
-                    del self._current[me]
-                    retired = me in self._retired
-                    self._done.append(job)
-                    dry = self._queue.empty()
-                    notify = retired or dry or job.finished - self._batch_started >= self.HANDOFF_EVERY
-                    if notify:
-                        self._sent.clear()
-                if notify:
-                    self._notify()
-                    if not dry and not retired:
-                        self._sent.wait(self.HANDOFF_WAIT)
+                del self._current[me]
+            self.done.put(job)
+            retired = me in self._retired
+            dry = self._queue.empty()
+            if retired or dry or job.finished - batch_started >= self.HANDOFF_EVERY:
+                while not self._sent.empty():  # a token the loop sent after we stopped waiting
+                    self._sent.get_nowait()
+                try:
+                    self._loop.call_soon_threadsafe(self._notify)
+                except RuntimeError:  # the loop is closed: a call that returned after shutdown
+                    return
+                batch_started = None
+                if not dry and not retired:
+                    with contextlib.suppress(queue.Empty):
+                        self._sent.get(timeout=self.HANDOFF_WAIT)
             if retired:
                 break
-        with self._lock:
-            self._live -= 1
-            self._retired.discard(me)
+        self._retired.discard(me)
 
     def submit(self, job: _ZoneJob) -> None:
         self._queue.put(job)
 
     def take_done(self) -> list[_ZoneJob]:
-        with self._lock:
-            done, self._done = self._done, []
+        """On the loop: every finished job not yet taken (never blocks)."""
+        done = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                done.append(self.done.get_nowait())
         return done
 
     def sent(self) -> None:
-        """The loop has sent what it took: the game thread may go on."""
-        self._sent.set()
+        """On the loop: what a hand-off asked for is sent; the game thread may go on."""
+        self._sent.put(None)
 
     def retire_stuck(self, limit: float) -> list[_ZoneJob]:
+        """On the loop: jobs running longer than ``limit`` seconds; their threads are retired
+        and as many fresh ones take over the queue."""
         now = time.monotonic()
-        stuck = []
-        with self._lock:
-            for t, job in self._current.items():
-                if t not in self._retired and now - job.started > limit:
-                    self._retired.add(t)
-                    stuck.append(job)
-        for _ in stuck:
+        stuck = [(t, job) for t, job in list(self._current.items())
+                 if t not in self._retired and now - job.started > limit]
+        for t, _ in stuck:
+            self._retired.add(t)
             self._spawn()
-        return stuck
+        return [job for _, job in stuck]
 
     def stop(self) -> None:
-        with self._lock:
-            n = self._live - len(self._retired)
-        for _ in range(max(n, 1)):
-            self._queue.put(None)
+        """Every live thread that is not retired ends once the queue is empty."""
+        for t in self._threads:
+            if t.is_alive() and t not in self._retired:
+                self._queue.put(None)
 
 
 class TickEngine:
-    """The heartbeat: gathers intents, runs the module per zone, applies, broadcasts.
+    """The heartbeat: gathers each zone's inputs, runs its tick in a game thread, sends the frames.
 
     Policies:
 
     * Ticks are scheduled on absolute times (start + n * interval), so they do not drift.
       A tick that overruns the next slot makes the engine skip the missed slots (counted
       in ``tick_overruns_total``) rather than run a burst of catch-up ticks.
-    * Each zone's module calls run in a game thread, never on the event loop. A zone
-      whose call runs past ``zone_timeout`` does not hold up the tick: the tick completes
-      without it, and the zone is skipped (its time slowed) until the call returns; its
-      late result is applied and broadcast when it does.
+    * Each zone's tick (``run_zone_tick``) runs in a game thread, never on the event loop.
+      A zone whose call runs past ``zone_timeout`` does not hold up the tick: the tick
+      completes without it, and the zone is skipped (its time slowed) until the call
+      returns; its late result is applied and broadcast when it does.
     * A zone whose module raises or returns an invalid result loses that tick: nothing of
       it is applied, the error is logged with zone and tick, counted, and shown as the
       zone's ``last_error``. Other zones are untouched.
@@ -2477,101 +2655,62 @@ class TickEngine:
         self.paused = cfg.get("tick", "paused")
         self.tick_number = 0
         self.last_tick_at: float | None = None
-        self._join = getattr(game, "on_player_join", None)
-        self._leave = getattr(game, "on_player_leave", None)
         self._tick_lock = asyncio.Lock()
         self._tick_ended = asyncio.Condition()
         self._wake = asyncio.Event()
         self._pending: set[_ZoneJob] = set()
         self._all_done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._threads = _GameThreads(self._run_job, self._jobs_finished)
+        self._threads = _GameThreads(self._run_job, self._handed_off, self._loop)
         self._task: asyncio.Task | None = None
         self._last_sent = 0.0
         self._last_slow_log = 0.0
 
     # -- in the game thread --------------------------------------------------------------
     def _run_job(self, job: _ZoneJob) -> None:
-        zone_id = job.zs.zone.id
-        game = self.game
-        try:
-            extra: list[TickResult] = []
-            for kind, player_id in job.events:
-                hook = self._join if kind == "join" else self._leave
-                if hook is not None:
-                    r = hook(zone_id, player_id)
-                    if r is not None:
-                        extra.append(r)
-            result = game.on_tick(zone_id, job.entities, job.intents, job.tick_number)
-            if extra:
-                result = _merge_results(extra, result)
-            self.world.apply(zone_id, result)
-            state = result.broadcast_state if result is not None else {}
-        except TickRejected as exc:
-            job.error, job.error_kind = str(exc), "invalid_result"
-            return
-        except Exception as exc:  # noqa: BLE001 - a module's failure must not reach the server
-            job.error, job.error_kind = f"{type(exc).__name__}: {exc}", "exception"
-            log.error("zone %s tick %d: module raised", zone_id, job.tick_number, exc_info=True)
-            return
-        try:
-            job.frames = self._player_frames(job, state)
-        except Exception as exc:  # noqa: BLE001
-            job.error, job.error_kind = f"get_player_state: {type(exc).__name__}: {exc}", "exception"
-            log.error("zone %s tick %d: get_player_state failed", zone_id, job.tick_number, exc_info=True)
-
-    def _player_frames(self, job: _ZoneJob, full_state: dict) -> list[tuple[Connection, bytes]]:
-        """Each subscriber's tick frame; players given the same state object share one frame."""
-        if not job.subscribers:
-            return []
-        zone_id = job.zs.zone.id
-        prefix = (f'{{"type":"tick","zone_id":"{zone_id}","tick_number":{job.tick_number},'
-                  f'"sent_at":{time.time():.6f},"state":')
-        built: dict[int, tuple[Any, bytes]] = {}
-        frames = []
-        get_state = self.game.get_player_state
-        for conn in job.subscribers:
-            state = get_state(zone_id, conn.player_id, full_state)
-            cached = built.get(id(state))
-            if cached is None:
-                cached = (state, ws_text_frame((prefix + json_dumps(state) + "}").encode("utf-8")))
-                built[id(state)] = cached  # holding ``state`` keeps its id unique for this tick
-            frames.append((conn, cached[1]))
-        return frames
-
-    def _jobs_finished(self) -> None:
-        self._loop.call_soon_threadsafe(self._drain)
+        job.outcome = outcome = run_zone_tick(self.world, self.game, job.zs, job.inputs, time.time)
+        if outcome.exception is not None:
+            log.error("zone %s tick %d: %s", job.zs.zone.id, job.inputs.tick_number,
+                      "get_player_state failed" if outcome.error.startswith("get_player_state")
+                      else "module raised", exc_info=outcome.exception)
 
     # -- on the event loop ---------------------------------------------------------------
+    def _handed_off(self) -> None:
+        self._drain()
+        self._threads.sent()
+
     def _drain(self) -> None:
         for job in self._threads.take_done():
             self._deliver(job)
-        self._threads.sent()
 
     def _deliver(self, job: _ZoneJob) -> None:
-        zs = job.zs
+        zs, outcome = job.zs, job.outcome
         zs.busy_since = None
         zs.last_tick_ms = (job.finished - job.started) * 1000
         self.metrics.zone_time.observe(job.finished - job.started)
-        if job.error is not None:
+        zone_id = zs.zone.id
+        if outcome is None or outcome.error is not None:
+            error = outcome.error if outcome is not None else "the zone's tick did not finish"
+            kind = outcome.kind if outcome is not None else "exception"
             zs.errors += 1
-            zs.last_error = {"tick_number": job.tick_number, "kind": job.error_kind,
-                             "message": job.error[:2000], "at": _iso(_now())}
+            zs.last_error = {"tick_number": job.inputs.tick_number, "kind": kind,
+                             "message": error[:2000], "at": _iso(_now())}
             self.metrics.zone_errors_total += 1
-            if job.error_kind == "invalid_result":
-                log.error("zone %s tick %d: result rejected: %s", zs.zone.id, job.tick_number, job.error[:500])
+            if kind == "invalid_result":
+                log.error("zone %s tick %d: result rejected: %s", zone_id, job.inputs.tick_number, error[:500])
         else:
             zs.ticks += 1
-            zone_id = zs.zone.id
+            subscribers = self.hub.subscribers.get(zone_id, {})
             max_behind = self.max_behind
-            for conn, frame in job.frames:
-                if conn.zone_id is zone_id:
+            for player_id, frame in outcome.frames:
+                conn = subscribers.get(player_id)
+                if conn is not None and conn.zone_id == zone_id:
                     conn.send_tick(frame, max_behind)
-            if job.frames:
+            if outcome.frames:
                 self._last_sent = time.monotonic()
         if job.stalled:
             log.warning("zone %s: late result of tick %d arrived after %.1f s",
-                        zs.zone.id, job.tick_number, job.finished - job.started)
+                        zone_id, job.inputs.tick_number, job.finished - job.started)
         self._pending.discard(job)
         if not self._pending:
             self._all_done.set()
@@ -2592,27 +2731,27 @@ class TickEngine:
         async with self._tick_ended:
             await self._tick_ended.wait()
 
+    def _take_inputs(self, zs: _ZoneState, n: int) -> ZoneInputs:
+        """Swap the zone's inbox out as the tick's inputs (its limits start again)."""
+        intents, zs.intents = zs.intents, []
+        zs.intent_counts, zs.limited = {}, set()
+        events = [(kind, player_id) for player_id, kind in zs.events.items()]
+        zs.events = {}
+        return ZoneInputs(n, intents, events, list(self.hub.subscribers.get(zs.zone.id, ())))
+
     async def _run_tick(self, t0: float) -> int:
         self.tick_number += 1
         n = self.tick_number
         self._last_sent = 0.0
         self.hub.new_tick()
         jobs = []
-        subscribers = self.hub.subscribers
         for zs in list(self.world.zones.values()):
             if zs.busy_since is not None:
                 zs.skipped += 1
                 self.metrics.zone_ticks_skipped_total += 1
                 continue
-            intents, zs.intents = zs.intents, []
-            zs.intent_counts, zs.limited = {}, set()
-            events = [(kind, player_id) for player_id, kind in zs.events.items()]
-            zs.events = {}
-            subs = subscribers.get(zs.zone.id)
-            job = _ZoneJob(zs, n, list(zs.entities.values()), intents, events,
-                           list(subs.values()) if subs else [])
             zs.busy_since = t0
-            jobs.append(job)
+            jobs.append(_ZoneJob(zs, self._take_inputs(zs, n)))
         self._pending = set(jobs)
         self._all_done.clear()
         for job in jobs:
@@ -2714,21 +2853,6 @@ class TickEngine:
         return 0.0 if zs.busy_since is None else time.monotonic() - zs.busy_since
 
 
-def _merge_results(first: list[TickResult], last: Any) -> Any:
-    """Hook results applied with the tick's own: creates, updates and deletes in order."""
-    if not isinstance(last, TickResult) and last is not None:
-        return last  # let validation reject it
-    merged = TickResult()
-    for r in [*first, *([last] if last is not None else [])]:
-        if not isinstance(r, TickResult):
-            raise TickRejected(f"a join/leave hook returned {type(r).__name__}, not a TickResult")
-        merged.entity_creates.extend(_as_list(r.entity_creates, "entity_creates"))
-        merged.entity_updates.extend(_as_list(r.entity_updates, "entity_updates"))
-        merged.entity_deletes.extend(_as_list(r.entity_deletes, "entity_deletes"))
-    merged.broadcast_state = last.broadcast_state if last is not None else {}
-    return merged
-
-
 # =============================================================================
 # Persistence
 # =============================================================================
@@ -2743,9 +2867,10 @@ class Persister:
     never writes entities of a zone deleted under it.
     """
 
-    def __init__(self, world: World, store: _Store, metrics: Metrics, cfg: Config):
+    def __init__(self, world: World, store: Store, metrics: Metrics, cfg: Config,
+                 after_tick: Callable[[], Awaitable[None]] | None = None):
         self.world, self.store, self.metrics = world, store, metrics
-        self.engine: TickEngine | None = None  # when set, snapshots are taken between ticks
+        self._after_tick = after_tick  # waits for the end of the tick under way, if ticks run
         self.interval = cfg.get("persistence", "interval")
         self.max_backoff = cfg.get("persistence", "max_backoff")
         self.lock = asyncio.Lock()
@@ -2762,10 +2887,8 @@ class Persister:
         and every zone's rows then come from the same tick.
         """
         loop = asyncio.get_running_loop()
-        engine = self.engine
-        if engine is not None and engine.running:
-            with contextlib.suppress(asyncio.TimeoutError):  # not under the lock: zone deletion takes it
-                await asyncio.wait_for(engine.tick_ended(), engine.interval * 2)
+        if self._after_tick is not None:
+            await self._after_tick()  # not under the lock: zone deletion takes it
         async with self.lock:
             rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes)
             t0 = time.monotonic()
@@ -2845,16 +2968,22 @@ class Persister:
 class FrameworkAPI:
     """What a game module may use outside a tick's arguments.
 
-    Reads are safe from any thread. ``create_zone`` writes to the database and waits for
-    it, so call it from ``on_init`` or ``on_tick`` (both run off the event loop).
+    Module code calls it from a game thread (``on_tick``, the hooks, ``get_player_state``) or
+    from the thread that runs ``on_init``, never from the event loop. Reads take the world's
+    lock; ``create_zone`` writes to the database and waits for it, so calling it from the
+    event loop (which would wait on itself) raises ``RuntimeError``.
     """
 
-    def __init__(self, server: "Server", settings: dict[str, str]):
-        self._server = server
+    def __init__(self, world: World, settings: dict[str, str], *, section: str, tick_interval: float,
+                 create_zone: Callable[[str, int, int, dict], Zone], usernames: Mapping[UUID, str]):
+        self._world = world
+        self._section = section
+        self._create_zone = create_zone
+        self._usernames = usernames
         self.settings = settings
         self.logger = logging.getLogger("gridserver.game")
-        self.tick_interval: float = server.cfg.get("tick", "interval")
-        self.tick_rate: float = 1.0 / self.tick_interval
+        self.tick_interval: float = tick_interval
+        self.tick_rate: float = 1.0 / tick_interval
 
     def setting(self, key: str, default: Any = None, cast: Callable[[str], Any] = str) -> Any:
         """The module's INI setting ``key`` converted by ``cast``; ``default`` when absent."""
@@ -2866,60 +2995,48 @@ class FrameworkAPI:
         try:
             return cast(raw)
         except ValueError:
-            raise ConfigError(f"[{self._server.cfg.get('game', 'module')}] {key}: cannot use {raw!r}") from None
+            raise ConfigError(f"[{self._section}] {key}: cannot use {raw!r}") from None
 
     def list_zones(self) -> list[Zone]:
-        return [zs.zone for zs in list(self._server.world.zones.values())]
+        return [zs.zone for zs in list(self._world.zones.values())]
 
     def get_zone(self, zone_id: UUID) -> Zone | None:
-        zs = self._server.world.zones.get(_as_uuid(zone_id))
+        zs = self._world.zones.get(_as_uuid(zone_id))
         return None if zs is None else zs.zone
 
     def create_zone(self, name: str, width: int, height: int, metadata: dict | None = None) -> Zone:
         """Create and persist a zone (blocking until the database has it); ValueError if refused."""
-        loop = self._server.loop
-        with contextlib.suppress(RuntimeError):
-            if asyncio.get_running_loop() is loop:
-                raise RuntimeError("create_zone blocks: call it from on_init or on_tick, not the event loop")
-        future = asyncio.run_coroutine_threadsafe(
-            self._server.create_zone(name, width, height, metadata or {}), loop)
-        try:
-            return future.result(self._server.cfg.get("database", "timeout") * 3)
-        except ApiError as exc:
-            raise ValueError(exc.message) from None
+        return self._create_zone(name, width, height, metadata or {})
 
     def username(self, player_id: UUID) -> str | None:
         """The username of a connected player (None when not connected)."""
-        conn = self._server.hub.conns.get(_as_uuid(player_id))
-        return None if conn is None else conn.username
+        return self._usernames.get(_as_uuid(player_id))
 
     def get_entity(self, entity_id: UUID) -> Entity | None:
-        return self._server.world.get_entity(_as_uuid(entity_id))
+        return self._world.get_entity(_as_uuid(entity_id))
 
     def list_entities(self, zone_id: UUID) -> list[Entity]:
-        with self._server.world.lock:
-            return self._server.world.entities_of(_as_uuid(zone_id))
+        with self._world.lock:
+            return self._world.entities_of(_as_uuid(zone_id))
 
     def query_area(self, zone_id: UUID, x: int, y: int, width: int, height: int) -> list[Entity]:
         """Entities in ``[x, x+width) x [y, y+height)`` (sized ones sharing area, points inside)."""
-        return self._server.world.query_area(_as_uuid(zone_id), x, y, width, height)
+        return self._world.query_area(_as_uuid(zone_id), x, y, width, height)
 
     def query_overlap(self, zone_id: UUID, x: int, y: int, width: int, height: int,
                       exclude: UUID | None = None) -> list[Entity]:
         """Sized entities whose rectangle shares area with this one (``exclude``: an id to skip)."""
-        return self._server.world.query_overlap(_as_uuid(zone_id), x, y, width, height,
-                                                None if exclude is None else _as_uuid(exclude))
+        return self._world.query_overlap(_as_uuid(zone_id), x, y, width, height,
+                                         None if exclude is None else _as_uuid(exclude))
 
 
 def load_game(path: str) -> Any:
     """Import the game named by ``package.module`` or ``package.module:Name``.
 
-    A class is instantiated with no arguments. The working directory and the folder of this
-    file are on the import path. A missing module or method raises ``ConfigError``.
+    A class is instantiated with no arguments. It is imported from ``sys.path`` as it is; the
+    command line puts the working directory and the folder of this file there first. A
+    missing module or method raises ``ConfigError``.
     """
-    for folder in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -3018,7 +3135,7 @@ class Server:
         self.max_depth = cfg.get("websocket", "max_depth")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: TickEngine | None = None
-        self.persister = Persister(self.world, self.store, self.metrics, cfg)
+        self.persister = Persister(self.world, self.store, self.metrics, cfg, self._after_tick)
         self.world_executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-world")
         self.started = time.time()
         self._shut_down = False
@@ -3052,13 +3169,11 @@ class Server:
         if self.game is None:
             self.game = self._load_game()
         settings = self.cfg.section(self.cfg.get("game", "module"))
-        await self.loop.run_in_executor(None, self.game.on_init, FrameworkAPI(self, settings))
-        # Long-lived objects (the world) leave the collector's view; collections get rarer.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        framework = FrameworkAPI(self.world, settings, section=self.cfg.get("game", "module"),
+                                 tick_interval=self.cfg.get("tick", "interval"),
+                                 create_zone=self._create_zone_blocking, usernames=self.hub.usernames)
+        await self.loop.run_in_executor(None, self.game.on_init, framework)
         self.engine = TickEngine(self.world, self.hub, self.game, self.metrics, self.cfg)
-        self.persister.engine = self.engine
         self.engine.start()
         self.persister.start()
         if self.hub.heartbeat:
@@ -3086,26 +3201,53 @@ class Server:
     # -- zones -----------------------------------------------------------------------------
     async def create_zone(self, name: Any, width: Any, height: Any, metadata: Any) -> Zone:
         if not isinstance(name, str) or not 1 <= len(name) <= 64:
-            raise ApiError(400, "bad_request", "The field 'name' must be a string of 1 to 64 characters.")
+            raise GridError("bad_request", "The field 'name' must be a string of 1 to 64 characters.")
         for key, value in (("width", width), ("height", height)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.max_zone:
-                raise ApiError(400, "bad_request", f"The field '{key}' must be an integer from 1 to {self.max_zone}.")
+                raise GridError("bad_request", f"The field '{key}' must be an integer from 1 to {self.max_zone}.")
         if not isinstance(metadata, dict):
-            raise ApiError(400, "bad_request", "The field 'metadata' must be a JSON object.")
+            raise GridError("bad_request", "The field 'metadata' must be a JSON object.")
         for key, problem in (("name", _json_problem(name)), ("metadata", _json_problem(metadata))):
             if problem is not None:
-                raise ApiError(400, "bad_request", f"The field '{key}' {problem}.")
+                raise GridError("bad_request", f"The field '{key}' {problem}.")
         if self.world.zone_by_name(name) is not None:
-            raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.")
+            raise GridError("zone_name_taken", f"A zone named {name!r} exists already.")
         zone = Zone(uuid.uuid4(), name, width, height, metadata)
         try:
             await self.store.insert_zone(zone)
         except UniqueViolation:
-            raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.") from None
+            raise GridError("zone_name_taken", f"A zone named {name!r} exists already.") from None
         if self.world.zone_by_name(name) is not None:  # created by a racing call meanwhile
-            raise ApiError(409, "zone_name_taken", f"A zone named {name!r} exists already.")
+            raise GridError("zone_name_taken", f"A zone named {name!r} exists already.")
         await self.in_world(self.world.add_zone, zone)
         return zone
+
+    async def _after_tick(self) -> None:
+        """Wait for the end of the tick under way (or the next one) while ticks run, at most
+        two intervals: flushes take their snapshot between ticks."""
+        engine = self.engine
+        if engine is not None and engine.running:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(engine.tick_ended(), engine.interval * 2)
+
+    def _create_zone_blocking(self, name: str, width: int, height: int, metadata: dict) -> Zone:
+        """``create_zone`` for module code, in a thread that is not the event loop's: it waits
+        for the loop to create the zone (the database write included)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("create_zone waits for the event loop: call it from on_init or a game "
+                               "thread (on_tick, the hooks), not from a coroutine")
+        future = asyncio.run_coroutine_threadsafe(self.create_zone(name, width, height, metadata), self.loop)
+        try:
+            return future.result(self.cfg.get("database", "timeout") * 3)
+        except GridError as exc:
+            raise ValueError(exc.message) from None
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError("create_zone: the database did not answer in time") from None
 
     async def in_world(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn`` (which takes ``World.lock``) in the world thread: the event loop never
@@ -3122,7 +3264,7 @@ class Server:
         async with self.persister.lock:
             zs = await self.in_world(self.world.remove_zone, zone_id)
             if zs is None:
-                raise ApiError(404, "zone_not_found", f"No zone has the id {zone_id}.")
+                raise GridError("zone_not_found", f"No zone has the id {zone_id}.")
             try:
                 await self.store.delete_zone(zone_id, list(zs.entities))
             except BaseException:
@@ -3139,20 +3281,191 @@ class Server:
     def zone_or_404(self, text: str) -> _ZoneState:
         zs = self.world.zones.get(_parse_uuid(text, "zone_not_found", "zone"))
         if zs is None:
-            raise ApiError(404, "zone_not_found", f"No zone has the id {text[:80]!r}.")
+            raise GridError("zone_not_found", f"No zone has the id {text[:80]!r}.")
         return zs
 
 
-#: gc thresholds once the world is loaded: young collections stay cheap, full collections
-#: over the frozen world become rare (the default stalls ticks at thousands of clients).
-GC_THRESHOLDS = (50_000, 50, 100)
+#: Where the app keeps its ``Server``.
+SERVER = web.AppKey("server", Server)
+
+
+# =============================================================================
+# Compatibility with aiohttp internals
+# =============================================================================
+#
+# gridserver leans on four private parts of aiohttp 3.x, all here and checked by
+# ``_check_aiohttp`` when the command line starts (a newer aiohttp that moved them stops
+# start-up with one line, rather than quietly losing what they give):
+#
+# * ``RequestHandler.finish_response`` and ``handle_error``: HTTP that aiohttp cannot parse
+#   gets the JSON envelope instead of aiohttp's plain text (``_EnvelopeRequestHandler``);
+# * ``AppRunner._make_server`` and ``Server.__call__``/``_kwargs``: connections get that
+#   handler, and are counted per client address (``_EnvelopeServer``, ``_AppRunner``);
+# * ``WebSocketResponse._close_transport`` and ``_req``: the graceful close for abuse
+#   (``_WebSocketResponse``);
+# * tick frames written straight to the transport (``Connection``), which holds only while
+#   the WebSocket has no compression (``compress=False``; asserted where it is prepared).
+#
+# ``setup.cfg`` pins the aiohttp versions CI tests.
+
+#: The private aiohttp attributes this section relies on: (owner, name).
+_AIOHTTP_INTERNALS = [
+    (web_protocol.RequestHandler, "finish_response"), (web_protocol.RequestHandler, "handle_error"),
+    (web.AppRunner, "_make_server"), (web_server.Server, "connection_made"),
+    (web_server.Server, "connection_lost"), (web.WebSocketResponse, "_close_transport"),
+]
+
+
+def _check_aiohttp() -> None:
+    """Fail loudly when the installed aiohttp lacks an internal this section overrides."""
+    import aiohttp
+    missing = [f"{owner.__name__}.{name}" for owner, name in _AIOHTTP_INTERNALS if not hasattr(owner, name)]
+    if missing:
+        raise ConfigError(f"aiohttp {aiohttp.__version__} is not supported (it lacks {', '.join(missing)}): "
+                          f"install the version setup.cfg names")
+
+
+class _WebSocketResponse(web.WebSocketResponse):
+    """aiohttp's server WebSocket, closing gracefully when it closes for abuse.
+
+    For a frame too large (1009), text that is not UTF-8 (1007) or a protocol error (1002),
+    aiohttp sends the close frame and closes the socket at once. A client still sending (the
+    rest of a huge frame) then has unread bytes on the server, so the kernel answers with a
+    reset, which can destroy the close frame before the client reads it. Here the socket is
+    half-closed instead; what the client still sends is read and dropped, and ``linger``
+    closes it once the client has closed its side, or after ``LINGER`` seconds.
+    """
+
+    LINGER = 2.0
+    ABUSE_CODES = (1002, 1007, 1009)
+    lingering = False
+    sent_code: int | None = None
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        if self.sent_code is None:
+            self.sent_code = code
+        return await super().close(code=code, message=message, drain=drain)
+
+    def _close_transport(self) -> None:
+        transport = self._req.transport if self._req is not None else None
+        if (self.sent_code in self.ABUSE_CODES and transport is not None
+                and not transport.is_closing() and transport.can_write_eof()):
+            self.lingering = True
+            transport.write_eof()  # after the close frame already queued
+            return
+        super()._close_transport()
+
+    async def linger(self, transport: Any) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.LINGER
+        while transport is not None and not transport.is_closing() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if transport is not None:
+            transport.close()
+
+
+class _EnvelopeRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering HTTP it cannot parse with the JSON envelope.
+
+    A request line, header or content encoding aiohttp's parser rejects never reaches a
+    route or the middleware; aiohttp itself answers it, in plain text and with a traceback
+    in the log. This answers it as the contract says and logs one line at debug level.
+    Likewise for an aiohttp HTTP error raised before the middleware runs (an unknown
+    ``Expect`` header).
+    """
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:  # the middleware never saw it
+            resp = _http_error_response(resp)
+        return await super().finish_response(request, resp, start_time)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # a response is under way: the connection is broken
+            raise ConnectionError("the response was already started")
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            response = _error_response(500, "internal_error", "The server failed to handle this request.")
+        else:
+            detail = _redact((message or (str(exc) if exc else "") or "malformed request").splitlines()[0])[:200]
+            log.debug("unparseable request from %s: %s", request.remote, detail)
+            response = _error_response(status, "bad_request", f"The request is not valid HTTP: {detail}")
+        response.force_close()
+        return response
+
+
+class _AddressLimit:
+    """Open connections per client address, at most ``limit`` each (``max_connections_per_address``).
+
+    Counted when the TCP connection is accepted, before any byte is read, so that sockets
+    that never send anything count too; a connection over the limit is answered 429 and
+    closed at once (a WebSocket is refused before its upgrade).
+    """
+
+    ANSWER = _http_answer(429, "too_many_connections", "Too many open connections from your address.")
+
+    def __init__(self, limit: int, metrics: Metrics):
+        self.limit, self.metrics = limit, metrics
+        self.by_address: dict[str, int] = {}
+        self._address_of: dict[int, str] = {}
+
+    def admit(self, handler: Any, transport: Any) -> bool:
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) and peer else ""
+        n = self.by_address.get(address, 0)
+        if n >= self.limit:
+            self.metrics.connections_refused_total += 1
+            return False
+        self.by_address[address] = n + 1
+        self._address_of[id(handler)] = address
+        return True
+
+    def release(self, handler: Any) -> None:
+        address = self._address_of.pop(id(handler), None)
+        if address is not None:
+            left = self.by_address.pop(address) - 1
+            if left:
+                self.by_address[address] = left
+
+
+class _EnvelopeServer(web_server.Server):
+    address_limit: _AddressLimit | None = None
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: web_protocol.RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self.address_limit is not None and not self.address_limit.admit(handler, transport):
+            transport.write(_AddressLimit.ANSWER)
+            transport.close()
+
+    def connection_lost(self, handler: web_protocol.RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        if self.address_limit is not None:
+            self.address_limit.release(handler)
+
+
+class _AppRunner(web.AppRunner):
+    """The app runner of ``python gridserver.py``: connections get ``_EnvelopeRequestHandler``
+    and are counted per client address."""
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        if type(server) is not web_server.Server or not hasattr(server, "_kwargs"):
+            raise ConfigError(f"aiohttp made a {type(server).__name__} without _kwargs: this aiohttp is not "
+                              f"supported (install the version setup.cfg names)")
+        server.__class__ = _EnvelopeServer  # same state, more methods
+        srv = self._app[SERVER]
+        server.address_limit = _AddressLimit(srv.cfg.get("server", "max_connections_per_address"), srv.metrics)
+        return server
 
 
 # =============================================================================
 # HTTP handlers
 # =============================================================================
 
-SERVER = web.AppKey("server", Server)
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -3165,7 +3478,7 @@ def _bearer(request: web.Request) -> str | None:
 async def _session(request: web.Request) -> Session:
     session = await request.app[SERVER].accounts.authenticate(_bearer(request))
     if session is None:
-        raise ApiError(401, "unauthorized", "A valid session token is required (Authorization: Bearer <token>).")
+        raise GridError("unauthorized", "A valid session token is required (Authorization: Bearer <token>).")
     return session
 
 
@@ -3173,20 +3486,11 @@ async def _debug_session(request: web.Request) -> Session:
     """The caller's session if debug mode is on and the caller is a debug player."""
     srv = request.app[SERVER]
     if not srv.debug:
-        raise ApiError(404, "not_found", "Not found.")
+        raise GridError("not_found", "Not found.")
     session = await _session(request)
     if not srv.is_debug_player(session.username):
-        raise ApiError(403, "forbidden", "Only debug players may use this.")
+        raise GridError("forbidden", "Only debug players may use this.")
     return session
-
-
-_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 417: "expectation_failed"}
-
-
-def _http_error_response(exc: web.HTTPException) -> web.Response:
-    """An aiohttp HTTP error (routing, size limits, expectations) as the contract's envelope."""
-    status = 400 if exc.status == 413 else exc.status
-    return _error_response(status, _HTTP_ERROR_CODES.get(exc.status, "bad_request"), exc.reason or "Bad request.")
 
 
 @web.middleware
@@ -3197,8 +3501,8 @@ async def _errors_middleware(request: web.Request, handler: Callable) -> web.Str
         return _error_response(404, "not_found", "Not found.")
     try:
         return await handler(request)
-    except ApiError as exc:
-        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+    except GridError as exc:
+        return _error_response(HTTP_STATUS[exc.code], exc.code, exc.message, exc.headers)
     except DatabaseUnavailable:
         return _error_response(503, "database_unavailable", "The database is unavailable; try again shortly.")
     except web.HTTPException as exc:
@@ -3297,7 +3601,7 @@ async def debug_step(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
     if not srv.engine.paused:
-        raise ApiError(409, "not_paused", "Pause the tick before stepping it.")
+        raise GridError("not_paused", "Pause the tick before stepping it.")
     return _json_response({"tick_number": await srv.engine.step()})
 
 
@@ -3322,7 +3626,7 @@ async def debug_entity(request: web.Request) -> web.Response:
     entity_id = _parse_uuid(request.match_info["entity_id"], "entity_not_found", "entity")
     found = await srv.in_world(srv.world.entity_json, entity_id)
     if found is None:
-        raise ApiError(404, "entity_not_found", f"No entity has the id {entity_id}.")
+        raise GridError("entity_not_found", f"No entity has the id {entity_id}.")
     return _json_response(found)
 
 
@@ -3378,45 +3682,6 @@ def _rss_bytes() -> int:
 # =============================================================================
 
 
-class _WebSocketResponse(web.WebSocketResponse):
-    """aiohttp's server WebSocket, closing gracefully when it closes for abuse.
-
-    For a frame too large (1009), text that is not UTF-8 (1007) or a protocol error (1002),
-    aiohttp sends the close frame and closes the socket at once. A client still sending (the
-    rest of a huge frame) then has unread bytes on the server, so the kernel answers with a
-    reset, which can destroy the close frame before the client reads it. Here the socket is
-    half-closed instead; what the client still sends is read and dropped, and ``linger``
-    closes it once the client has closed its side, or after ``LINGER`` seconds.
-    """
-
-    LINGER = 2.0
-    ABUSE_CODES = (1002, 1007, 1009)
-    lingering = False
-    sent_code: int | None = None
-
-    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
-        if self.sent_code is None:
-            self.sent_code = code
-        return await super().close(code=code, message=message, drain=drain)
-
-    def _close_transport(self) -> None:
-        transport = self._req.transport if self._req is not None else None
-        if (self.sent_code in self.ABUSE_CODES and transport is not None
-                and not transport.is_closing() and transport.can_write_eof()):
-            self.lingering = True
-            transport.write_eof()  # after the close frame already queued
-            return
-        super()._close_transport()
-
-    async def linger(self, transport: Any) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.LINGER
-        while transport is not None and not transport.is_closing() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if transport is not None:
-            transport.close()
-
-
 async def websocket(request: web.Request) -> web.StreamResponse:
     """``/ws``: authenticate before the upgrade, then read messages until the socket closes.
 
@@ -3428,12 +3693,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     token = request.query.get("token") or _bearer(request)
     session = await srv.accounts.authenticate(token)
     if session is None:
-        raise ApiError(401, "unauthorized", "A valid session token is required (?token= or Authorization).")
+        raise GridError("unauthorized", "A valid session token is required (?token= or Authorization).")
     max_size = srv.cfg.get("websocket", "max_message_size")
     # No per-connection heartbeat timer: Hub.heartbeat_loop pings quiet connections.
     # autoping is off so that pongs reach the loop below as proof of life.
     ws = _WebSocketResponse(autoping=False, compress=False, max_msg_size=max_size * 16)
     await ws.prepare(request)
+    if ws.compress:  # Connection writes whole frames to the transport: they must not be compressed
+        raise RuntimeError("the WebSocket was prepared with compression; tick frames bypass aiohttp's writer")
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:  # bound what the kernel buffers for a client that stops reading
         with contextlib.suppress(OSError):
@@ -3443,7 +3710,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if session.expires_at is not None:
         delay = max(0.0, session.expires_at - time.time())
         conn.expiry_handle = asyncio.get_running_loop().call_later(
-            delay, lambda: asyncio.ensure_future(srv.hub.end_session(session.digest)))
+            delay, lambda: srv.hub.spawn(srv.hub.end_session(session.digest)))
     if resumed is not None:
         conn.send({"type": "subscribed", "zone_id": str(resumed), "resumed": True})
     try:
@@ -3458,9 +3725,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 pass
             elif kind is WSMsgType.BINARY:
                 conn.error("bad_message", "Binary frames are not supported; send JSON text.")
-            elif kind is WSMsgType.CLOSE:
-                await ws.close()
-                break
             elif kind is WSMsgType.ERROR:
                 break
     finally:
@@ -3613,46 +3877,6 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     return app
 
 
-class _EnvelopeRequestHandler(web_protocol.RequestHandler):
-    """aiohttp's connection handler, answering HTTP it cannot parse with the JSON envelope.
-
-    A request line, header or content encoding aiohttp's parser rejects never reaches a
-    route or the middleware; aiohttp itself answers it, in plain text and with a traceback
-    in the log. This answers it as the contract says and logs one line at debug level.
-    Likewise for an aiohttp HTTP error raised before the middleware runs (an unknown
-    ``Expect`` header).
-    """
-
-    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
-                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        if isinstance(resp, web.HTTPException) and resp.status >= 400:  # the middleware never saw it
-            resp = _http_error_response(resp)
-        return await super().finish_response(request, resp, start_time)
-
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        if request.writer.output_size > 0:  # a response is under way: the connection is broken
-            raise ConnectionError("the response was already started")
-        if status >= 500:
-            log.error("error handling a request from %s", request.remote, exc_info=exc)
-            response = _error_response(500, "internal_error", "The server failed to handle this request.")
-        else:
-            detail = _redact((message or (str(exc) if exc else "") or "malformed request").splitlines()[0])[:200]
-            log.debug("unparseable request from %s: %s", request.remote, detail)
-            response = _error_response(status, "bad_request", f"The request is not valid HTTP: {detail}")
-        response.force_close()
-        return response
-
-
-_SECRET_RE = re.compile(r"([?&][^=&\s'\"]*=|bearer(?:\s|\\t)+)[^&\s'\"]*", re.IGNORECASE)
-
-
-def _redact(text: str) -> str:
-    """``text`` with every query value (``?token=...``, however its name is escaped) and
-    ``Bearer ...`` replaced, for logs and error messages that quote a piece of a request."""
-    return _SECRET_RE.sub(r"\1[redacted]", text)
-
-
 class _AccessLogger(web.AbstractAccessLogger):
     """One line per request, without the query string: a WebSocket URL carries its token there."""
 
@@ -3661,78 +3885,18 @@ class _AccessLogger(web.AbstractAccessLogger):
                          response.status, response.body_length, time)
 
 
-def _http_answer(status: int, code: str, message: str) -> bytes:
-    """A whole HTTP/1.1 response with the JSON envelope, closing the connection: for answers
-    written straight to a transport, before any request has been read."""
-    body = json_dumps({"error": code, "message": message}).encode("utf-8")
-    reason = {429: "Too Many Requests"}.get(status, "Error")
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii") + body
+#: gc thresholds once the world is loaded: young collections stay cheap, full collections
+#: over the frozen world become rare (the default stalls ticks at thousands of clients).
+GC_THRESHOLDS = (50_000, 50, 100)
 
 
-class _AddressLimit:
-    """Open connections per client address, at most ``limit`` each (``max_connections_per_address``).
-
-    Counted when the TCP connection is accepted, before any byte is read, so that sockets
-    that never send anything count too; a connection over the limit is answered 429 and
-    closed at once (a WebSocket is refused before its upgrade).
-    """
-
-    ANSWER = _http_answer(429, "too_many_connections", "Too many open connections from your address.")
-
-    def __init__(self, limit: int, metrics: Metrics):
-        self.limit, self.metrics = limit, metrics
-        self.by_address: dict[str, int] = {}
-        self._address_of: dict[int, str] = {}
-
-    def admit(self, handler: Any, transport: Any) -> bool:
-        peer = transport.get_extra_info("peername")
-        address = peer[0] if isinstance(peer, tuple) and peer else ""
-        n = self.by_address.get(address, 0)
-        if n >= self.limit:
-            self.metrics.connections_refused_total += 1
-            return False
-        self.by_address[address] = n + 1
-        self._address_of[id(handler)] = address
-        return True
-
-    def release(self, handler: Any) -> None:
-        address = self._address_of.pop(id(handler), None)
-        if address is not None:
-            left = self.by_address.pop(address) - 1
-            if left:
-                self.by_address[address] = left
-
-
-class _EnvelopeServer(web_server.Server):
-    address_limit: _AddressLimit | None = None
-
-    def __call__(self) -> web_protocol.RequestHandler:
-        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
-
-    def connection_made(self, handler: web_protocol.RequestHandler, transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
-        if self.address_limit is not None and not self.address_limit.admit(handler, transport):
-            transport.write(_AddressLimit.ANSWER)
-            transport.close()
-
-    def connection_lost(self, handler: web_protocol.RequestHandler, exc: BaseException | None = None) -> None:
-        super().connection_lost(handler, exc)
-        if self.address_limit is not None:
-            self.address_limit.release(handler)
-
-
-class _AppRunner(web.AppRunner):
-    """The app runner of ``python gridserver.py``: connections get ``_EnvelopeRequestHandler``
-    and are counted per client address."""
-
-    async def _make_server(self) -> web_server.Server:
-        server = await super()._make_server()
-        if type(server) is web_server.Server and hasattr(server, "_kwargs"):
-            server.__class__ = _EnvelopeServer  # same state, one method more
-            srv = self._app[SERVER]
-            server.address_limit = _AddressLimit(srv.cfg.get("server", "max_connections_per_address"), srv.metrics)
-        return server
+def _tune_gc() -> None:
+    """Once the world is loaded: long-lived objects leave the collector's view, and
+    collections get rarer. Process-wide, so only the command line does it (not tests or an
+    application that embeds ``create_app``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _raise_open_file_limit() -> None:
@@ -3775,6 +3939,11 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 
 async def _serve(cfg: Config) -> int:
     _quiet_accept_errors(asyncio.get_running_loop())
+    try:
+        _check_aiohttp()
+    except ConfigError as exc:
+        print(f"gridserver: {exc}", file=sys.stderr)
+        return 2
     app = create_app(cfg)
     runner = _AppRunner(app, access_log=log if cfg.get("debug", "access_log") else None,
                         access_log_class=_AccessLogger,
@@ -3792,6 +3961,7 @@ async def _serve(cfg: Config) -> int:
         print(f"gridserver: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         await runner.cleanup()
         return 2
+    _tune_gc()
     game = app[SERVER].game
     log.info("gridserver listening on http://%s:%d (game %s)", host, port,
              getattr(game, "__name__", type(game).__name__))
@@ -3826,6 +3996,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.get("debug", "log_level").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_open_file_limit()
+    for folder in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):  # game modules import from here
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     for name in cfg.unused_sections:
         log.warning("config section [%s] is not used: it is neither a gridserver section nor the game module's", name)
     try:
@@ -3839,8 +4012,8 @@ def main(argv: list[str] | None = None) -> int:
 # =============================================================================
 #
 # ``GET /`` serves one self-contained page: plain HTML, a canvas and the browser's own
-# WebSocket, no build step, nothing loaded from elsewhere. It logs in, lists zones, draws
-# the chosen zone on every tick, sends the example game's move intents from the arrow
+# websocket, no build step, nothing loaded from elsewhere. It logs in, lists zones,
+# draws the chosen zone on every tick, sends the example game's move intents from the arrow
 # keys / WASD, and, for debug players, pauses, resumes and steps the tick and shows an
 # entity's JSON and the connected players. It knows no game: it draws ``state.entities``
 # from the tick state when that is a list of objects with ``x`` and ``y`` (``w``/``h`` or
