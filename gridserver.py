@@ -79,6 +79,7 @@ import collections
 import concurrent.futures
 import configparser
 import contextlib
+import dataclasses
 import datetime as _dt
 import gc
 import hashlib
@@ -100,6 +101,7 @@ import sqlite3
 import sys
 import threading
 import time
+import typing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,6 +110,7 @@ from uuid import UUID
 
 import bcrypt
 from aiohttp import WSMsgType, web, web_protocol, web_server
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 try:  # ujson is much faster; the standard library keeps the file runnable without it
@@ -133,7 +136,7 @@ try:  # PostgreSQL support is optional: the embedded SQLite default needs nothin
     import psycopg2
     import psycopg2.errors
 except ImportError:  # pragma: no cover
-    aiopg = psycopg2 = None
+    aiopg = psycopg2 = None  # type: ignore[assignment]
 
 
 def _json_default(obj: Any) -> Any:
@@ -288,7 +291,7 @@ class Config:
         return Config(values, self._sections)
 
     @classmethod
-    def load(cls, path: str | None = None, environ: dict[str, str] | None = None) -> "Config":
+    def load(cls, path: str | None = None, environ: Mapping[str, str] | None = None) -> "Config":
         """Read ``path`` (if given or ``config.ini`` exists) and the environment.
 
         Raises ``ConfigError`` with one line naming the key for any unusable value.
@@ -799,14 +802,14 @@ class SpatialIndex:
             e.x, e.y, e.width, e.height = x, y, w, h
             if old_key != new_key:
                 buckets = self._buckets
-                bucket = buckets[old_key]
-                bucket.discard(e)
-                if not bucket:
+                old_bucket = buckets[old_key]
+                old_bucket.discard(e)
+                if not old_bucket:
                     del buckets[old_key]
-                bucket = buckets.get(new_key)
-                if bucket is None:
-                    buckets[new_key] = bucket = set()
-                bucket.add(e)
+                new_bucket = buckets.get(new_key)
+                if new_bucket is None:
+                    buckets[new_key] = new_bucket = set()
+                new_bucket.add(e)
             return
         old = self._keys(e.x, e.y, e.width, e.height)
         new = self._keys(x, y, w, h)
@@ -835,9 +838,9 @@ class SpatialIndex:
             return found
         for bx in range(bx0, bx1 + 1):
             for by in range(by0, by1 + 1):
-                bucket = buckets.get(bx << 32 | by)
-                if bucket:
-                    found |= bucket
+                cell = buckets.get(bx << 32 | by)
+                if cell:
+                    found |= cell
         return found
 
     def query_area(self, x: int, y: int, w: int, h: int) -> list[Entity]:
@@ -932,7 +935,7 @@ _REPR = _ShortRepr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxdict, _REPR.maxlist = 4, 80, 200, 8, 8
 
 
-def _as_list(value: Any, what: str) -> list:
+def _as_list(value: Any, what: str) -> list | tuple:
     if isinstance(value, (list, tuple)):
         return value
     raise TickRejected(f"{what} must be a list, got {type(value).__name__}")
@@ -1124,7 +1127,7 @@ class World:
                                f"more than [tick] max_entities_per_zone ({self.max_entities})")
         return creates, updates, deletes
 
-    def _validate_updates(self, zs: _ZoneState, changes: list, born: dict, repeated: bool) -> list[tuple]:
+    def _validate_updates(self, zs: _ZoneState, changes: list | tuple, born: dict, repeated: bool) -> list[tuple]:
         """Check updates; ``repeated`` follows an entity through several updates of one result.
 
         Returns ``(entity or None, id, x, y, w, h, metadata)`` per update; None stands for an
@@ -1381,60 +1384,62 @@ class _Histogram:
         return out
 
 
+def _counter(help_text: str) -> Any:
+    return field(default=0, metadata={"help": help_text})
+
+
+def _histogram(name: str, help_text: str) -> Any:
+    return field(default_factory=_Histogram, metadata={"name": name, "help": help_text})
+
+
+@dataclass(eq=False)
 class Metrics:
-    """Counters and histograms shown at ``/metrics``; plain attributes, bumped in place."""
+    """Counters and histograms shown at ``/metrics``: plain attributes, bumped in place, each
+    declared once here with its help text."""
 
-    COUNTERS = {
-        "ticks_total": "ticks run",
-        "tick_overruns_total": "ticks that started after the next one was due",
-        "zone_errors_total": "zone ticks rejected (module exception or invalid result)",
-        "zone_ticks_skipped_total": "zone ticks skipped because the zone's module call was still running",
-        "intents_accepted_total": "intents queued for a tick",
-        "intents_dropped_total": "intents dropped by the per-player or per-zone tick limits",
-        "subscribes_dropped_total": "subscribes and unsubscribes refused by the per-tick limit",
-        "bad_intents_total": "intents refused at the door: numbers JSON cannot carry, nesting too deep",
-        "logins_throttled_total": "logins and registrations answered 429 (failed-login limits, a share of bcrypt)",
-        "failed_logins_total": "logins with a wrong password or an unknown user",
-        "connections_refused_total": "connections refused for max_connections_per_address",
-        "messages_sent_total": "WebSocket messages handed to sockets",
-        "bytes_sent_total": "WebSocket payload bytes handed to sockets",
-        "ticks_dropped_total": "tick messages replaced by a newer one before a slow client took them",
-        "slow_clients_disconnected_total": "clients disconnected for falling behind",
-        "connections_total": "WebSocket connections accepted",
-        "flushes_total": "persistence flushes that committed",
-        "flush_failures_total": "persistence flushes that failed (retried)",
-        "entities_flushed_total": "entity rows written or deleted by flushes",
-    }
-
-    def __init__(self) -> None:
-        for name in self.COUNTERS:
-            setattr(self, name, 0)
-        self.tick_duration = _Histogram()
-        self.tick_lateness = _Histogram()
-        self.tick_work = _Histogram()
-        self.broadcast_time = _Histogram()
-        self.zone_time = _Histogram()
-        self.flush_duration = _Histogram()
+    ticks_total: int = _counter("ticks run")
+    tick_overruns_total: int = _counter("ticks that started after the next one was due")
+    zone_errors_total: int = _counter("zone ticks rejected (module exception or invalid result)")
+    zone_ticks_skipped_total: int = _counter("zone ticks skipped because the zone's module call was still running")
+    intents_accepted_total: int = _counter("intents queued for a tick")
+    intents_dropped_total: int = _counter("intents dropped by the per-player or per-zone tick limits")
+    subscribes_dropped_total: int = _counter("subscribes and unsubscribes refused by the per-tick limit")
+    bad_intents_total: int = _counter("intents refused at the door: numbers JSON cannot carry, nesting too deep")
+    logins_throttled_total: int = _counter(
+        "logins and registrations answered 429 (failed-login limits, a share of bcrypt)")
+    failed_logins_total: int = _counter("logins with a wrong password or an unknown user")
+    connections_refused_total: int = _counter("connections refused for max_connections_per_address")
+    messages_sent_total: int = _counter("WebSocket messages handed to sockets")
+    bytes_sent_total: int = _counter("WebSocket payload bytes handed to sockets")
+    ticks_dropped_total: int = _counter("tick messages replaced by a newer one before a slow client took them")
+    slow_clients_disconnected_total: int = _counter("clients disconnected for falling behind")
+    connections_total: int = _counter("WebSocket connections accepted")
+    flushes_total: int = _counter("persistence flushes that committed")
+    flush_failures_total: int = _counter("persistence flushes that failed (retried)")
+    entities_flushed_total: int = _counter("entity rows written or deleted by flushes")
+    tick_duration: _Histogram = _histogram("tick_duration_seconds",
+                                           "wall time of a whole tick: module calls, apply, broadcast")
+    tick_lateness: _Histogram = _histogram("tick_lateness_seconds", "how late a tick started against its schedule")
+    tick_work: _Histogram = _histogram("tick_work_seconds",
+                                       "time from tick start until every zone's result was applied")
+    broadcast_time: _Histogram = _histogram(
+        "tick_broadcast_seconds", "time from tick start until the last subscriber's message was handed to its socket")
+    zone_time: _Histogram = _histogram(
+        "zone_tick_seconds", "one zone's share of a tick in the game thread: hooks, on_tick, apply, player states")
+    flush_duration: _Histogram = _histogram("flush_duration_seconds", "persistence flush time")
 
     def render(self, gauges: dict[str, tuple[float, str]]) -> str:
         out: list[str] = []
-        for name, help_text in self.COUNTERS.items():
-            out += [f"# HELP gridserver_{name} {help_text}", f"# TYPE gridserver_{name} counter",
-                    f"gridserver_{name} {getattr(self, name)}"]
-        out += self.tick_duration.render("gridserver_tick_duration_seconds",
-                                         "wall time of a whole tick: module calls, apply, broadcast")
-        out += self.tick_lateness.render("gridserver_tick_lateness_seconds",
-                                         "how late a tick started against its schedule")
-        out += self.tick_work.render("gridserver_tick_work_seconds",
-                                     "time from tick start until every zone's result was applied")
-        out += self.broadcast_time.render("gridserver_tick_broadcast_seconds",
-                                          "time from tick start until the last subscriber's message was handed to its socket")
-        out += self.zone_time.render("gridserver_zone_tick_seconds",
-                                     "one zone's share of a tick in the game thread: hooks, on_tick, apply, player states")
-        out += self.flush_duration.render("gridserver_flush_duration_seconds", "persistence flush time")
-        for name, (value, help_text) in gauges.items():
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, _Histogram):
+                out += value.render(f"gridserver_{f.metadata['name']}", f.metadata["help"])
+            else:
+                out += [f"# HELP gridserver_{f.name} {f.metadata['help']}", f"# TYPE gridserver_{f.name} counter",
+                        f"gridserver_{f.name} {value}"]
+        for name, (gauge, help_text) in gauges.items():
             out += [f"# HELP gridserver_{name} {help_text}", f"# TYPE gridserver_{name} gauge",
-                    f"gridserver_{name} {value:g}"]
+                    f"gridserver_{name} {gauge:g}"]
         return "\n".join(out) + "\n"
 
 
@@ -1753,6 +1758,7 @@ class _Sqlite(_Dialect):
 
     def _execute(self, steps: list[_Step], fetch: str) -> Any:
         conn = self._conn
+        assert conn is not None, "the SQLite store is not open"
         tx = len(steps) > 1
         if tx:
             conn.execute("BEGIN IMMEDIATE")
@@ -1883,15 +1889,22 @@ def _to_datetime(value: Any) -> _dt.datetime | None:
     return _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def _time_column(value: Any) -> _dt.datetime:
+    """A NOT NULL time column: a datetime (PostgreSQL) or ISO 8601 text (SQLite)."""
+    when = _to_datetime(value)
+    assert when is not None, "a NOT NULL time column held NULL"
+    return when
+
+
 def _zone_row(row: tuple) -> Zone:
     meta = row[4] if isinstance(row[4], dict) else json_loads(row[4])
-    return Zone(_as_uuid(row[0]), row[1], row[2], row[3], meta, _to_datetime(row[5]), _to_datetime(row[6]))
+    return Zone(_as_uuid(row[0]), row[1], row[2], row[3], meta, _time_column(row[5]), _time_column(row[6]))
 
 
 def _entity_row(row: tuple) -> Entity:
     meta = row[6] if isinstance(row[6], dict) else json_loads(row[6])
     return Entity(_as_uuid(row[0]), _as_uuid(row[1]), row[2], row[3], row[4], row[5], meta,
-                  _to_datetime(row[7]).timestamp(), _to_datetime(row[8]).timestamp())
+                  _time_column(row[7]).timestamp(), _time_column(row[8]).timestamp())
 
 
 def open_store(cfg: Config) -> Store:
@@ -2036,10 +2049,11 @@ class Accounts:
                 self._pending_by_address[address] = left
 
     async def _hash(self, password: bytes, address: str = "") -> str:
-        return (await self._bcrypt(address, bcrypt.hashpw, password, bcrypt.gensalt(self.rounds))).decode("ascii")
+        hashed: bytes = await self._bcrypt(address, bcrypt.hashpw, password, bcrypt.gensalt(self.rounds))
+        return hashed.decode("ascii")
 
     async def _check(self, password: bytes, hashed: bytes, address: str) -> bool:
-        return await self._bcrypt(address, bcrypt.checkpw, password, hashed)
+        return bool(await self._bcrypt(address, bcrypt.checkpw, password, hashed))
 
     def _password_bytes(self, password: str) -> bytes:
         try:
@@ -2671,7 +2685,7 @@ class TickEngine:
         job.outcome = outcome = run_zone_tick(self.world, self.game, job.zs, job.inputs, time.time)
         if outcome.exception is not None:
             log.error("zone %s tick %d: %s", job.zs.zone.id, job.inputs.tick_number,
-                      "get_player_state failed" if outcome.error.startswith("get_player_state")
+                      "get_player_state failed" if (outcome.error or "").startswith("get_player_state")
                       else "module raised", exc_info=outcome.exception)
 
     # -- on the event loop ---------------------------------------------------------------
@@ -2690,7 +2704,7 @@ class TickEngine:
         self.metrics.zone_time.observe(job.finished - job.started)
         zone_id = zs.zone.id
         if outcome is None or outcome.error is not None:
-            error = outcome.error if outcome is not None else "the zone's tick did not finish"
+            error = outcome.error or "" if outcome is not None else "the zone's tick did not finish"
             kind = outcome.kind if outcome is not None else "exception"
             zs.errors += 1
             zs.last_error = {"tick_number": job.inputs.tick_number, "kind": kind,
@@ -3042,7 +3056,7 @@ def load_game(path: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"[game] module: cannot import {module_name!r}: {exc}") from None
-    game = module
+    game: Any = module
     if attr:
         if not hasattr(module, attr):
             raise ConfigError(f"[game] module: {module_name!r} has no attribute {attr!r}")
@@ -3079,7 +3093,7 @@ class BuiltinDemo:
             if e.metadata.get("player_id") == str(player_id):
                 self.avatars[(zone_id, player_id)] = e.id
                 return None
-        zone = self.fw.get_zone(zone_id)
+        zone = self._zone(zone_id)
         eid = uuid.uuid4()
         self.avatars[(zone_id, player_id)] = eid
         name = self.fw.username(player_id) or str(player_id)[:8]
@@ -3091,8 +3105,13 @@ class BuiltinDemo:
         eid = self.avatars.pop((zone_id, player_id), None)
         return TickResult(entity_deletes=[eid]) if eid is not None and self.fw.get_entity(eid) else None
 
-    def on_tick(self, zone_id: UUID, entities: list[Entity], intents: list[Intent], tick_number: int) -> TickResult:
+    def _zone(self, zone_id: UUID) -> Zone:
         zone = self.fw.get_zone(zone_id)
+        assert zone is not None, "a zone ticks only while it exists"
+        return zone
+
+    def on_tick(self, zone_id: UUID, entities: list[Entity], intents: list[Intent], tick_number: int) -> TickResult:
+        zone = self._zone(zone_id)
         pos = {e.id: (e.x, e.y) for e in entities}
         moves = {i.player_id: _DEMO_MOVES[i.data["move"]] for i in intents
                  if isinstance(i.data.get("move"), str) and i.data["move"] in _DEMO_MOVES}
@@ -3151,6 +3170,13 @@ class Server:
         log.warning("game_modules/ is not beside gridserver.py: running the built-in demo game "
                     "(set [game] module to your own)")
         return BuiltinDemo()
+
+    @property
+    def ticks(self) -> TickEngine:
+        """The tick engine (the server has started)."""
+        if self.engine is None:
+            raise RuntimeError("the server has not started")
+        return self.engine
 
     def is_debug_player(self, username: str) -> bool:
         return self.debug and (not self.debug_players or username in self.debug_players)
@@ -3240,6 +3266,7 @@ class Server:
         else:
             raise RuntimeError("create_zone waits for the event loop: call it from on_init or a game "
                                "thread (on_tick, the hooks), not from a coroutine")
+        assert self.loop is not None, "create_zone before the server started"
         future = asyncio.run_coroutine_threadsafe(self.create_zone(name, width, height, metadata), self.loop)
         try:
             return future.result(self.cfg.get("database", "timeout") * 3)
@@ -3458,7 +3485,8 @@ class _AppRunner(web.AppRunner):
                               f"supported (install the version setup.cfg names)")
         server.__class__ = _EnvelopeServer  # same state, more methods
         srv = self._app[SERVER]
-        server.address_limit = _AddressLimit(srv.cfg.get("server", "max_connections_per_address"), srv.metrics)
+        limit = _AddressLimit(srv.cfg.get("server", "max_connections_per_address"), srv.metrics)
+        typing.cast(_EnvelopeServer, server).address_limit = limit
         return server
 
 
@@ -3494,7 +3522,8 @@ async def _debug_session(request: web.Request) -> Session:
 
 
 @web.middleware
-async def _errors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+async def _errors_middleware(request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every error leaves as the contract's JSON envelope; nothing else reaches the client."""
     srv = request.app[SERVER]
     if not srv.debug and request.path.startswith("/api/debug"):
@@ -3586,23 +3615,23 @@ async def delete_zone(request: web.Request) -> web.Response:
 async def debug_pause(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
-    srv.engine.pause()
-    return _json_response({"paused": True, "tick_number": srv.engine.tick_number})
+    srv.ticks.pause()
+    return _json_response({"paused": True, "tick_number": srv.ticks.tick_number})
 
 
 async def debug_resume(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
-    srv.engine.resume()
-    return _json_response({"paused": False, "tick_number": srv.engine.tick_number})
+    srv.ticks.resume()
+    return _json_response({"paused": False, "tick_number": srv.ticks.tick_number})
 
 
 async def debug_step(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
-    if not srv.engine.paused:
+    if not srv.ticks.paused:
         raise GridError("not_paused", "Pause the tick before stepping it.")
-    return _json_response({"tick_number": await srv.engine.step()})
+    return _json_response({"tick_number": await srv.ticks.step()})
 
 
 async def debug_zone_state(request: web.Request) -> web.Response:
@@ -3611,10 +3640,10 @@ async def debug_zone_state(request: web.Request) -> web.Response:
     zs = srv.zone_or_404(request.match_info["zone_id"])
     entities = await srv.in_world(srv.world.zone_entities_json, zs)
     return _json_response({
-        "zone": srv.zone_json(zs), "entities": entities, "tick_number": srv.engine.tick_number,
+        "zone": srv.zone_json(zs), "entities": entities, "tick_number": srv.ticks.tick_number,
         "pending_intents": len(zs.intents), "last_error": zs.last_error,
         "errors": zs.errors, "ticks": zs.ticks, "skipped_ticks": zs.skipped,
-        "stalled_seconds": round(srv.engine.zone_busy_seconds(zs), 3) if zs.busy_since else 0.0,
+        "stalled_seconds": round(srv.ticks.zone_busy_seconds(zs), 3) if zs.busy_since else 0.0,
         "last_tick_ms": round(zs.last_tick_ms, 3),
         "members": sorted(str(p) for p in srv.hub.members.get(zs.zone.id, ())),
     })
@@ -3877,7 +3906,7 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     return app
 
 
-class _AccessLogger(web.AbstractAccessLogger):
+class _AccessLogger(AbstractAccessLogger):
     """One line per request, without the query string: a WebSocket URL carries its token there."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:

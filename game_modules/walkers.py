@@ -28,9 +28,9 @@ from __future__ import annotations
 import random
 import uuid
 
-from gridserver import EntityCreate, EntityUpdate, TickResult
+from gridserver import EntityCreate, EntityUpdate, FrameworkAPI, TickResult
 
-_fw = None
+_fw: FrameworkAPI  # set by on_init, before any other call
 _DEFAULTS = {"fog_radius": 8, "walls": 6, "items": 10, "lobby_size": 32}
 _settings = dict(_DEFAULTS)
 _avatars: dict = {}    # zone_id -> {player_id: avatar entity id}
@@ -104,7 +104,7 @@ def on_player_leave(zone_id, player_id):
 def _seed(zone, entities, rng):
     """Walls and items for a zone that has none yet."""
     creates = []
-    taken = set()
+    taken: set = set()
     if not any(_kind(e) == "wall" for e in entities):
         for _ in range(_settings["walls"]):
             horizontal = rng.random() < 0.5
@@ -120,6 +120,7 @@ def _seed(zone, entities, rng):
 
 def on_tick(zone_id, entities, intents, tick_number):
     zone = _fw.get_zone(zone_id)
+    assert zone is not None  # a zone ticks only while it exists
     rng = _rng
     avatars = _avatars.get(zone_id, {})
     creates, updates, deletes = [], [], []
