@@ -2,7 +2,8 @@
 WebSocket clients that send what well-behaved client libraries refuse to, and the figures
 the fault suite measures.
 
-Everything here talks to 127.0.0.1 only and bounds every wait.
+Everything here talks to 127.0.0.1 only and bounds every wait. Every ``timeout`` taken here
+is in seconds on an ordinary machine and is scaled (``helpers.scaled``) where it is used.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import uuid
 import aiohttp
 from aiohttp import WSMsgType
 
-from conftest import wait_for
+from helpers import ROOT, scaled, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
 
 #: Figures measured by the fault suite, printed at the end of the run (see conftest).
@@ -109,28 +109,30 @@ class ServerProcess:
             return fh.read()
 
     async def ready(self, http: aiohttp.ClientSession, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
+        limit = scaled(timeout)
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                async with http.get(self.url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                async with http.get(self.url + "/healthz", timeout=aiohttp.ClientTimeout(total=scaled(2))) as r:
                     if r.status in (200, 503):
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
             await asyncio.sleep(0.05)
-        raise AssertionError(f"server did not answer /healthz within {timeout} s:\n{self.log_text()[-3000:]}")
+        raise AssertionError(f"server did not answer /healthz within {limit:g} s:\n{self.log_text()[-3000:]}")
 
     def send(self, sig: int) -> None:
         if self.proc.poll() is None:
             os.kill(self.pid, sig)
 
     async def wait_exit(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
+        limit = scaled(timeout)
+        deadline = time.monotonic() + limit
         while self.proc.poll() is None:
             if time.monotonic() > deadline:
-                raise AssertionError(f"server still running {timeout} s after the signal")
+                raise AssertionError(f"server still running {limit:g} s after the signal")
             await asyncio.sleep(0.02)
         self._log.close()
         return self.proc.returncode
@@ -142,7 +144,7 @@ class ServerProcess:
                 os.killpg(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self.proc.wait(10)
+            self.proc.wait(scaled(10))
         if not self._log.closed:
             self._log.close()
 
@@ -184,7 +186,7 @@ class Client:
                    timeout: float = 20.0) -> tuple[int, object]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with self.http.request(method, self.url + path, json=json_body, headers=headers,
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                                     timeout=aiohttp.ClientTimeout(total=scaled(timeout))) as r:
             text = await r.text()
             try:
                 return r.status, json.loads(text) if text else None
@@ -203,7 +205,7 @@ class Client:
         return {"username": name, "password": password, "token": body["token"], "id": body["player_id"]}
 
     async def metrics(self) -> dict[str, float]:
-        async with self.http.get(self.url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+        async with self.http.get(self.url + "/metrics", timeout=aiohttp.ClientTimeout(total=scaled(10))) as r:
             assert r.status == 200
             return parse_metrics(await r.text())
 
@@ -315,9 +317,10 @@ class HttpAnswer:
 def raw_http(port: int, request: bytes, timeout: float = 15.0) -> HttpAnswer:
     """Send ``request`` as is, read one response (the server is asked to close after it).
 
-    Raises ``TimeoutError`` when the server neither answers nor closes within ``timeout``:
-    that is a hang. A connection closed without any answer gives status None.
+    Raises ``TimeoutError`` when the server neither answers nor closes within ``timeout``
+    (scaled): that is a hang. A connection closed without any answer gives status None.
     """
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     with socket.create_connection((HOST, port), timeout=timeout) as sock:
         try:
@@ -333,7 +336,7 @@ def raw_http(port: int, request: bytes, timeout: float = 15.0) -> HttpAnswer:
             except ConnectionResetError:
                 chunk = b""
             except socket.timeout:
-                raise TimeoutError(f"no answer within {timeout} s to {request[:200]!r}") from None
+                raise TimeoutError(f"no answer within {timeout:g} s to {request[:200]!r}") from None
             if not chunk:
                 if not buf:
                     return HttpAnswer(None, {}, b"")
@@ -348,7 +351,7 @@ def raw_http(port: int, request: bytes, timeout: float = 15.0) -> HttpAnswer:
                 try:
                     chunk = sock.recv(65536)
                 except socket.timeout:
-                    raise TimeoutError(f"no final answer within {timeout} s to {request[:200]!r}") from None
+                    raise TimeoutError(f"no final answer within {timeout:g} s to {request[:200]!r}") from None
                 if not chunk:
                     return HttpAnswer(None, {}, b"")
                 buf += chunk
@@ -367,7 +370,7 @@ def raw_http(port: int, request: bytes, timeout: float = 15.0) -> HttpAnswer:
             except ConnectionResetError:
                 break
             except socket.timeout:
-                raise TimeoutError(f"body not complete within {timeout} s for {request[:200]!r}") from None
+                raise TimeoutError(f"body not complete within {timeout:g} s for {request[:200]!r}") from None
             if not chunk:
                 break
             body += chunk
@@ -419,6 +422,7 @@ class RawWS:
     async def handshake(cls, port: int, token: str | None, rcvbuf: int | None = None,
                         timeout: float = 10.0) -> tuple["RawWS | None", str]:
         """Open and upgrade; (client, status line) or (None, status line) when refused."""
+        timeout = scaled(timeout)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -459,6 +463,9 @@ class RawWS:
 
     async def recv_frame(self, timeout: float = 10.0) -> tuple[int, bytes]:
         """The next frame (answering pings); (OP_CLOSE, payload) on a close, (-1, b"") at EOF."""
+        return await self._recv_frame(scaled(timeout))
+
+    async def _recv_frame(self, timeout: float) -> tuple[int, bytes]:
         while True:
             try:
                 b0, b1 = await asyncio.wait_for(self.reader.readexactly(2), timeout)
@@ -480,14 +487,17 @@ class RawWS:
             return opcode, payload
 
     async def recv_json(self, timeout: float = 10.0) -> dict:
-        opcode, payload = await self.recv_frame(timeout)
+        return await self._recv_json(scaled(timeout))
+
+    async def _recv_json(self, timeout: float) -> dict:
+        opcode, payload = await self._recv_frame(timeout)
         assert opcode == OP_TEXT, (opcode, payload[:200])
         return json.loads(payload)
 
     async def until(self, pred, timeout: float = 10.0) -> dict:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
-            m = await self.recv_json(max(0.01, deadline - time.monotonic()))
+            m = await self._recv_json(max(0.01, deadline - time.monotonic()))
             if pred(m):
                 return m
 
@@ -495,9 +505,9 @@ class RawWS:
         """Send a ping message and read up to its pong; the messages before it (ticks skipped)."""
         await self.send_json({"type": "ping"})
         seen = []
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
-            m = await self.recv_json(max(0.01, deadline - time.monotonic()))
+            m = await self._recv_json(max(0.01, deadline - time.monotonic()))
             if m.get("type") == "pong":
                 return seen
             if m.get("type") != "tick":
@@ -505,10 +515,10 @@ class RawWS:
 
     async def closed_with(self, timeout: float = 10.0) -> int | None:
         """Read until the server's close frame: its code; None when the socket ended without one."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline:
             try:
-                opcode, _ = await self.recv_frame(max(0.01, deadline - time.monotonic()))
+                opcode, _ = await self._recv_frame(max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 break
             if opcode == OP_CLOSE:

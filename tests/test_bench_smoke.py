@@ -1,6 +1,7 @@
 """The query benchmark runs: ``python bench/bench_queries.py --quick`` exits 0 and prints its table.
 
 No timing is asserted here (CI machines vary); the benchmark's full run checks the 2x claim.
+Both run whole benchmarks in processes of their own: marked ``slow``.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from helpers import ROOT, scaled
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_queries_quick_runs_and_prints_the_table(tmp_path):
     out = tmp_path / "queries.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_queries.py"), "--quick",
                            "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=scaled(120))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = [i for i, line in enumerate(lines) if "entities" in line and "area us/q" in line and "overlap us/q" in line]
@@ -42,7 +47,7 @@ def test_load_benchmark_quick_smoke(tmp_path):
     """
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--out", str(tmp_path),
                            "--scenario", "grid-walk", "--scenario", "world", "--scenario", "baseline"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=scaled(300))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     walk = json.loads((tmp_path / "grid-walk.json").read_text())["rows"][0]
     assert walk["clients"] == walk["connected"] == walk["alive"] == 40, walk

@@ -24,7 +24,7 @@ import uuid
 import pytest
 
 import gridserver
-from conftest import make_config, wait_for
+from helpers import make_config, scaled, wait_for
 
 CHROMIUM = os.environ.get("GRIDSERVER_TEST_CHROMIUM", "/usr/bin/chromium")
 REQUIRE_BROWSER = os.environ.get("GRIDSERVER_REQUIRE_BROWSER") == "1"
@@ -33,6 +33,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 AVATAR_RGB = (0x2F, 0x7E, 0xD8)     # walkers' avatar colour
 BACKGROUND_RGB = (0x0E, 0x11, 0x16)  # the page's empty cell
 PASSWORD = "correct horse"
+
+pytestmark = pytest.mark.slow
 
 
 def _missing_browser() -> str | None:
@@ -63,7 +65,7 @@ async def page(tmp_path):
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("console", lambda msg: problems.append(f"console: {msg.text}") if "Content Security Policy" in msg.text else None)
-    page.set_default_timeout(15000)
+    page.set_default_timeout(scaled(15) * 1000)
     try:
         yield page
     finally:
@@ -83,8 +85,9 @@ def walkers_config(tmp_path, **overrides) -> gridserver.Config:
 
 
 async def until(page, js: str, arg=None, timeout: float = 15.0):
-    """Wait until the JavaScript function ``js`` returns something truthy; return it."""
-    handle = await page.wait_for_function(js, arg=arg, timeout=timeout * 1000)
+    """Wait until the JavaScript function ``js`` returns something truthy; return it
+    (``timeout`` is scaled)."""
+    handle = await page.wait_for_function(js, arg=arg, timeout=scaled(timeout) * 1000)
     return await handle.json_value()
 
 
@@ -180,8 +183,9 @@ async def test_play_and_debug_in_chromium(tmp_path, start_server, page):
     # A move sent while paused happens on the step; the step advances exactly one tick.
     before = await avatar(page)
     key, step = ("ArrowRight", 1) if before["x"] < 19 else ("ArrowLeft", -1)
+    accepted = running.srv.metrics.intents_accepted_total
     await page.keyboard.press(key)
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: running.srv.metrics.intents_accepted_total > accepted, what="the move queued")
     assert (await avatar(page))["x"] == before["x"]
     await page.click("#step")
     await until(page, "(t) => window.gridserver.tick === t", paused_at + 1)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, scaled
 
 import gridserver
 from gridserver import Config, ConfigError
@@ -199,7 +199,7 @@ def run_cli(args: list[str], cwd, extra_env: dict | None = None) -> subprocess.C
     env["GRIDSERVER_DATABASE_DSN"] = f"sqlite:///{cwd}/cli.db"
     env.update(extra_env or {})
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=scaled(30))
 
 
 def test_cli_help(tmp_path):

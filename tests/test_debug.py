@@ -10,7 +10,7 @@ import uuid
 import pytest
 from aiohttp import WSMsgType
 
-from conftest import make_config
+from helpers import make_config, scaled
 from gridserver import EntityCreate, TickResult
 
 ENTITY_FIELDS = {"id", "zone_id", "x", "y", "width", "height", "metadata", "created_at", "updated_at"}
@@ -94,7 +94,7 @@ async def test_debug_routes_for_an_allowed_player(start_server, tmp_path):
     # the stepped tick was broadcast: the subscriber has tick n + 2
     seen = []
     while not seen or seen[-1]["tick_number"] < n + 2:
-        msg = await ws.receive(timeout=5)
+        msg = await ws.receive(timeout=scaled(5))
         assert msg.type == WSMsgType.TEXT
         m = json.loads(msg.data)
         if m["type"] == "tick":
@@ -104,7 +104,7 @@ async def test_debug_routes_for_an_allowed_player(start_server, tmp_path):
     for i in range(2):
         await ws.send_json({"type": "intent", "data": {"i": i}})
     await ws.send_json({"type": "ping"})
-    while json.loads((await ws.receive(timeout=5)).data)["type"] != "pong":
+    while json.loads((await ws.receive(timeout=scaled(5))).data)["type"] != "pong":
         pass
 
     status, state = await running.call("GET", f"/api/debug/zones/{zone['id']}/state", t)
@@ -189,25 +189,25 @@ async def test_the_event_loop_never_waits_on_the_world_lock(start_server, tmp_pa
     def hold() -> None:
         with lock:
             held.set()
-            release.wait(10)
+            release.wait(scaled(10))
 
     holder = threading.Thread(target=hold)
     holder.start()
-    assert held.wait(5)
+    assert held.wait(scaled(5))
     try:
         waiting = [asyncio.ensure_future(c) for c in (
             running.call("GET", f"/api/debug/zones/{zone['id']}/state", token),
             running.call("POST", "/api/zones", token, json={"name": "made-" + uuid.uuid4().hex[:6], "width": 4,
                                                            "height": 4}),
             running.call("DELETE", f"/api/zones/{doomed['id']}", token))]
-        status, body = await asyncio.wait_for(running.call("GET", "/healthz"), 5)
+        status, body = await asyncio.wait_for(running.call("GET", "/healthz"), scaled(5))
         assert status == 200, body
-        status, _ = await asyncio.wait_for(running.call("GET", "/api/auth/me", token), 5)
+        status, _ = await asyncio.wait_for(running.call("GET", "/api/auth/me", token), scaled(5))
         assert status == 200
         assert holder.is_alive() and not any(f.done() for f in waiting)  # they wait for the lock, the loop does not
     finally:
         release.set()
-    answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    answers = await asyncio.wait_for(asyncio.gather(*waiting), scaled(10))
     assert [status for status, _ in answers] == [200, 201, 204], answers
     assert answers[0][1]["zone"]["id"] == zone["id"]
-    holder.join(5)
+    holder.join(scaled(5))

@@ -32,19 +32,23 @@ import time
 import uuid
 
 import aiohttp
+import pytest
 
-from conftest import call_from, dsn_with_schema, wait_for
 from faultkit import HOST, Client, RawWS, figure, raw_http, start
+from helpers import call_from, dsn_with_schema, scaled, wait_for
 
 ECHO = "game_modules.echo"
 PASSWORD = "correct horse"
 
+pytestmark = pytest.mark.slow
+
 
 async def login_from(address: str, url: str, username: str, password: str,
                      timeout: float = 20.0) -> tuple[int, object, dict[str, str]]:
-    """One login over a fresh connection from ``address``: (status, JSON body, headers)."""
+    """One login over a fresh connection from ``address``: (status, JSON body, headers);
+    ``timeout`` is scaled."""
     connector = aiohttp.TCPConnector(local_addr=(address, 0), force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=scaled(timeout))) as http:
         async with http.post(url + "/api/auth/login", json={"username": username, "password": password}) as r:
             text = await r.text()
             return r.status, json.loads(text) if text else None, dict(r.headers)
@@ -81,7 +85,7 @@ async def test_a_login_flood_from_one_address_never_locks_out_the_others(pg_sche
     attackers, attempts, pause = 200, 40, 0.1
     answers: list[tuple[int | None, object, str | None]] = []
     stop = asyncio.Event()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + scaled(20)
 
     async def attacker(session: aiohttp.ClientSession, i: int) -> None:
         for k in range(attempts):
@@ -101,7 +105,7 @@ async def test_a_login_flood_from_one_address_never_locks_out_the_others(pg_sche
             await asyncio.sleep(pause)
 
     connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0), limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as flood:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=scaled(20))) as flood:
         t0 = time.monotonic()
         tasks = [asyncio.ensure_future(attacker(flood, i)) for i in range(attackers)]
         try:
@@ -112,11 +116,13 @@ async def test_a_login_flood_from_one_address_never_locks_out_the_others(pg_sche
                 status, body, _ = await login_from("127.0.0.1", srv.url, real["username"], PASSWORD)
                 real_logins.append((status, round(time.monotonic() - t, 2)))
                 assert status == 200, f"the real player got {status} {body} during the flood"
+            await wait_for(lambda: any(s == 429 and "failed logins" in str(b) for s, b, _ in answers),
+                           timeout=15, what="the flood's address locked by its failed logins")
             while time.monotonic() - t0 < 2.0:  # the flood goes on a while after the lock
                 await asyncio.sleep(0.1)
         finally:
             stop.set()
-            done, pending = await asyncio.wait(tasks, timeout=25)
+            done, pending = await asyncio.wait(tasks, timeout=scaled(25))
             for task in pending:
                 task.cancel()
         assert not pending, f"{len(pending)} attackers still waiting for answers"
@@ -203,12 +209,12 @@ async def test_failed_logins_lock_the_username_and_the_address_even_for_the_righ
 
 async def _open_idle(address: str, port: int, timeout: float = 5.0) -> socket.socket | None:
     """A TCP connection from ``address`` that sends nothing; None when the connect times out
-    (the server's accept queue is full)."""
+    (the server's accept queue is full); ``timeout`` is scaled."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind((address, 0))
         sock.setblocking(False)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (HOST, port)), timeout)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (HOST, port)), scaled(timeout))
         return sock
     except (OSError, asyncio.TimeoutError):
         sock.close()
@@ -216,10 +222,11 @@ async def _open_idle(address: str, port: int, timeout: float = 5.0) -> socket.so
 
 
 async def _read_to_end(sock: socket.socket, timeout: float) -> bytes | None:
-    """Everything the server sends until it closes; None when it is still open after ``timeout``."""
+    """Everything the server sends until it closes; None when it is still open after ``timeout``
+    (scaled)."""
     loop = asyncio.get_running_loop()
     data = b""
-    end = loop.time() + timeout
+    end = loop.time() + scaled(timeout)
     while True:
         try:
             chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), max(0.01, end - loop.time()))
@@ -257,7 +264,7 @@ async def test_idle_sockets_past_the_per_address_limit_are_answered_429_and_clos
         try:
             await wait_for(lambda: sum(t.done() for t in readers) >= total - limit, timeout=10,
                            what=f"{total - limit} connections answered and closed by the server")
-            await asyncio.sleep(0.5)  # and no more than those
+            await asyncio.sleep(scaled(0.5))  # and no more than those
         finally:
             for t in readers:
                 t.cancel()

@@ -14,7 +14,7 @@ from uuid import UUID
 
 import pytest
 
-from conftest import PG_DSN, Passive, dsn_with_schema, make_config, pg_exec, stop_server, wait_for
+from helpers import PG_DSN, Passive, dsn_with_schema, make_config, pg_exec, scaled, stop_server, wait_for
 
 #: Nested metadata with non-ASCII keys and values, escapes and every JSON type.
 UNICODE_META = {
@@ -278,7 +278,7 @@ async def test_database_outage_keeps_changes_and_recovers(outage_schema, tcp_pro
 
     status, body = await asyncio.wait_for(
         running.call("POST", "/api/auth/login", json={"username": p["username"], "password": p["password"]}),
-        10.0)  # a hang guard, not a timing assertion
+        scaled(10.0))  # a hang guard, not a timing assertion
     assert status == 503, body
     assert body["error"] == "database_unavailable" and body.get("message"), body
 

@@ -20,9 +20,9 @@ import sys
 import aiohttp
 import pytest
 
-import gridserver
+from helpers import ROOT, scaled, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import gridserver
 
 
 def _free_port() -> int:
@@ -50,19 +50,21 @@ async def server_process(folder, **env_overrides):
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=scaled(2))) as http:
+            async def healthy() -> bool:
                 try:
                     async with http.get(base + "/healthz") as r:
                         if r.status == 200:
-                            break
-                except aiohttp.ClientError:
+                            return True
+                except (aiohttp.ClientError, asyncio.TimeoutError):
                     pass
                 assert proc.poll() is None, (folder / "server.log").read_text()
-                await asyncio.sleep(0.05)
+                return False
+
+            await wait_for(healthy, timeout=10, interval=0.05, what="/healthz answering 200")
         yield base, proc
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        assert proc.wait(scaled(15)) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -92,7 +94,7 @@ async def test_a_lone_copy_runs_the_builtin_demo_and_plays(tmp_path):
 
                 async def my_x() -> int | None:
                     while True:
-                        msg = await asyncio.wait_for(ws.receive_json(), 5)
+                        msg = await asyncio.wait_for(ws.receive_json(), scaled(5))
                         if msg.get("type") == "tick":
                             mine = [e for e in msg["state"]["entities"] if e.get("label") == "solo"]
                             if mine:
@@ -121,7 +123,7 @@ async def test_access_log_never_holds_a_token(tmp_path):
             ws_url = base.replace("http://", "ws://") + f"/ws?token={token}"
             async with http.ws_connect(ws_url) as ws:
                 await ws.send_json({"type": "ping"})
-                assert (await ws.receive_json())["type"] == "pong"
+                assert (await asyncio.wait_for(ws.receive_json(), scaled(5)))["type"] == "pong"
             async with http.get(base + f"/api/zones?token={token}") as r:
                 assert r.status == 401
     text = (tmp_path / "server.log").read_text()
@@ -149,7 +151,7 @@ async def test_the_builtin_demo_survives_moves_that_are_not_strings(tmp_path):
                 async def next_tick() -> tuple[int, int | None]:
                     """The next tick's number and the avatar's x (None: no avatar yet)."""
                     while True:
-                        msg = await asyncio.wait_for(ws.receive_json(), 5)
+                        msg = await asyncio.wait_for(ws.receive_json(), scaled(5))
                         if msg.get("type") == "tick":
                             seen[0] = msg["tick_number"]
                             mine = [e for e in msg["state"]["entities"] if e.get("label") == "mover"]
@@ -169,7 +171,7 @@ async def test_the_builtin_demo_survives_moves_that_are_not_strings(tmp_path):
                 await ws.send_json({"type": "ping"})
                 answers = []
                 while not answers or answers[-1] != {"type": "pong"}:
-                    msg = await asyncio.wait_for(ws.receive_json(), 5)
+                    msg = await asyncio.wait_for(ws.receive_json(), scaled(5))
                     if msg.get("type") != "tick":
                         answers.append(msg)
                     else:
@@ -221,7 +223,7 @@ def test_debug_for_every_player_is_refused_off_loopback(tmp_path, monkeypatch):
                GRIDSERVER_SERVER_PORT=str(_free_port()), GRIDSERVER_DATABASE_DSN=f"sqlite:///{tmp_path / 'db'}",
                GRIDSERVER_GAME_MODULE="no_such_game_module_here")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "gridserver.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=scaled(30))
     lines = done.stderr.splitlines()
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert len(lines) == 1 and done.stdout == "", (done.stdout, done.stderr)

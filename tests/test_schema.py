@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from conftest import PG_DSN, Passive, ROOT, dsn_with_schema, make_config, pg_exec, require_pg, stop_server
+from helpers import PG_DSN, Passive, ROOT, dsn_with_schema, make_config, pg_exec, require_pg, scaled, stop_server
 
 SCHEMA_SQL = os.path.join(ROOT, "schema.sql")
 TABLES = ["entities", "players", "sessions", "zones"]
@@ -33,7 +33,7 @@ def apply_schema_sql(schema: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PGOPTIONS=f"-csearch_path={schema}")
     cmd = ["psql", "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 5432), "-U", url.username or "root",
            "-d", (url.path or "/test").lstrip("/") or "test", "-v", "ON_ERROR_STOP=1", "-X", "-q", "-f", SCHEMA_SQL]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=scaled(60))
     assert proc.returncode == 0, proc.stderr
     return proc
 

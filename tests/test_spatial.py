@@ -127,6 +127,7 @@ def test_queries_match_brute_force(data, zw, zh, bucket):
         check_all(index, entities, (e.x, e.y, e.width, e.height), exclude=e)
 
 
+@pytest.mark.slow  # 200 examples of whole insert, move and remove sequences: about 5 s
 @PROPERTY
 @given(data=st.data(), zw=zone_sizes, zh=zone_sizes, bucket=bucket_sizes)
 def test_index_stays_right_through_insert_move_remove(data, zw, zh, bucket):

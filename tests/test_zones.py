@@ -9,7 +9,7 @@ import uuid
 import pytest
 from aiohttp import WSMsgType
 
-from conftest import Passive, db_rows, make_config
+from helpers import Passive, db_rows, make_config, scaled
 
 ZONE_FIELDS = {"id", "name", "width", "height", "metadata", "created_at", "updated_at",
                "entity_count", "subscriber_count"}
@@ -323,7 +323,7 @@ async def test_delete_notifies_subscribers(start_server, dsn):
 
         async def next_of(kind):
             while True:
-                msg = await asyncio.wait_for(ws.receive(), 5)
+                msg = await asyncio.wait_for(ws.receive(), scaled(5))
                 assert msg.type == WSMsgType.TEXT, msg
                 data = msg.json()
                 if data.get("type") == kind:
