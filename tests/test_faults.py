@@ -662,6 +662,9 @@ def _fuzz_server(tmp_path_factory, backend: str):
         schema = None
         dsn = f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'db'}"
         settings_ = {"server_debug": "false", "tick_interval": 0.1}
+    # The fuzzer fails logins of the players it then needs to log in again (after it logged
+    # them out): the failed-login limit has its own tests (tests/test_faults_access.py).
+    settings_["auth_max_failed_logins"] = 1_000_000
     srv = ServerProcess(tmp_path_factory.mktemp("fuzzlog"), dsn, COUNTER, settings_, {"entities": 5})
     return srv, schema
 
