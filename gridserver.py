@@ -1046,27 +1046,6 @@ class World:
             skip = zs.entities.get(exclude) if exclude is not None else None
             return zs.index.query_overlap(x, y, w, h, skip)
 
-    def create_entity(self, zone_id: UUID, x: int, y: int, width: int = 0, height: int = 0,
-                      metadata: dict | None = None, entity_id: UUID | None = None,
-                      now: float | None = None) -> Entity:
-        """Create one entity (checked like a tick result) and mark it for the next flush."""
-        result = TickResult(entity_creates=[EntityCreate(x, y, width, height, metadata or {}, entity_id)])
-        return self.apply(zone_id, result, now)[0][0]
-
-    def update_entity(self, entity_id: UUID, now: float | None = None, **changes: Any) -> Entity:
-        """Move, resize or replace the metadata of one entity (``x=``, ``y=``, ``width=``...)."""
-        zs = self.entity_zone.get(entity_id)
-        if zs is None:
-            raise TickRejected(f"unknown entity {entity_id}")
-        self.apply(zs.zone.id, TickResult(entity_updates=[EntityUpdate(entity_id, **changes)]), now)
-        return zs.entities[entity_id]
-
-    def delete_entity(self, entity_id: UUID) -> None:
-        zs = self.entity_zone.get(entity_id)
-        if zs is None:
-            raise TickRejected(f"unknown entity {entity_id}")
-        self.apply(zs.zone.id, TickResult(entity_deletes=[entity_id]))
-
     # -- tick results --------------------------------------------------------------------
     def validate(self, zs: _ZoneState, result: Any) -> tuple[list, list, list]:
         """Check a zone's whole ``TickResult`` against the zone; raise ``TickRejected`` naming

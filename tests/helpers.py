@@ -342,3 +342,29 @@ class TcpProxy:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=scaled(5))
+
+
+# -- one entity at a time, through the same checked apply as a tick's result -----------------
+
+def create_entity(world: gridserver.World, zone_id, x: int, y: int, width: int = 0, height: int = 0,
+                  metadata: dict | None = None, entity_id=None, now: float | None = None) -> gridserver.Entity:
+    """Create one entity (checked like a tick result) and mark it for the next flush."""
+    result = gridserver.TickResult(entity_creates=[gridserver.EntityCreate(x, y, width, height, metadata or {},
+                                                                           entity_id)])
+    return world.apply(zone_id, result, now)[0][0]
+
+
+def update_entity(world: gridserver.World, entity_id, now: float | None = None, **changes) -> gridserver.Entity:
+    """Move, resize or replace the metadata of one entity (``x=``, ``y=``, ``width=``...)."""
+    zs = world.entity_zone.get(entity_id)
+    if zs is None:
+        raise gridserver.TickRejected(f"unknown entity {entity_id}")
+    world.apply(zs.zone.id, gridserver.TickResult(entity_updates=[gridserver.EntityUpdate(entity_id, **changes)]), now)
+    return zs.entities[entity_id]
+
+
+def delete_entity(world: gridserver.World, entity_id) -> None:
+    zs = world.entity_zone.get(entity_id)
+    if zs is None:
+        raise gridserver.TickRejected(f"unknown entity {entity_id}")
+    world.apply(zs.zone.id, gridserver.TickResult(entity_deletes=[entity_id]))

@@ -14,7 +14,8 @@ from uuid import UUID
 
 import pytest
 
-from helpers import PG_DSN, Passive, dsn_with_schema, make_config, pg_exec, scaled, stop_server, wait_for
+from helpers import (PG_DSN, Passive, create_entity, delete_entity, dsn_with_schema, make_config, pg_exec, scaled,
+                     stop_server, update_entity, wait_for)
 
 #: Nested metadata with non-ASCII keys and values, escapes and every JSON type.
 UNICODE_META = {
@@ -105,27 +106,27 @@ async def test_restart_keeps_zones_entities_and_sessions(dsn, start_server):
     world = srv.world
 
     # Phase 1: created and flushed (rows exist in the database).
-    sized = world.create_entity(zid1, 1, 1, 3, 2, UNICODE_META)
-    corner = world.create_entity(zid1, 63, 47, 0, 0, {"kind": "point", "ü": ["ö"]})
-    origin = world.create_entity(zid1, 0, 0, 0, 0, {})
-    full = world.create_entity(zid1, 0, 0, 64, 48, {"kind": "floor"})
-    flushed_then_deleted = world.create_entity(zid2, 9, 9, 1, 1, {"doomed": True})
-    flushed_updated_deleted = world.create_entity(zid2, 2, 3, 0, 0, {"doomed": "later"})
+    sized = create_entity(world, zid1, 1, 1, 3, 2, UNICODE_META)
+    corner = create_entity(world, zid1, 63, 47, 0, 0, {"kind": "point", "ü": ["ö"]})
+    origin = create_entity(world, zid1, 0, 0, 0, 0, {})
+    full = create_entity(world, zid1, 0, 0, 64, 48, {"kind": "floor"})
+    flushed_then_deleted = create_entity(world, zid2, 9, 9, 1, 1, {"doomed": True})
+    flushed_updated_deleted = create_entity(world, zid2, 2, 3, 0, 0, {"doomed": "later"})
     assert await srv.persister.flush() is True
     assert set(db_entities(dsn)) >= {str(e.id) for e in (sized, corner, origin, full, flushed_then_deleted)}
 
     # Phase 2: changes only the graceful stop can write.
-    world.update_entity(sized.id, x=5, metadata={"moved": "→ east", "nested": {"a": [1, {"b": "ç"}]}})
-    world.update_entity(origin.id, y=10, width=2, height=2)  # a point becomes sized
-    world.update_entity(corner.id, metadata={"renamed": "コーナー"})
-    world.update_entity(full.id, x=0, y=0, width=0, height=0)  # sized becomes a point
-    world.update_entity(flushed_updated_deleted.id, x=4)
-    world.delete_entity(flushed_updated_deleted.id)
-    world.delete_entity(flushed_then_deleted.id)
-    late_point = world.create_entity(zid2, 0, 9, 0, 0, {"late": "✓"})
-    late_sized = world.create_entity(zid3, 1, 2, 4, 5, {"deep": {"er": {"est": ["🙂"]}}})
-    never_flushed_deleted = world.create_entity(zid3, 0, 0, 1, 1, {"ghost": True})
-    world.delete_entity(never_flushed_deleted.id)
+    update_entity(world, sized.id, x=5, metadata={"moved": "→ east", "nested": {"a": [1, {"b": "ç"}]}})
+    update_entity(world, origin.id, y=10, width=2, height=2)  # a point becomes sized
+    update_entity(world, corner.id, metadata={"renamed": "コーナー"})
+    update_entity(world, full.id, x=0, y=0, width=0, height=0)  # sized becomes a point
+    update_entity(world, flushed_updated_deleted.id, x=4)
+    delete_entity(world, flushed_updated_deleted.id)
+    delete_entity(world, flushed_then_deleted.id)
+    late_point = create_entity(world, zid2, 0, 9, 0, 0, {"late": "✓"})
+    late_sized = create_entity(world, zid3, 1, 2, 4, 5, {"deep": {"er": {"est": ["🙂"]}}})
+    never_flushed_deleted = create_entity(world, zid3, 0, 0, 1, 1, {"ghost": True})
+    delete_entity(world, never_flushed_deleted.id)
     assert world.dirty, "phase 2 left nothing dirty: the graceful stop would have nothing to prove"
 
     deleted_ids = {str(flushed_then_deleted.id), str(flushed_updated_deleted.id), str(never_flushed_deleted.id)}
@@ -183,9 +184,9 @@ async def test_batched_flush_and_periodic_flush(dsn, start_server):
     for i in range(2000):
         x, y = i % 100, i // 100
         if i % 3 == 0:
-            e = srv.world.create_entity(zid, x, y, 0, 0, {"i": i})
+            e = create_entity(srv.world, zid, x, y, 0, 0, {"i": i})
         else:
-            e = srv.world.create_entity(zid, x, y, 1, 1, {"i": i, "s": f"n°{i}"})
+            e = create_entity(srv.world, zid, x, y, 1, 1, {"i": i, "s": f"n°{i}"})
         created[str(e.id)] = entity_dict(e)
     before = srv.metrics.flushes_total
     assert await srv.persister.flush() is True
@@ -201,11 +202,11 @@ async def test_batched_flush_and_periodic_flush(dsn, start_server):
     zid2 = UUID(z2["id"])
     more = {}
     for i in range(2000):
-        e = srv.world.create_entity(zid2, i % 50, (i // 50) % 50, 0, 0, {"j": i})
+        e = create_entity(srv.world, zid2, i % 50, (i // 50) % 50, 0, 0, {"j": i})
         more[str(e.id)] = e
     moved = list(created)[:100]
     for eid in moved:
-        srv.world.update_entity(UUID(eid), x=99, metadata={"moved": True})
+        update_entity(srv.world, UUID(eid), x=99, metadata={"moved": True})
 
     def all_written():
         rows = db_entities(dsn)
@@ -251,9 +252,9 @@ async def test_database_outage_keeps_changes_and_recovers(outage_schema, tcp_pro
     z = await running.zone(p["token"], width=40, height=40)
     zid = UUID(z["id"])
 
-    keep = world.create_entity(zid, 1, 1, 2, 2, {"v": 1})
-    move = world.create_entity(zid, 5, 5, 0, 0, {"v": "point"})
-    doomed = world.create_entity(zid, 7, 7, 1, 1, {"v": "doomed"})
+    keep = create_entity(world, zid, 1, 1, 2, 2, {"v": 1})
+    move = create_entity(world, zid, 5, 5, 0, 0, {"v": "point"})
+    doomed = create_entity(world, zid, 7, 7, 1, 1, {"v": "doomed"})
     assert await srv.persister.flush() is True
     assert set(db_entities(direct_dsn)) == {str(keep.id), str(move.id), str(doomed.id)}
     status, body = await running.call("GET", "/healthz")
@@ -261,13 +262,13 @@ async def test_database_outage_keeps_changes_and_recovers(outage_schema, tcp_pro
 
     proxy.cut()
     # Changes while the database is unreachable: they must stay in memory and be written later.
-    world.update_entity(move.id, x=30, y=31, metadata={"v": "moved ✓", "n": [1, 2]})
-    world.update_entity(keep.id, width=3)
-    world.delete_entity(doomed.id)
-    born = world.create_entity(zid, 20, 20, 4, 4, {"born": "während"})
-    born_point = world.create_entity(zid, 39, 39, 0, 0, {})
-    born_then_gone = world.create_entity(zid, 0, 0, 0, 0, {"x": 1})
-    world.delete_entity(born_then_gone.id)
+    update_entity(world, move.id, x=30, y=31, metadata={"v": "moved ✓", "n": [1, 2]})
+    update_entity(world, keep.id, width=3)
+    delete_entity(world, doomed.id)
+    born = create_entity(world, zid, 20, 20, 4, 4, {"born": "während"})
+    born_point = create_entity(world, zid, 39, 39, 0, 0, {})
+    born_then_gone = create_entity(world, zid, 0, 0, 0, 0, {"x": 1})
+    delete_entity(world, born_then_gone.id)
 
     async def degraded():
         status, body = await running.call("GET", "/healthz")
@@ -325,24 +326,24 @@ async def test_flush_racing_zone_deletion(dsn, start_server):
     tok = p["token"]
     survivor = await running.zone(tok, name="survivor", width=30, height=30)
     sid = UUID(survivor["id"])
-    kept = [world.create_entity(sid, i, i, 1, 1, {"k": i}) for i in range(20)]
+    kept = [create_entity(world, sid, i, i, 1, 1, {"k": i}) for i in range(20)]
     failures = srv.metrics.flush_failures_total
 
     # Each round: a zone with flushed and unflushed entities, all dirty, deleted while a flush runs.
     for rnd, delay in enumerate([None, None, 0.0, 0.001, 0.003, 0.01, 0.03]):
         z = await running.zone(tok, name=f"doomed-{rnd}", width=30, height=30)
         zid = UUID(z["id"])
-        old = [world.create_entity(zid, i, 0, 2, 2, {"r": rnd, "i": i}) for i in range(25)]
+        old = [create_entity(world, zid, i, 0, 2, 2, {"r": rnd, "i": i}) for i in range(25)]
         assert await srv.persister.flush() is True
         assert sum(1 for r in db_entities(dsn).values() if r["zone_id"] == z["id"]) == 25
         for e in old[:20]:
-            world.update_entity(e.id, y=5, metadata={"r": rnd, "moved": True})
+            update_entity(world, e.id, y=5, metadata={"r": rnd, "moved": True})
         for e in old[20:]:
-            world.delete_entity(e.id)
+            delete_entity(world, e.id)
         for i in range(25):
-            world.create_entity(zid, i, 20, 0, 0, {"new": i})
+            create_entity(world, zid, i, 20, 0, 0, {"new": i})
         for e in kept:
-            world.update_entity(e.id, metadata={"k": e.metadata["k"], "round": rnd})
+            update_entity(world, e.id, metadata={"k": e.metadata["k"], "round": rnd})
         assert any(e.zone_id == zid for e in world.dirty), "the zone's entities must be dirty when it is deleted"
 
         delete = running.call("DELETE", f"/api/zones/{zid}", tok)

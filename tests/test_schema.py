@@ -10,7 +10,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from helpers import PG_DSN, Passive, ROOT, dsn_with_schema, make_config, pg_exec, require_pg, scaled, stop_server
+from helpers import (PG_DSN, Passive, ROOT, create_entity, dsn_with_schema, make_config, pg_exec, require_pg, scaled,
+                     stop_server)
 
 SCHEMA_SQL = os.path.join(ROOT, "schema.sql")
 TABLES = ["entities", "players", "sessions", "zones"]
@@ -94,7 +95,7 @@ async def test_server_runs_on_schema_sql_database(start_server, pg_schemas):
     s = await start_server(make_config(dsn_with_schema(a), server_debug=True), Passive())
     p = await s.player()
     z = await s.zone(p["token"])
-    s.srv.world.create_entity(uuid.UUID(z["id"]), 1, 1, 1, 1, {"k": "v"})
+    create_entity(s.srv.world, uuid.UUID(z["id"]), 1, 1, 1, 1, {"k": "v"})
     await s.srv.persister.flush()
     await stop_server(s)
     assert describe(a) == before  # the server added nothing of its own

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import gridserver
 from gridserver import Entity, EntityCreate, EntityUpdate, TickRejected, TickResult, World, Zone
+from helpers import create_entity, delete_entity, update_entity
 
 W, H = 100, 50
 
@@ -61,26 +62,26 @@ def test_add_zone_loads_entities_into_registry_and_index_without_marking_them():
 
 def test_create_update_delete_entity():
     world, zone, a, b, c = make_world()
-    e = world.create_entity(zone.id, 5, 6, 3, 4, {"hp": 3}, now=42.0)
+    e = create_entity(world, zone.id, 5, 6, 3, 4, {"hp": 3}, now=42.0)
     assert isinstance(e, Entity) and (e.zone_id, e.x, e.y, e.width, e.height) == (zone.id, 5, 6, 3, 4)
     assert e.metadata == {"hp": 3} and e.created_at == e.updated_at == 42.0
     assert world.get_entity(e.id) is e and e in world.dirty
     assert area_ids(world, zone, 7, 9, 1, 1) == {e.id}
 
     fixed = uuid.uuid4()
-    p = world.create_entity(zone.id, W - 1, H - 1, entity_id=fixed)        # a point on the last cell
+    p = create_entity(world, zone.id, W - 1, H - 1, entity_id=fixed)        # a point on the last cell
     assert p.id == fixed and (p.width, p.height, p.metadata) == (0, 0, {})
 
-    moved = world.update_entity(e.id, now=50.0, x=90, width=10, metadata={"hp": 2})
+    moved = update_entity(world, e.id, now=50.0, x=90, width=10, metadata={"hp": 2})
     assert moved is e and (e.x, e.y, e.width, e.height) == (90, 6, 10, 4)
     assert e.metadata == {"hp": 2} and e.updated_at == 50.0 and e.created_at == 42.0
     assert area_ids(world, zone, 5, 6, 3, 4) == set()                       # gone from the old place
     assert area_ids(world, zone, 99, 9, 1, 1) == {e.id}
 
-    world.update_entity(a.id, y=0)
+    update_entity(world, a.id, y=0)
     assert (a.x, a.y) == (10, 0) and a in world.dirty and a.metadata == {"kind": "a"}
 
-    world.delete_entity(e.id)
+    delete_entity(world, e.id)
     assert world.get_entity(e.id) is None and e.id not in world.entities_of(zone.id)
     assert area_ids(world, zone, 0, 0, W, H) == {a.id, b.id, c.id, fixed}
     assert e.id in world.deleted and e not in world.dirty
@@ -90,19 +91,19 @@ def test_simple_calls_reject_bad_input_and_change_nothing():
     world, zone, a, b, c = make_world()
     before = snapshot(world, zone)
     with pytest.raises(TickRejected):
-        world.create_entity(zone.id, W, 0, 1, 1)
+        create_entity(world, zone.id, W, 0, 1, 1)
     with pytest.raises(TickRejected):
-        world.create_entity(zone.id, 0, 0, 1, 1, entity_id=a.id)             # id taken
+        create_entity(world, zone.id, 0, 0, 1, 1, entity_id=a.id)             # id taken
     with pytest.raises(TickRejected):
-        world.create_entity(uuid.uuid4(), 0, 0)                               # no such zone
+        create_entity(world, uuid.uuid4(), 0, 0)                               # no such zone
     with pytest.raises(TickRejected):
-        world.update_entity(uuid.uuid4(), x=1)
+        update_entity(world, uuid.uuid4(), x=1)
     with pytest.raises(TickRejected):
-        world.update_entity(a.id, x=W - 1)                                    # 2 wide: spills out
+        update_entity(world, a.id, x=W - 1)                                    # 2 wide: spills out
     with pytest.raises(TickRejected):
-        world.update_entity(a.id, metadata=["not", "an", "object"])
+        update_entity(world, a.id, metadata=["not", "an", "object"])
     with pytest.raises(TickRejected):
-        world.delete_entity(uuid.uuid4())
+        delete_entity(world, uuid.uuid4())
     assert snapshot(world, zone) == before
 
 
@@ -279,8 +280,8 @@ def _with(result: TickResult, **fields) -> TickResult:
 @pytest.mark.parametrize("name, build", _bad_cases(), ids=[n for n, _ in _bad_cases()])
 def test_bad_result_is_rejected_whole_and_changes_nothing(name, build):
     world, zone, a, b, c = make_world()
-    world.create_entity(zone.id, 70, 0, 1, 1)              # something already waiting for a flush
-    world.delete_entity(world.create_entity(zone.id, 71, 0).id)
+    create_entity(world, zone.id, 70, 0, 1, 1)              # something already waiting for a flush
+    delete_entity(world, create_entity(world, zone.id, 71, 0).id)
     before = snapshot(world, zone)
     bad = build(a, b, c)
     with pytest.raises(TickRejected):
@@ -337,9 +338,9 @@ def test_creates_are_all_applied_or_none(rects):
 
 def test_take_changes_then_restore_puts_the_ids_back():
     world, zone, a, b, c = make_world()
-    e = world.create_entity(zone.id, 1, 1, 1, 1, {"m": 1}, now=5.0)
-    world.update_entity(a.id, x=3, now=6.0)
-    world.delete_entity(c.id)
+    e = create_entity(world, zone.id, 1, 1, 1, 1, {"m": 1}, now=5.0)
+    update_entity(world, a.id, x=3, now=6.0)
+    delete_entity(world, c.id)
 
     rows, deleted = world.take_changes()
     assert not world.dirty and world.deleted == set()
@@ -349,11 +350,11 @@ def test_take_changes_then_restore_puts_the_ids_back():
     assert by_id[e.id] == (e.id, e, 1, 1, 1, 1, {"m": 1}, 5.0)
     assert by_id[e.id][1].zone_id == zone.id and by_id[e.id][1].created_at == 5.0
     assert by_id[a.id][2:6] == (3, 10, 2, 2) and by_id[a.id][7] == 6.0
-    world.update_entity(a.id, x=4, now=7.0)                  # later changes leave the snapshot alone
+    update_entity(world, a.id, x=4, now=7.0)                  # later changes leave the snapshot alone
     assert by_id[a.id][2] == 3 and by_id[a.id][7] == 6.0
-    world.update_entity(a.id, x=3, now=6.0)
+    update_entity(world, a.id, x=3, now=6.0)
 
-    later = world.create_entity(zone.id, 2, 2)               # a change made while the flush runs
+    later = create_entity(world, zone.id, 2, 2)               # a change made while the flush runs
     world.restore_changes(rows, deleted)                    # the flush failed
     assert {e.id for e in world.dirty} == {e.id, a.id, later.id}
     assert world.deleted == {c.id}
@@ -365,11 +366,11 @@ def test_take_changes_then_restore_puts_the_ids_back():
 
 def test_restore_does_not_resurrect_what_changed_since():
     world, zone, a, b, c = make_world()
-    world.update_entity(a.id, x=1)
-    world.delete_entity(c.id)
+    update_entity(world, a.id, x=1)
+    delete_entity(world, c.id)
     rows, deleted = world.take_changes()
-    world.delete_entity(a.id)                                # deleted after the snapshot
-    world.create_entity(zone.id, 0, 0, 1, 1, entity_id=c.id)  # the deleted id is back, as a new entity
+    delete_entity(world, a.id)                                # deleted after the snapshot
+    create_entity(world, zone.id, 0, 0, 1, 1, entity_id=c.id)  # the deleted id is back, as a new entity
     world.restore_changes(rows, deleted)
     assert a not in world.dirty and a.id in world.deleted
     assert world.get_entity(c.id) in world.dirty and c.id not in world.deleted
@@ -377,9 +378,9 @@ def test_restore_does_not_resurrect_what_changed_since():
 
 def test_created_then_deleted_before_a_flush_ends_only_in_deleted():
     world, zone, *_ = make_world()
-    e = world.create_entity(zone.id, 4, 4, 1, 1)
-    world.update_entity(e.id, x=5)
-    world.delete_entity(e.id)
+    e = create_entity(world, zone.id, 4, 4, 1, 1)
+    update_entity(world, e.id, x=5)
+    delete_entity(world, e.id)
     assert e not in world.dirty and e.id in world.deleted
     # the same within one result
     fresh = uuid.uuid4()
@@ -392,14 +393,14 @@ def test_created_then_deleted_before_a_flush_ends_only_in_deleted():
 
 def test_remove_zone_forgets_its_entities_and_their_changes():
     world, zone, a, b, c = make_world()
-    world.update_entity(a.id, x=0)
-    world.delete_entity(c.id)
+    update_entity(world, a.id, x=0)
+    delete_entity(world, c.id)
     assert world.remove_zone(zone.id).zone is zone
     assert zone.id not in world.zones and world.get_entity(a.id) is None and world.get_entity(b.id) is None
     assert not world.dirty
     assert world.remove_zone(zone.id) is None
     with pytest.raises(TickRejected):
-        world.update_entity(a.id, x=1)
+        update_entity(world, a.id, x=1)
     assert gridserver.World().take_changes() == ([], [])
 
 

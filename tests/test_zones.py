@@ -9,7 +9,7 @@ import uuid
 import pytest
 from aiohttp import WSMsgType
 
-from helpers import Passive, db_rows, make_config, scaled
+from helpers import Passive, create_entity, db_rows, make_config, scaled
 
 ZONE_FIELDS = {"id", "name", "width", "height", "metadata", "created_at", "updated_at",
                "entity_count", "subscriber_count"}
@@ -278,8 +278,8 @@ async def test_delete_204_removes_zone_and_entities(start_server, dsn):
     kept = await s.zone(p["token"], width=20, height=20)
     world = s.srv.world
     for i in range(5):
-        world.create_entity(uuid.UUID(doomed["id"]), i, i, 1, 1, {"i": i})
-    world.create_entity(uuid.UUID(kept["id"]), 3, 3, 2, 2, {"keep": True})
+        create_entity(world, uuid.UUID(doomed["id"]), i, i, 1, 1, {"i": i})
+    create_entity(world, uuid.UUID(kept["id"]), 3, 3, 2, 2, {"keep": True})
     await s.srv.persister.flush()
     count = "SELECT count(*) FROM entities WHERE zone_id = '{}'"
     assert db_rows(dsn, count.format(doomed["id"])) == [(5,)]
@@ -308,7 +308,7 @@ async def test_delete_unflushed_entities_never_reach_database(start_server, dsn)
     p = await s.player()
     z = await s.zone(p["token"])
     for i in range(3):
-        s.srv.world.create_entity(uuid.UUID(z["id"]), i, 0, 1, 1, {})
+        create_entity(s.srv.world, uuid.UUID(z["id"]), i, 0, 1, 1, {})
     assert (await s.call("DELETE", f"/api/zones/{z['id']}", p["token"]))[0] == 204
     await s.srv.persister.flush()
     assert db_rows(dsn, "SELECT count(*) FROM entities") == [(0,)]
