@@ -3168,8 +3168,10 @@ class Server:
         by_zone: dict[UUID, list[Entity]] = collections.defaultdict(list)
         for e in entities:
             by_zone[e.zone_id].append(e)
-        for zone in zones:
-            self.world.add_zone(zone, by_zone.get(zone.id, ()))
+        def add_all() -> None:  # in the world thread, as every use of the world's lock
+            for zone in zones:
+                self.world.add_zone(zone, by_zone.get(zone.id, ()))
+        await self.in_world(add_all)
         log.info("loaded %d zones and %d entities", len(zones), len(entities))
         if self.game is None:
             self.game = self._load_game()
