@@ -31,6 +31,7 @@ Sections of this file, each calling only those above it (``grep -n '^# [A-Z]' gr
     Storage (all SQL lives here)
     Accounts and sessions
     Hub: connections, subscriptions, sending
+    Journal
     Tick engine
     Persistence
     Game modules and the framework API
@@ -61,8 +62,12 @@ threading lock.
   debug routes' reads of entities, under ``World.lock``, for the loop.
 * Database threads: the flush thread (``gridserver-flush``: the snapshot of changed
   entities under ``World.lock``, serializing it, restoring it when a flush failed), the
-  SQLite thread (``gridserver-sqlite``) and bcrypt (``gridserver-bcrypt``). They write
-  nothing in memory but what they are handed; PostgreSQL goes through aiopg on the loop.
+  journal thread (``gridserver-journal``: serializing each tick's inputs, which are
+  immutable by then), the SQLite thread (``gridserver-sqlite``) and bcrypt
+  (``gridserver-bcrypt``). They write nothing in memory but what they are handed;
+  PostgreSQL goes through aiopg on the loop.
+* Recovery replays journaled ticks through the module in a worker thread at start-up,
+  before the first tick (like ``on_init``).
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import reprlib
 import secrets
@@ -249,6 +255,10 @@ OPTIONS: list[_Option] = [
             "subscribes and unsubscribes a player may send per tick; more are refused with rate_limited", 1),
     _Option("websocket", "max_depth", "32", "int",
             "deepest nesting of objects and arrays in an intent's data; deeper intents are bad_message", 1),
+    _Option("journal", "mode", "replay", "str",
+            "replay: each tick's inputs are committed before its frames are sent, and a restart replays "
+            "them after the last flush; off: a restart goes back to the last flush"),
+    _Option("journal", "keep", "600", "int", "ticks of inputs kept per zone before its last flush (history)", 0),
     _Option("game", "module", "game_modules.walkers", "str",
             "dotted path of the game module (package.module or package.module:Name)"),
     _Option("debug", "log_level", "info", "str", "debug, info, warning or error"),
@@ -374,6 +384,8 @@ def _check_config(cfg: Config) -> None:
         raise ConfigError(f"[server] debug = true with an empty [server] debug_players would make every player "
                           f"an admin on {cfg.get('server', 'host')!r}: name the debug players, or listen on "
                           f"a loopback address")
+    if cfg.get("journal", "mode") not in ("replay", "off"):
+        raise ConfigError(f"[journal] mode: expected replay or off, got {cfg.get('journal', 'mode')!r}")
     if not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", cfg.get("game", "module")):
         raise ConfigError(f"[game] module: expected a dotted path like game_modules.walkers, got {cfg.get('game', 'module')!r}")
 
@@ -627,12 +639,16 @@ def _http_error_response(exc: web.HTTPException) -> web.Response:
 # =============================================================================
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, frozen=True)
 class Entity:
-    """A thing in a zone. The registry owns it: modules read it and never mutate it.
+    """A thing in a zone. The registry owns it; modules read it and cannot change it.
 
     It covers the cells ``[x, x+width) x [y, y+height)``; a 0x0 entity is a point at (x, y).
-    ``created_at`` and ``updated_at`` are seconds since the epoch.
+    ``created_at`` and ``updated_at`` are seconds since the epoch. Assigning a field raises
+    (``dataclasses.FrozenInstanceError``) and ``metadata`` is read-only all the way down: a
+    module changes an entity only by returning an ``EntityUpdate``, so a tick's outcome
+    depends on nothing but its inputs (what replaying a tick relies on). Only the registry
+    sets fields, through ``_set_fields``.
     """
 
     id: UUID
@@ -645,18 +661,97 @@ class Entity:
     created_at: float = 0.0
     updated_at: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.metadata, _FrozenDict):
+            _ENTITY_SETTERS["metadata"](self, _freeze(self.metadata))
+
     def to_json(self) -> dict:
         return {"id": str(self.id), "zone_id": str(self.zone_id), "x": self.x, "y": self.y,
                 "width": self.width, "height": self.height, "metadata": self.metadata,
                 "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at)}
 
 
+#: Each field's slot setter: the registry changes entities through these, not ``setattr``.
+_ENTITY_SETTERS: dict[str, Callable[[Entity, Any], None]] = {
+    name: Entity.__dict__[name].__set__ for name in Entity.__dataclass_fields__}
+
+
+def _set_fields(e: Entity, **values: Any) -> None:
+    """The registry's way to change an entity (its fields are read-only to everyone else)."""
+    for name, value in values.items():
+        _ENTITY_SETTERS[name](e, value)
+
+
+class _FrozenDict(dict):
+    """Entity metadata: a dict that cannot be changed in place (copying it gives a plain dict)."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("entity metadata is read-only: return an EntityUpdate with new metadata "
+                        "(copy.deepcopy gives a copy you may change)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __copy__(self) -> dict:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        thawed: dict = _thaw(self)
+        return thawed
+
+    def __reduce__(self) -> Any:
+        return (dict, (_thaw(self),))
+
+
+class _FrozenList(list):
+    """A list inside entity metadata: read-only like ``_FrozenDict``."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("entity metadata is read-only: return an EntityUpdate with new metadata "
+                        "(copy.deepcopy gives a copy you may change)")
+
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    __iadd__ = __imul__ = _refuse
+
+    def __copy__(self) -> list:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict) -> list:
+        thawed: list = _thaw(self)
+        return thawed
+
+    def __reduce__(self) -> Any:
+        return (list, (_thaw(self),))
+
+
+def _freeze(value: Any) -> Any:
+    """A read-only deep copy of JSON-like metadata (dicts and lists become frozen ones)."""
+    if isinstance(value, dict):
+        return _FrozenDict({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return _FrozenList(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """A plain, changeable deep copy of frozen metadata."""
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_thaw(v) for v in value]
+    return value
+
+
 @dataclass(slots=True)
 class Intent:
     """What a player asked for, queued for the zone's next tick in arrival order.
 
-    ``data`` is the client's JSON object as sent; ``received_at`` is seconds since the epoch;
-    ``seq`` increases with every intent the server accepts. Read it; do not change it.
+    ``data`` is the client's JSON object as sent (read-only, like entity metadata);
+    ``received_at`` is seconds since the epoch; ``seq`` increases with every intent the
+    server accepts. All of it is journaled with the tick, for replay.
     """
 
     player_id: UUID
@@ -743,6 +838,21 @@ LARGE_BUCKETS = 64
 LARGE = -1
 
 
+_SET_X, _SET_Y, _SET_W, _SET_H = (_ENTITY_SETTERS[n] for n in ("x", "y", "width", "height"))
+
+
+def _set_rect(e: Entity, x: int, y: int, w: int, h: int) -> None:
+    """Set an entity's rectangle (only the fields that change: this runs for every move)."""
+    if e.x != x:
+        _SET_X(e, x)
+    if e.y != y:
+        _SET_Y(e, y)
+    if e.width != w:
+        _SET_W(e, w)
+    if e.height != h:
+        _SET_H(e, h)
+
+
 class SpatialIndex:
     """A uniform grid of buckets over one zone's entities.
 
@@ -799,7 +909,7 @@ class SpatialIndex:
         if e.width <= 1 and e.height <= 1 and w <= 1 and h <= 1:  # points and single cells: one bucket
             s = self._size
             old_key, new_key = (e.x // s) << 32 | (e.y // s), (x // s) << 32 | (y // s)
-            e.x, e.y, e.width, e.height = x, y, w, h
+            _set_rect(e, x, y, w, h)
             if old_key != new_key:
                 buckets = self._buckets
                 old_bucket = buckets[old_key]
@@ -815,7 +925,7 @@ class SpatialIndex:
         new = self._keys(x, y, w, h)
         if old != new:
             self._remove_keys(e, old)
-        e.x, e.y, e.width, e.height = x, y, w, h
+        _set_rect(e, x, y, w, h)
         if old != new:
             self.insert(e)
 
@@ -890,6 +1000,7 @@ class _ZoneState:
     last_error: dict | None = None
     busy_since: float | None = None     # monotonic start of a module call still running
     skipped: int = 0                    # ticks skipped while its module call was still running
+    tick_number: int = 0                # the last tick the zone ran (its world is as that tick left it)
     last_tick_ms: float = 0.0
 
 
@@ -1047,7 +1158,7 @@ class World:
             return zs.index.query_overlap(x, y, w, h, skip)
 
     # -- tick results --------------------------------------------------------------------
-    def validate(self, zs: _ZoneState, result: Any) -> tuple[list, list, list]:
+    def validate(self, zs: _ZoneState, result: Any, new_id: Callable[[], UUID] = uuid.uuid4) -> tuple[list, list, list]:
         """Check a zone's whole ``TickResult`` against the zone; raise ``TickRejected`` naming
         the first offending change. Returns normalized (creates, updates, deletes).
 
@@ -1077,13 +1188,13 @@ class World:
                 raise TickRejected(f"out of bounds of the {width}x{height} zone: {c!r}")
             _check_metadata(c.metadata, c)
             try:
-                eid = uuid.uuid4() if c.id is None else _as_uuid(c.id)
+                eid = new_id() if c.id is None else _as_uuid(c.id)
             except ValueError:
                 raise TickRejected(f"invalid id in {c!r}") from None
             if eid in born or eid in self.entity_zone:
                 raise TickRejected(f"an entity with id {eid} exists already")
             born[eid] = (x, y, w, h)
-            creates.append((eid, x, y, w, h, dict(c.metadata)))
+            creates.append((eid, x, y, w, h, _freeze(c.metadata)))
 
         updates = self._validate_updates(zs, _as_list(result.entity_updates, "entity_updates"), born, False)
         if len({id(t[0]) for t in updates}) != len(updates):
@@ -1148,7 +1259,7 @@ class World:
             meta = u.metadata
             if meta is not None:
                 _check_metadata(meta, u)
-                meta = dict(meta)
+                meta = _freeze(meta)
             if e is None:
                 born[eid] = (x, y, w, h)
             elif repeated:
@@ -1156,49 +1267,107 @@ class World:
             updates.append((e, eid, x, y, w, h, meta))
         return updates
 
-    def apply(self, zone_id: UUID, result: Any, now: float | None = None) -> tuple[list[Entity], int, int]:
-        """Validate and apply one zone's result atomically; returns (created, updated, deleted)."""
+    def apply(self, zone_id: UUID, result: Any, now: float | None = None,
+              new_id: Callable[[], UUID] = uuid.uuid4, tick_number: int | None = None) -> tuple[list[Entity], int, int]:
+        """Validate and apply one zone's result, all or nothing; returns (created, updated, deleted).
+
+        ``new_id`` gives the ids of creates that name none (a zone tick passes one seeded like
+        its randomness, so a replay assigns the same ids). ``tick_number``, when given, becomes
+        the zone's under the same lock, so a flush snapshot's rows and tick number agree.
+        Should applying fail half way (it cannot for a result that passed the checks, short
+        of running out of memory), what was applied is undone and ``TickRejected`` raised.
+        """
         now = time.time() if now is None else now
         with self.lock:
             zs = self.zones.get(zone_id)
             if zs is None:
                 raise TickRejected(f"zone {zone_id} does not exist")
-            creates, updates, deletes = self.validate(zs, result)
-            created = []
-            for eid, x, y, w, h, meta in creates:
-                e = Entity(eid, zone_id, x, y, w, h, meta, now, now)
-                zs.entities[eid] = e
-                zs.index.insert(e)
-                self.entity_zone[eid] = zs
-                self.dirty.add(e)
-                self.deleted.discard(eid)
-                created.append(e)
-            dirty_add = self.dirty.add
-            move = zs.index.move
-            for e, eid, x, y, w, h, meta in updates:
-                if e is None:  # created by this same result
-                    e = zs.entities[eid]
-                if x != e.x or y != e.y or w != e.width or h != e.height:
-                    move(e, x, y, w, h)
-                if meta is not None:
-                    e.metadata = meta
-                e.updated_at = now
-                dirty_add(e)
-            for eid in deletes:
-                e = zs.entities.pop(eid)
-                zs.index.remove(e)
-                del self.entity_zone[eid]
-                self.dirty.discard(e)
-                self.deleted.add(eid)
-            return created, len(updates), len(deletes)
+            creates, updates, deletes = self.validate(zs, result, new_id)
+            undo: list[tuple] = []
+            try:
+                done = self._apply(zs, creates, updates, deletes, now, undo)
+                if tick_number is not None:
+                    zs.tick_number = max(zs.tick_number, tick_number)
+                return done
+            except BaseException as exc:
+                self._undo(zs, undo)
+                raise TickRejected(f"applying the result failed ({type(exc).__name__}: {exc}); "
+                                   f"nothing of it was applied") from exc
 
-    def take_changes(self) -> tuple[list[EntityRow], list[UUID]]:
+    def _apply(self, zs: _ZoneState, creates: list, updates: list, deletes: list, now: float,
+               undo: list[tuple]) -> tuple[list[Entity], int, int]:
+        """Apply checked changes, noting in ``undo`` how to take each back."""
+        zone_id, dirty, deleted = zs.zone.id, self.dirty, self.deleted
+        created = []
+        for eid, x, y, w, h, meta in creates:
+            e = Entity(eid, zone_id, x, y, w, h, meta, now, now)
+            undo.append(("create", e, eid in deleted))
+            zs.entities[eid] = e
+            zs.index.insert(e)
+            self.entity_zone[eid] = zs
+            dirty.add(e)
+            deleted.discard(eid)
+            created.append(e)
+        move = zs.index.move
+        set_meta, set_updated = _ENTITY_SETTERS["metadata"], _ENTITY_SETTERS["updated_at"]
+        for e, eid, x, y, w, h, meta in updates:
+            if e is None:  # created by this same result
+                e = zs.entities[eid]
+            undo.append(("update", e, e.x, e.y, e.width, e.height, e.metadata, e.updated_at, e in dirty))
+            if x != e.x or y != e.y or w != e.width or h != e.height:
+                move(e, x, y, w, h)
+            if meta is not None:
+                set_meta(e, meta)
+            set_updated(e, now)
+            dirty.add(e)
+        for eid in deletes:
+            e = zs.entities.pop(eid)
+            undo.append(("delete", e, e in dirty, eid in deleted))
+            zs.index.remove(e)
+            del self.entity_zone[eid]
+            dirty.discard(e)
+            deleted.add(eid)
+        return created, len(updates), len(deletes)
+
+    def _undo(self, zs: _ZoneState, undo: list[tuple]) -> None:
+        """Take back what ``_apply`` did, newest first."""
+        for step in reversed(undo):
+            kind, e = step[0], typing.cast(Entity, step[1])
+            if kind == "create":
+                if zs.entities.get(e.id) is e:
+                    del zs.entities[e.id]
+                    zs.index.remove(e)
+                    self.entity_zone.pop(e.id, None)
+                self.dirty.discard(e)
+                if step[2]:
+                    self.deleted.add(e.id)
+            elif kind == "update":
+                _, _, x, y, w, h, meta, updated, was_dirty = step
+                zs.index.move(e, x, y, w, h)
+                _set_fields(e, metadata=meta, updated_at=updated)
+                if not was_dirty:
+                    self.dirty.discard(e)
+            else:
+                _, _, was_dirty, was_deleted = step
+                if e.id not in zs.entities:
+                    zs.entities[e.id] = e
+                    zs.index.insert(e)
+                    self.entity_zone[e.id] = zs
+                if was_dirty:
+                    self.dirty.add(e)
+                if not was_deleted:
+                    self.deleted.discard(e.id)
+
+    def take_changes(self, ticks: dict[UUID, int] | None = None) -> tuple[list[EntityRow], list[UUID]]:
         """Snapshot and clear what the next flush must write: (rows, deleted ids).
 
         The rows hold the values as they are now, taken under the lock, so the snapshot is
-        one state that existed.
+        one state that existed; ``ticks``, when given, gets each zone's tick number as of that
+        state (the journal is replayed from the tick after it).
         """
         with self.lock:
+            if ticks is not None:
+                ticks.update((zone_id, zs.tick_number) for zone_id, zs in self.zones.items())
             rows = [EntityRow(e.id, e, e.x, e.y, e.width, e.height, e.metadata, e.updated_at) for e in self.dirty]
             deleted = list(self.deleted)
             self.dirty = set()
@@ -1227,13 +1396,18 @@ class ZoneInputs:
     """What one zone's tick takes, swapped out of the zone's inbox as one snapshot.
 
     ``events`` are ``("join" | "leave", player_id)`` in order; ``subscribers`` are the ids of
-    the players to compute a state (and a frame) for.
+    the players to compute a state (and a frame) for. ``seed`` seeds the tick's randomness
+    (``FrameworkAPI.random`` and the ids the server assigns) and ``at`` is the tick's time
+    (seconds since the epoch: the ``created_at`` and ``updated_at`` it writes): with the
+    intents and events, everything a deterministic module's tick depends on.
     """
 
     tick_number: int
     intents: list[Intent] = field(default_factory=list)
     events: list[tuple[str, UUID]] = field(default_factory=list)
     subscribers: list[UUID] = field(default_factory=list)
+    seed: int = 0
+    at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -1251,16 +1425,41 @@ class ZoneOutcome:
     exception: BaseException | None = None
 
 
+#: The zone tick under way in this thread: its random numbers (``FrameworkAPI.random``).
+_TICK = threading.local()
+
+#: Mixed into a tick's seed for the ids the server assigns, so they do not take numbers from
+#: the module's own random stream.
+_ID_SALT = 0x6772696473657276
+
+
 def run_zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs,
                   clock: Callable[[], float]) -> ZoneOutcome:
     """Run one zone's tick: join and leave hooks, ``on_tick``, the checks and the all-or-nothing
     apply, then every subscriber's state, serialized into tick frames.
 
-    No I/O: no socket, no database, no clock but ``clock`` (seconds since the epoch: the
-    entities' ``updated_at`` and the frames' ``sent_at``). Any exception from the module and
-    any rule a result breaks loses the zone this tick (see ``World.validate``); players given
-    the same state object by ``get_player_state`` share one serialized frame.
+    No I/O and no clock but ``clock`` (seconds since the epoch, for the frames' ``sent_at``
+    only). Deterministic for a deterministic module: the same zone, game and inputs (seed
+    and time included) give the same outcome and the same world, server-assigned ids too.
+    Any exception from the module and any rule a result breaks loses the zone this tick
+    (see ``World.validate``); players given the same state object by ``get_player_state``
+    share one serialized frame. The zone's ``tick_number`` becomes the tick's either way.
     """
+    zone_id = zs.zone.id
+    ids = random.Random(inputs.seed ^ _ID_SALT)
+    previous = getattr(_TICK, "random", None)
+    _TICK.random = random.Random(inputs.seed)
+    try:
+        return _zone_tick(world, game, zs, inputs, clock,
+                          lambda: uuid.UUID(int=ids.getrandbits(128), version=4))
+    finally:
+        _TICK.random = previous
+        with world.lock:
+            zs.tick_number = max(zs.tick_number, inputs.tick_number)
+
+
+def _zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs, clock: Callable[[], float],
+               new_id: Callable[[], UUID]) -> ZoneOutcome:
     zone_id = zs.zone.id
     try:
         extra: list[TickResult] = []
@@ -1273,7 +1472,7 @@ def run_zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs,
         result = game.on_tick(zone_id, [*zs.entities.values()], inputs.intents, inputs.tick_number)
         if extra:
             result = _merge_results(extra, result)
-        world.apply(zone_id, result, clock())
+        world.apply(zone_id, result, inputs.at, new_id, inputs.tick_number)
     except TickRejected as exc:
         return ZoneOutcome(error=str(exc), kind="invalid_result")
     except Exception as exc:  # noqa: BLE001 - a module's failure must not reach the server
@@ -1396,6 +1595,9 @@ class Metrics:
     flushes_total: int = _counter("persistence flushes that committed")
     flush_failures_total: int = _counter("persistence flushes that failed (retried)")
     entities_flushed_total: int = _counter("entity rows written or deleted by flushes")
+    journal_commits_total: int = _counter("journal transactions committed (each holds one or more ticks)")
+    journal_ticks_total: int = _counter("ticks whose inputs the journal committed")
+    journal_failures_total: int = _counter("journal writes that failed (the inputs wait in memory; retried)")
     tick_duration: _Histogram = _histogram("tick_duration_seconds",
                                            "wall time of a whole tick: module calls, apply, broadcast")
     tick_lateness: _Histogram = _histogram("tick_lateness_seconds", "how late a tick started against its schedule")
@@ -1454,8 +1656,10 @@ CREATE TABLE IF NOT EXISTS zones (
     metadata   JSONB NOT NULL DEFAULT '{}'::jsonb,
     created_at TIMESTAMPTZ NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL,
+    tick_number BIGINT NOT NULL DEFAULT 0,
     CONSTRAINT zones_name_key UNIQUE (name)
 );
+ALTER TABLE zones ADD COLUMN IF NOT EXISTS tick_number BIGINT NOT NULL DEFAULT 0;
 
 CREATE TABLE IF NOT EXISTS entities (
     id         UUID PRIMARY KEY,
@@ -1469,6 +1673,15 @@ CREATE TABLE IF NOT EXISTS entities (
     updated_at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
+
+CREATE TABLE IF NOT EXISTS journal (
+    zone_id     UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
+    tick_number BIGINT NOT NULL,
+    seed        BIGINT NOT NULL,
+    at          DOUBLE PRECISION NOT NULL,
+    inputs      TEXT NOT NULL,
+    PRIMARY KEY (zone_id, tick_number)
+);
 """
 
 #: The same tables for the embedded SQLite default: UUIDs, JSON and times (ISO 8601) as text.
@@ -1486,7 +1699,8 @@ CREATE INDEX IF NOT EXISTS sessions_player_id_idx ON sessions (player_id);
 CREATE TABLE IF NOT EXISTS zones (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
     width INTEGER NOT NULL CHECK (width > 0), height INTEGER NOT NULL CHECK (height > 0),
-    metadata TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+    metadata TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    tick_number INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS entities (
     id TEXT PRIMARY KEY, zone_id TEXT NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
@@ -1495,6 +1709,10 @@ CREATE TABLE IF NOT EXISTS entities (
     metadata TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
+CREATE TABLE IF NOT EXISTS journal (
+    zone_id TEXT NOT NULL REFERENCES zones (id) ON DELETE CASCADE, tick_number INTEGER NOT NULL,
+    seed INTEGER NOT NULL, at REAL NOT NULL, inputs TEXT NOT NULL, PRIMARY KEY (zone_id, tick_number)
+);
 """
 
 #: Statements shared by both backends, written with %s placeholders (SQLite gets ? instead).
@@ -1516,7 +1734,14 @@ _SQL = {
                    "VALUES (%s, %s, %s, %s, %s, %s, %s)",
     "delete_zone_entities": "DELETE FROM entities WHERE zone_id = %s",
     "delete_zone": "DELETE FROM zones WHERE id = %s",
-    "zones": "SELECT id, name, width, height, metadata, created_at, updated_at FROM zones",
+    "zones": "SELECT id, name, width, height, metadata, created_at, updated_at, tick_number FROM zones",
+    "journal_after_flush": "SELECT j.zone_id, j.tick_number, j.seed, j.at, j.inputs FROM journal j "
+                           "JOIN zones z ON z.id = j.zone_id WHERE j.tick_number > z.tick_number "
+                           "ORDER BY j.zone_id, j.tick_number",
+    "journal_range": "SELECT zone_id, tick_number, seed, at, inputs FROM journal "
+                     "WHERE zone_id = %s AND tick_number >= %s AND tick_number <= %s ORDER BY tick_number",
+    "trim_journal": "DELETE FROM journal WHERE tick_number <= "
+                    "(SELECT z.tick_number FROM zones z WHERE z.id = journal.zone_id) - %s",
     "entities": "SELECT id, zone_id, x, y, width, height, metadata, created_at, updated_at FROM entities",
     "ping": "SELECT 1",
 }
@@ -1547,6 +1772,27 @@ ON CONFLICT (id) DO UPDATE SET
     updated_at = excluded.updated_at
 """
 _SQLITE_DELETE_ENTITY = "DELETE FROM entities WHERE id = ?"
+
+#: A tick's journal rows: one JSON array of ``[zone_id, tick_number, seed, at, inputs]``.
+#: Rows of zones deleted meanwhile are skipped; a tick written again (after a rewind) replaces.
+_PG_INSERT_JOURNAL = """
+INSERT INTO journal (zone_id, tick_number, seed, at, inputs)
+SELECT (r->>0)::uuid, (r->>1)::bigint, (r->>2)::bigint, (r->>3)::float8, r->>4
+FROM json_array_elements(%s::json) AS r
+WHERE EXISTS (SELECT 1 FROM zones z WHERE z.id = (r->>0)::uuid)
+ON CONFLICT (zone_id, tick_number) DO UPDATE SET seed = EXCLUDED.seed, at = EXCLUDED.at, inputs = EXCLUDED.inputs
+"""
+_SQLITE_INSERT_JOURNAL = """
+INSERT INTO journal (zone_id, tick_number, seed, at, inputs)
+SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM zones WHERE id = ?)
+ON CONFLICT (zone_id, tick_number) DO UPDATE SET seed = excluded.seed, at = excluded.at, inputs = excluded.inputs
+"""
+#: The tick each zone's saved state is at, written by the flush with its rows.
+_PG_ZONE_TICKS = """
+UPDATE zones SET tick_number = (r->>1)::bigint
+FROM json_array_elements(%s::json) AS r WHERE zones.id = (r->>0)::uuid
+"""
+_SQLITE_ZONE_TICK = "UPDATE zones SET tick_number = ? WHERE id = ?"
 
 #: Rows per flush statement; the event loop gets a turn between chunks.
 FLUSH_CHUNK = 5000
@@ -1595,6 +1841,14 @@ class _Dialect:
     def flush_steps(self, rows: list[EntityRow], deleted: list[UUID]) -> list[_Step]:
         """A flush's steps (in the flush thread): deletes first, then the upserts of ``rows``.
         Rows of zones deleted meanwhile are skipped."""
+        raise NotImplementedError
+
+    def zone_ticks(self, ticks: dict[UUID, int]) -> list[_Step]:
+        """Steps setting each zone's saved tick number."""
+        raise NotImplementedError
+
+    def journal_steps(self, rows: list[tuple]) -> list[_Step]:
+        """Steps inserting journal rows ``(zone_id, tick_number, seed, at, inputs JSON)``."""
         raise NotImplementedError
 
 
@@ -1691,6 +1945,12 @@ class _Postgres(_Dialect):
                 *(_Step(_PG_UPSERT_ENTITIES, ("[" + ",".join(pieces[i:i + per]) + "]",))
                   for i in range(0, len(pieces), per))]
 
+    def zone_ticks(self, ticks: dict[UUID, int]) -> list[_Step]:
+        return [_Step(_PG_ZONE_TICKS, (json_dumps([[str(z), n] for z, n in ticks.items()]),))]
+
+    def journal_steps(self, rows: list[tuple]) -> list[_Step]:
+        return [_Step(_PG_INSERT_JOURNAL, (json_dumps([[str(r[0]), *r[1:]] for r in rows]),))]
+
 
 class _Sqlite(_Dialect):
     """The embedded default: one SQLite file, used from one thread off the event loop."""
@@ -1712,6 +1972,9 @@ class _Sqlite(_Dialect):
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SQLITE_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(zones)")}
+        if "tick_number" not in columns:  # a database made before the journal
+            self._conn.execute("ALTER TABLE zones ADD COLUMN tick_number INTEGER NOT NULL DEFAULT 0")
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -1765,6 +2028,12 @@ class _Sqlite(_Dialect):
         upserts = [(str(r.id), str(r.entity.zone_id), r.x, r.y, r.width, r.height, json_dumps(r.metadata),
                     _iso(r.entity.created_at), _iso(r.updated_at), str(r.entity.zone_id)) for r in rows]
         return [*self.delete_ids(deleted), _Step(_SQLITE_UPSERT_ENTITY, upserts, True)]
+
+    def zone_ticks(self, ticks: dict[UUID, int]) -> list[_Step]:
+        return [_Step(_SQLITE_ZONE_TICK, [(n, str(z)) for z, n in ticks.items()], True)]
+
+    def journal_steps(self, rows: list[tuple]) -> list[_Step]:
+        return [_Step(_SQLITE_INSERT_JOURNAL, [(str(r[0]), *r[1:], str(r[0])) for r in rows], True)]
 
 
 class Store:
@@ -1842,14 +2111,36 @@ class Store:
         await self.dialect.run([_Step(_SQL["delete_zone_entities"], (zid,)), *self.dialect.delete_ids(entity_ids),
                                 _Step(_SQL["delete_zone"], (zid,))])
 
-    async def load(self) -> tuple[list[Zone], list[Entity]]:
+    async def load(self) -> tuple[list[Zone], list[Entity], dict[UUID, int]]:
+        """The saved world: zones, entities, and the tick each zone's saved state is at."""
         zones = await self.dialect.run([_Step(_SQL["zones"])], "all")
         entities = await self.dialect.run([_Step(_SQL["entities"])], "all")
-        return [_zone_row(r) for r in zones], [_entity_row(r) for r in entities]
+        return ([_zone_row(r) for r in zones], [_entity_row(r) for r in entities],
+                {_as_uuid(r[0]): int(r[7]) for r in zones})
 
-    def prepare_flush(self, rows: list[EntityRow], deleted: list[UUID]) -> tuple[list[_Step], int]:
-        """In the flush thread: the flush's statements, serialized."""
-        return self.dialect.flush_steps(rows, deleted), len(rows)
+    def prepare_flush(self, rows: list[EntityRow], deleted: list[UUID], ticks: dict[UUID, int] | None = None,
+                      keep: int | None = None) -> tuple[list[_Step], int]:
+        """In the flush thread: the flush's statements, serialized. ``ticks`` are the zones'
+        tick numbers the rows are as of; with ``keep``, journal rows more than ``keep`` ticks
+        older than their zone's saved state go."""
+        steps = self.dialect.flush_steps(rows, deleted) if rows or deleted else []
+        if ticks:
+            steps += self.dialect.zone_ticks(ticks)
+        if keep is not None:
+            steps.append(_Step(_SQL["trim_journal"], (keep,)))
+        return steps, len(rows)
+
+    async def write_journal(self, rows: list[tuple]) -> None:
+        """One transaction of journal rows ``(zone_id, tick_number, seed, at, inputs JSON)``."""
+        await self.dialect.run(self.dialect.journal_steps(rows))
+
+    async def journal_after_flush(self) -> list[tuple]:
+        """Every journaled tick after its zone's saved state, by zone and tick."""
+        return [(_as_uuid(r[0]), *r[1:]) for r in await self.dialect.run([_Step(_SQL["journal_after_flush"])], "all")]
+
+    async def journal_range(self, zone_id: UUID, first: int, last: int) -> list[tuple]:
+        rows = await self._do("journal_range", str(zone_id), first, last, fetch="all")
+        return [(_as_uuid(r[0]), *r[1:]) for r in rows]
 
     async def flush(self, prepared: tuple[list[_Step], int]) -> None:
         """Write a prepared flush in one transaction (big flushes may take longer)."""
@@ -2439,7 +2730,7 @@ class Hub:
                 conn.error("rate_limited", why + "; the rest are dropped.")
             return
         zs.intent_counts[player_id] = n + 1
-        zs.intents.append(Intent(player_id, zs.zone.id, data, time.time(), next(self._seq)))
+        zs.intents.append(Intent(player_id, zs.zone.id, _freeze(data), time.time(), next(self._seq)))
         self.metrics.intents_accepted_total += 1
 
     def zone_deleted(self, zone_id: UUID) -> None:
@@ -2493,6 +2784,140 @@ class Hub:
         for conn in conns:
             conn.closed = True
         await asyncio.gather(*(c.close(code, reason) for c in conns), *self._tasks, return_exceptions=True)
+
+
+# =============================================================================
+# Journal
+# =============================================================================
+
+
+def _journal_rows(batch: list[tuple[int, list[tuple[UUID, ZoneInputs]]]]) -> list[tuple]:
+    """In the journal thread: ``(zone_id, tick_number, seed, at, inputs JSON)`` per zone tick.
+
+    Intents' data and events are immutable by then (data is frozen at the door), so reading
+    them here, while game threads run, is safe.
+    """
+    rows = []
+    for tick, zones in batch:
+        for zone_id, inputs in zones:
+            payload = {"intents": [[str(i.player_id), i.seq, i.received_at, i.data] for i in inputs.intents],
+                       "events": [[kind, str(player_id)] for kind, player_id in inputs.events]}
+            rows.append((zone_id, tick, inputs.seed, inputs.at, json_dumps(payload)))
+    return rows
+
+
+def _journaled_inputs(zone_id: UUID, tick_number: int, seed: int, at: float, inputs: str) -> ZoneInputs:
+    """A zone tick's inputs as the journal has them (no subscribers: a replay sends nothing)."""
+    data = json_loads(inputs)
+    intents = [Intent(UUID(p), zone_id, _freeze(d), received_at, seq) for p, seq, received_at, d in data["intents"]]
+    events = [(kind, UUID(p)) for kind, p in data["events"]]
+    return ZoneInputs(int(tick_number), intents, events, [], seed=int(seed), at=float(at))
+
+
+def replay_zone(world: World, game: Any, zs: _ZoneState, rows: Iterable[tuple],
+                clock: Callable[[], float] = time.time) -> list[tuple[int, ZoneOutcome]]:
+    """Run a zone's journaled ticks (rows ``(zone_id, tick_number, seed, at, inputs)``, in order)
+    through the module again, in a thread where module code may run. Ticks the zone has
+    already run are passed over."""
+    done = []
+    for zone_id, tick_number, seed, at, inputs in rows:
+        if tick_number > zs.tick_number:
+            done.append((tick_number, run_zone_tick(world, game, zs, _journaled_inputs(zone_id, tick_number, seed,
+                                                                                          at, inputs), clock)))
+    return done
+
+
+class Journal:
+    """Each zone tick's inputs, committed to the database before any frame of the tick is sent.
+
+    Policies:
+
+    * ``record`` (on the loop, as tick N starts) queues the inputs of every zone that runs
+      tick N; one writer task commits everything queued in one transaction (group commit:
+      while one commit runs, the next ticks gather), serialized in the journal thread.
+      ``committed`` is the last tick whose inputs are in the database; frames of a later
+      tick wait for it (``waits``).
+    * While the database cannot be reached, frames do not wait: ticks and play go on, the
+      inputs stay queued in memory, in order, and are written when the database returns.
+      A crash during an outage therefore loses the ticks since it began, as it loses the
+      entity changes the flush could not write. The queue grows with the outage (every
+      tick's inputs), as the flush's changes do.
+    """
+
+    def __init__(self, store: Store, metrics: Metrics, on_committed: Callable[[], None],
+                 max_backoff: float = 30.0):
+        self.store, self.metrics, self._on_committed = store, metrics, on_committed
+        self.max_backoff = max_backoff
+        self.committed = 0
+        self.outage_since: float | None = None
+        self._queue: list[tuple[int, list[tuple[UUID, ZoneInputs]]]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-journal")
+        self._task: asyncio.Task | None = None
+
+    def record(self, tick: int, zones: list[tuple[UUID, ZoneInputs]]) -> None:
+        """Queue tick ``tick``'s inputs (on the loop)."""
+        if zones:
+            self._queue.append((tick, zones))
+            self._idle.clear()
+            self._wake.set()
+        elif not self._queue:
+            self.committed = max(self.committed, tick)  # nothing ran: nothing to wait for
+
+    def waits(self, tick: int) -> bool:
+        """Whether frames of ``tick`` must wait for its inputs to be committed."""
+        return tick > self.committed and self.outage_since is None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.0
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+            batch, self._queue = self._queue, []
+            try:
+                rows = await loop.run_in_executor(self._executor, _journal_rows, batch)
+                await self.store.write_journal(rows)
+            except Exception as exc:  # noqa: BLE001 - unreachable or refusing: keep the inputs, retry
+                self._queue = batch + self._queue
+                self.metrics.journal_failures_total += 1
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                    log.warning("journal: cannot write (%s); ticks go on, their inputs wait in memory",
+                                str(exc).strip()[:200] or type(exc).__name__)
+                    self._on_committed()  # frames no longer wait
+                backoff = min(self.max_backoff, backoff * 2 if backoff else 0.2)
+                await asyncio.sleep(backoff)
+                continue
+            backoff = 0.0
+            self.committed = max(self.committed, batch[-1][0])
+            self.metrics.journal_commits_total += 1
+            self.metrics.journal_ticks_total += len(batch)
+            if self.outage_since is not None:
+                log.warning("journal: written again after %.1f s", time.monotonic() - self.outage_since)
+                self.outage_since = None
+            self._on_committed()
+
+    async def drain(self, deadline: float) -> bool:
+        """Wait (until ``deadline``, monotonic) for everything queued to be committed."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+        return not self._queue and self._idle.is_set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._executor.shutdown(wait=False)
 
 
 # =============================================================================
@@ -2640,13 +3065,15 @@ class TickEngine:
       zone's ``last_error``. Other zones are untouched.
     """
 
-    def __init__(self, world: World, hub: Hub, game: Any, metrics: Metrics, cfg: Config):
-        self.world, self.hub, self.game, self.metrics = world, hub, game, metrics
+    def __init__(self, world: World, hub: Hub, game: Any, metrics: Metrics, cfg: Config,
+                 journal: Journal | None = None, first_tick: int = 0):
+        self.world, self.hub, self.game, self.metrics, self.journal = world, hub, game, metrics, journal
+        self._held: list[_ZoneJob] = []  # finished zone ticks whose frames wait for the journal
         self.interval = cfg.get("tick", "interval")
         self.zone_timeout = cfg.get("tick", "zone_timeout") or self.interval / 2
         self.max_behind = cfg.get("websocket", "max_behind")
         self.paused = cfg.get("tick", "paused")
-        self.tick_number = 0
+        self.tick_number = first_tick  # tick numbers go on from the saved world's
         self.last_tick_at: float | None = None
         self._tick_lock = asyncio.Lock()
         self._tick_ended = asyncio.Condition()
@@ -2693,20 +3120,38 @@ class TickEngine:
                 log.error("zone %s tick %d: result rejected: %s", zone_id, job.inputs.tick_number, error[:500])
         else:
             zs.ticks += 1
+        if job.stalled:
+            log.warning("zone %s: late result of tick %d arrived after %.1f s",
+                        zone_id, job.inputs.tick_number, job.finished - job.started)
+        if self.journal is not None and self.journal.waits(job.inputs.tick_number):
+            self._held.append(job)  # sent once the tick's inputs are committed
+            return
+        self._send(job)
+
+    def _send(self, job: _ZoneJob) -> None:
+        """Hand the job's frames to its subscribers' sockets; the job is done."""
+        outcome, zone_id = job.outcome, job.zs.zone.id
+        if outcome is not None and outcome.frames:
             subscribers = self.hub.subscribers.get(zone_id, {})
             max_behind = self.max_behind
             for player_id, frame in outcome.frames:
                 conn = subscribers.get(player_id)
                 if conn is not None and conn.zone_id == zone_id:
                     conn.send_tick(frame, max_behind)
-            if outcome.frames:
-                self._last_sent = time.monotonic()
-        if job.stalled:
-            log.warning("zone %s: late result of tick %d arrived after %.1f s",
-                        zone_id, job.inputs.tick_number, job.finished - job.started)
+            self._last_sent = time.monotonic()
         self._pending.discard(job)
         if not self._pending:
             self._all_done.set()
+
+    def journal_committed(self) -> None:
+        """On the loop, after each journal commit (or an outage): send the frames it released."""
+        if self._held and self.journal is not None:
+            held, self._held = self._held, []
+            for job in held:
+                if self.journal.waits(job.inputs.tick_number):
+                    self._held.append(job)
+                else:
+                    self._send(job)
 
     async def _tick(self, scheduled: float | None = None) -> int:
         """Run one full tick: every ready zone processed and broadcast (or declared stalled)."""
@@ -2724,19 +3169,21 @@ class TickEngine:
         async with self._tick_ended:
             await self._tick_ended.wait()
 
-    def _take_inputs(self, zs: _ZoneState, n: int) -> ZoneInputs:
+    def _take_inputs(self, zs: _ZoneState, n: int, at: float) -> ZoneInputs:
         """Swap the zone's inbox out as the tick's inputs (its limits start again)."""
         intents, zs.intents = zs.intents, []
         zs.intent_counts, zs.limited = {}, set()
         events = [(kind, player_id) for player_id, kind in zs.events.items()]
         zs.events = {}
-        return ZoneInputs(n, intents, events, list(self.hub.subscribers.get(zs.zone.id, ())))
+        return ZoneInputs(n, intents, events, list(self.hub.subscribers.get(zs.zone.id, ())),
+                          seed=secrets.randbits(63), at=at)
 
     async def _run_tick(self, t0: float) -> int:
         self.tick_number += 1
         n = self.tick_number
         self._last_sent = 0.0
         self.hub.new_tick()
+        at = time.time()
         jobs = []
         for zs in list(self.world.zones.values()):
             if zs.busy_since is not None:
@@ -2744,9 +3191,11 @@ class TickEngine:
                 self.metrics.zone_ticks_skipped_total += 1
                 continue
             zs.busy_since = t0
-            jobs.append(_ZoneJob(zs, self._take_inputs(zs, n)))
+            jobs.append(_ZoneJob(zs, self._take_inputs(zs, n, at)))
         self._pending = set(jobs)
         self._all_done.clear()
+        if self.journal is not None:
+            self.journal.record(n, [(job.zs.zone.id, job.inputs) for job in jobs])
         for job in jobs:
             self._threads.submit(job)
         check = min(self.zone_timeout / 4, 0.05)
@@ -2864,6 +3313,9 @@ class Persister:
                  after_tick: Callable[[], Awaitable[None]] | None = None):
         self.world, self.store, self.metrics = world, store, metrics
         self._after_tick = after_tick  # waits for the end of the tick under way, if ticks run
+        self._saved_ticks: dict[UUID, int] = {}  # each zone's tick number as the database has it
+        #: journal rows older than this many ticks before a zone's saved state are trimmed
+        self.keep: int | None = cfg.get("journal", "keep") if cfg.get("journal", "mode") == "replay" else None
         self.interval = cfg.get("persistence", "interval")
         self.max_backoff = cfg.get("persistence", "max_backoff")
         self.lock = asyncio.Lock()
@@ -2883,12 +3335,16 @@ class Persister:
         if self._after_tick is not None:
             await self._after_tick()  # not under the lock: zone deletion takes it
         async with self.lock:
-            rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes)
+            ticks: dict[UUID, int] = {}
+            rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes, ticks)
+            ticks = {zone_id: n for zone_id, n in ticks.items() if self._saved_ticks.get(zone_id) != n}
             t0 = time.monotonic()
             try:
-                if rows or deleted:
-                    prepared = await loop.run_in_executor(self.executor, self.store.prepare_flush, rows, deleted)
+                if rows or deleted or ticks:
+                    prepared = await loop.run_in_executor(self.executor, self.store.prepare_flush, rows, deleted,
+                                                          ticks, self.keep)
                     await self.store.flush(prepared)
+                    self._saved_ticks.update(ticks)
                 else:
                     await self.store.ping()
             except BaseException as exc:  # nothing taken out of the dirty set may be lost
@@ -2974,9 +3430,19 @@ class FrameworkAPI:
         self._create_zone = create_zone
         self._usernames = usernames
         self.settings = settings
+        self._random = random.Random()
         self.logger = logging.getLogger("gridserver.game")
         self.tick_interval: float = tick_interval
         self.tick_rate: float = 1.0 / tick_interval
+
+    @property
+    def random(self) -> random.Random:
+        """Random numbers for the zone tick under way: seeded by the server for each zone tick,
+        the same seed when the tick is replayed, so draw every random number a tick needs from
+        here (never from the ``random`` module or the clock). Outside a tick (``on_init``) it
+        is a generator seeded from the system."""
+        rng: random.Random | None = getattr(_TICK, "random", None)
+        return rng if rng is not None else self._random
 
     def setting(self, key: str, default: Any = None, cast: Callable[[str], Any] = str) -> Any:
         """The module's INI setting ``key`` converted by ``cast``; ``default`` when absent."""
@@ -3133,6 +3599,7 @@ class Server:
         self.max_depth = cfg.get("websocket", "max_depth")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: TickEngine | None = None
+        self.journal: Journal | None = None
         self.persister = Persister(self.world, self.store, self.metrics, cfg, self._after_tick)
         self.world_executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-world")
         self.started = time.time()
@@ -3164,13 +3631,14 @@ class Server:
         """Open the database, load the world, load and initialise the game, start the loops."""
         self.loop = asyncio.get_running_loop()
         await self.store.open()
-        zones, entities = await self.store.load()
+        zones, entities, saved_ticks = await self.store.load()
         by_zone: dict[UUID, list[Entity]] = collections.defaultdict(list)
         for e in entities:
             by_zone[e.zone_id].append(e)
+
         def add_all() -> None:  # in the world thread, as every use of the world's lock
             for zone in zones:
-                self.world.add_zone(zone, by_zone.get(zone.id, ()))
+                self.world.add_zone(zone, by_zone.get(zone.id, ())).tick_number = saved_ticks.get(zone.id, 0)
         await self.in_world(add_all)
         log.info("loaded %d zones and %d entities", len(zones), len(entities))
         if self.game is None:
@@ -3180,14 +3648,21 @@ class Server:
                                  tick_interval=self.cfg.get("tick", "interval"),
                                  create_zone=self._create_zone_blocking, usernames=self.hub.usernames)
         await self.loop.run_in_executor(None, self.game.on_init, framework)
-        self.engine = TickEngine(self.world, self.hub, self.game, self.metrics, self.cfg)
+        if self.cfg.get("journal", "mode") == "replay":
+            await self._replay_journal()
+            self.journal = Journal(self.store, self.metrics, self._journal_committed,
+                                   self.cfg.get("persistence", "max_backoff"))
+            self.journal.start()
+        first_tick = max((zs.tick_number for zs in list(self.world.zones.values())), default=0)
+        self.engine = TickEngine(self.world, self.hub, self.game, self.metrics, self.cfg, self.journal, first_tick)
         self.engine.start()
         self.persister.start()
         if self.hub.heartbeat:
             self._heartbeat = asyncio.ensure_future(self.hub.heartbeat_loop())
 
     async def shutdown(self) -> None:
-        """Ordered and idempotent: stop the tick, final flush, close sockets with 1001."""
+        """Ordered and idempotent: stop the tick, write the journal, final flush, close sockets
+        with 1001."""
         if self._shut_down:
             return
         self._shut_down = True
@@ -3196,7 +3671,11 @@ class Server:
         deadline = time.monotonic() + self.cfg.get("server", "shutdown_timeout")
         if self.engine is not None:
             await self.engine.stop(deadline)
+        if self.journal is not None:
+            await self.journal.drain(deadline)
         await self.persister.stop(deadline)
+        if self.journal is not None:
+            await self.journal.stop()
         await self.hub.close_all(1001, "server shutting down")
 
     async def close(self) -> None:
@@ -3236,6 +3715,31 @@ class Server:
         if engine is not None and engine.running:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(engine.tick_ended(), engine.interval * 2)
+
+    async def _replay_journal(self) -> None:
+        """Recovery: every zone goes on from its last flush through the journaled ticks after
+        it, replayed through the module (in a worker thread, where module code may run)."""
+        rows = await self.store.journal_after_flush()
+        by_zone: dict[UUID, list[tuple]] = collections.defaultdict(list)
+        for row in rows:
+            by_zone[row[0]].append(row)
+
+        def replay_all() -> int:
+            count = 0
+            for zone_id, zone_rows in by_zone.items():
+                zs = self.world.zones.get(zone_id)
+                if zs is not None:
+                    count += len(replay_zone(self.world, self.game, zs, zone_rows))
+            return count
+        if rows:
+            t0 = time.monotonic()
+            count = await asyncio.get_running_loop().run_in_executor(None, replay_all)
+            log.info("journal: replayed %d ticks of %d zones after their last flush in %.2f s",
+                     count, len(by_zone), time.monotonic() - t0)
+
+    def _journal_committed(self) -> None:
+        if self.engine is not None:
+            self.engine.journal_committed()
 
     def _create_zone_blocking(self, name: str, width: int, height: int, metadata: dict) -> Zone:
         """``create_zone`` for module code, in a thread that is not the event loop's: it waits
@@ -3622,6 +4126,7 @@ async def debug_zone_state(request: web.Request) -> web.Response:
     entities = await srv.in_world(srv.world.zone_entities_json, zs)
     return _json_response({
         "zone": srv.zone_json(zs), "entities": entities, "tick_number": srv.ticks.tick_number,
+        "zone_tick_number": zs.tick_number,
         "pending_intents": len(zs.intents), "last_error": zs.last_error,
         "errors": zs.errors, "ticks": zs.ticks, "skipped_ticks": zs.skipped,
         "stalled_seconds": round(srv.ticks.zone_busy_seconds(zs), 3) if zs.busy_since else 0.0,

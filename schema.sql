@@ -23,8 +23,10 @@ CREATE TABLE IF NOT EXISTS zones (
     metadata   JSONB NOT NULL DEFAULT '{}'::jsonb,
     created_at TIMESTAMPTZ NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL,
+    tick_number BIGINT NOT NULL DEFAULT 0,
     CONSTRAINT zones_name_key UNIQUE (name)
 );
+ALTER TABLE zones ADD COLUMN IF NOT EXISTS tick_number BIGINT NOT NULL DEFAULT 0;
 
 CREATE TABLE IF NOT EXISTS entities (
     id         UUID PRIMARY KEY,
@@ -38,3 +40,12 @@ CREATE TABLE IF NOT EXISTS entities (
     updated_at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
+
+CREATE TABLE IF NOT EXISTS journal (
+    zone_id     UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
+    tick_number BIGINT NOT NULL,
+    seed        BIGINT NOT NULL,
+    at          DOUBLE PRECISION NOT NULL,
+    inputs      TEXT NOT NULL,
+    PRIMARY KEY (zone_id, tick_number)
+);

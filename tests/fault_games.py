@@ -249,3 +249,50 @@ class Traveller:
 
     def get_player_state(self, zone_id, player_id, full_state):
         return full_state
+
+
+class Drifter:
+    """A deterministic game for the journal's crash test: every tick of every ``drift-N`` zone
+    moves, creates and deletes entities by ``framework.random``, and an intent
+    ``{"spawn": k}`` adds an entity with ``k`` in its metadata. Nothing is kept in memory: a
+    tick depends only on the zone's entities and the tick's inputs, so a replay after a crash
+    computes exactly the ticks the players saw. The broadcast state is the whole zone, sorted
+    (``[id, x, y, w, h, metadata]`` per entity), so a client's last state can be compared with
+    the restored zone entity for entity. Settings: ``zones`` (default 2), ``size`` (16).
+    """
+
+    def on_init(self, framework):
+        self.fw = framework
+        size = framework.setting("size", 16, int)
+        names = {z.name for z in framework.list_zones()}
+        for n in range(framework.setting("zones", 2, int)):
+            if f"drift-{n}" not in names:
+                framework.create_zone(f"drift-{n}", size, size, {"game": "drifter"})
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        zone = self.fw.get_zone(zone_id)
+        r = self.fw.random
+        w, h = zone.width, zone.height
+        creates, updates, deletes = [], [], []
+        for e in sorted(entities, key=lambda e: str(e.id)):
+            roll = r.random()
+            if roll < 0.05:
+                deletes.append(e.id)
+            elif roll < 0.7:
+                updates.append(EntityUpdate(e.id, x=r.randrange(w), y=r.randrange(h),
+                                            metadata={**e.metadata, "moves": e.metadata.get("moves", 0) + 1}))
+        if len(entities) - len(deletes) < 12 or r.random() < 0.3:
+            creates.append(EntityCreate(r.randrange(w), r.randrange(h), 1, 1, {"born": tick_number, "moves": 0}))
+        for intent in intents:
+            k = intent.data.get("spawn")
+            if isinstance(k, int) and not isinstance(k, bool):
+                creates.append(EntityCreate(r.randrange(w), r.randrange(h), 0, 0,
+                                            {"k": k, "player": str(intent.player_id), "born": tick_number}))
+        return TickResult(entity_creates=creates, entity_updates=updates, entity_deletes=deletes,
+                          broadcast_state={"zone": zone.name, "tick": tick_number})
+
+    def get_player_state(self, zone_id, player_id, full_state):
+        # the zone as this tick left it (get_player_state runs after the apply)
+        world = sorted([str(e.id), e.x, e.y, e.width, e.height, dict(e.metadata)]
+                       for e in self.fw.list_entities(zone_id))
+        return {**full_state, "entities": world}

@@ -66,8 +66,8 @@ class Scripted:
         return state
 
 
-def tick(world, game, zone, n=1, intents=(), events=(), subscribers=(), clock=None) -> ZoneOutcome:
-    inputs = ZoneInputs(n, list(intents), list(events), list(subscribers))
+def tick(world, game, zone, n=1, intents=(), events=(), subscribers=(), clock=None, seed=7, at=3000.0) -> ZoneOutcome:
+    inputs = ZoneInputs(n, list(intents), list(events), list(subscribers), seed=seed, at=at)
     return run_zone_tick(world, game, world.zones[zone.id], inputs, clock or Clock())
 
 
@@ -96,15 +96,16 @@ def test_a_good_tick_applies_everything_and_frames_every_subscriber():
                         broadcast_state={"hello": "world"})
     clock = Clock(5000.0)
     outcome = tick(world, Scripted(result), zone, n=7, intents=[intent(p, {"go": 1})], subscribers=[p, q],
-                   clock=clock)
+                   clock=clock, at=4000.0)
     assert outcome.error is None and outcome.kind == "" and outcome.exception is None
-    assert a.x == 5 and a.updated_at == 5001.0 and world.get_entity(c.id) is None
+    assert a.x == 5 and a.updated_at == 4000.0 and world.get_entity(c.id) is None  # the tick's time
+    assert world.zones[zone.id].tick_number == 7
     assert len(world.entities_of(zone.id)) == 3
     frames = frames_json(outcome)
     assert set(frames) == {p, q}
     for msg in frames.values():
-        assert msg == {"type": "tick", "zone_id": str(zone.id), "tick_number": 7, "sent_at": 5002.0,
-                       "state": {"hello": "world"}}
+        assert msg == {"type": "tick", "zone_id": str(zone.id), "tick_number": 7, "sent_at": 5001.0,
+                       "state": {"hello": "world"}}  # sent_at: the clock, when the frame was built
 
 
 def test_players_given_one_state_object_share_one_frame_others_get_their_own():
@@ -262,3 +263,106 @@ def test_an_aiohttp_without_the_internals_gridserver_needs_stops_start_up(monkey
         gridserver._check_aiohttp()
     monkeypatch.undo()
     gridserver._check_aiohttp()  # the installed one has them all
+
+
+# -- determinism: the same inputs give the same tick ------------------------------------------
+
+class Dice:
+    """Draws from ``framework.random`` in every call and lets the server name what it creates."""
+
+    def __init__(self):
+        self.fw = gridserver.FrameworkAPI(None, {}, section="dice", tick_interval=1.0,
+                                          create_zone=None, usernames={})
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        r = self.fw.random
+        creates = [EntityCreate(r.randrange(W), r.randrange(H), 1, 1, {"roll": r.random()}) for _ in range(3)]
+        return TickResult(entity_creates=creates, broadcast_state={"rolls": [r.randrange(6) for _ in range(4)]})
+
+    def on_player_join(self, zone_id, player_id):
+        return TickResult(entity_creates=[EntityCreate(self.fw.random.randrange(W), 0)])
+
+    def get_player_state(self, zone_id, player_id, full_state):
+        return {**full_state, "mine": self.fw.random.randrange(1000)}
+
+
+def _world_after(seed: int, at: float = 3000.0):
+    """What a tick of ``Dice`` made (ids, places, metadata, times) and the state a player got."""
+    world, zone, a, b, c = make_world()
+    p = uuid.UUID(int=1)
+    outcome = tick(world, Dice(), zone, events=[("join", p)], subscribers=[p], seed=seed, at=at)
+    made = sorted((str(e.id), e.x, e.y, e.width, e.height, gridserver.json_dumps(e.metadata), e.created_at)
+                  for e in world.entities_of(zone.id) if e.id not in (a.id, b.id, c.id))
+    return made, frames_json(outcome)[p]["state"]
+
+
+def test_the_same_seed_gives_the_same_world_ids_and_states():
+    made, state = _world_after(11)
+    assert len(made) == 4 and all(row[6] == 3000.0 for row in made)  # created at the tick's time
+    assert _world_after(11) == (made, state)                          # the same seed: the same tick
+    other_made, other_state = _world_after(12)
+    assert state != other_state and not {r[0] for r in made} & {r[0] for r in other_made}
+
+
+def test_framework_random_outside_a_tick_is_a_generator_of_its_own():
+    fw = Dice().fw
+    assert isinstance(fw.random, __import__("random").Random)
+    assert fw.random is fw.random  # the same one each time outside a tick
+
+
+# -- a module cannot change the world behind the server's back -------------------------------
+
+def test_entities_handed_to_a_module_cannot_be_changed():
+    world, zone, a, b, c = make_world()
+    seen = []
+
+    def meddle(zone_id, entities, intents, n):
+        for e in entities:
+            for change in (lambda: setattr(e, "x", 1), lambda: e.metadata.update(x=1),
+                           lambda: e.metadata.__setitem__("kind", "z"), lambda: e.metadata.pop("kind")):
+                try:
+                    change()
+                except (AttributeError, TypeError) as exc:
+                    seen.append(type(exc).__name__)
+        return TickResult()
+
+    before = snapshot(world, zone)
+    assert tick(world, Scripted(meddle), zone).error is None
+    assert seen == ["FrozenInstanceError", "TypeError", "TypeError", "TypeError"] * 3
+    assert snapshot(world, zone) == before
+
+
+def test_metadata_nested_inside_is_read_only_too_and_a_deep_copy_is_a_plain_one():
+    import copy
+    world, zone, a, b, c = make_world()
+    e = gridserver.World.apply(world, zone.id, TickResult(entity_creates=[
+        EntityCreate(1, 1, 1, 1, {"bag": [1, {"gem": 2}]})]))[0][0]
+    with pytest.raises(TypeError):
+        e.metadata["bag"].append(3)
+    with pytest.raises(TypeError):
+        e.metadata["bag"][1]["gem"] = 5
+    mine = copy.deepcopy(e.metadata)
+    mine["bag"][1]["gem"] = 5
+    mine["bag"].append(3)
+    assert e.metadata == {"bag": [1, {"gem": 2}]} and mine == {"bag": [1, {"gem": 5}, 3]}
+    assert gridserver.json_dumps(e.metadata) == '{"bag":[1,{"gem":2}]}'
+
+
+def test_applying_that_fails_half_way_is_undone_whole(monkeypatch):
+    world, zone, a, b, c = make_world()
+    before = snapshot(world, zone)
+    real_remove, calls = gridserver.SpatialIndex.remove, []
+
+    def failing_remove(index, e):  # the delete, last of all the changes, fails (once)
+        calls.append(e)
+        if len(calls) == 1:
+            raise MemoryError("out of memory")
+        real_remove(index, e)
+
+    monkeypatch.setattr(gridserver.SpatialIndex, "remove", failing_remove)
+    result = TickResult(entity_creates=[EntityCreate(1, 1, 2, 2, {"new": 1})],
+                        entity_updates=[EntityUpdate(a.id, x=50, metadata={"moved": True}), EntityUpdate(b.id, y=9)],
+                        entity_deletes=[c.id])
+    with pytest.raises(gridserver.TickRejected, match="MemoryError"):
+        world.apply(zone.id, result, 99.0)
+    assert calls[0] is c and snapshot(world, zone) == before
