@@ -132,3 +132,50 @@ async def test_sigkill_loses_no_tick_a_client_saw(journal_dsn, tmp_path, http, p
            f"{kills} / {2 * kills - later}")
     add_figure("journal: entity rows compared with what players saw after a SIGKILL", compared)
     add_figure("journal: SIGKILLs mid-play", kills)
+
+
+async def test_the_journal_waits_out_a_database_outage_and_then_loses_nothing(pg_schema, tmp_path, http, processes,
+                                                                              tcp_proxy):
+    """PostgreSQL goes away (connections cut) while players play: ticks and frames go on (the
+    journal keeps the inputs in memory, in order), and once the database is back they are all
+    written, so a SIGKILL after that still brings every zone back at the last tick seen."""
+    proxy = await tcp_proxy()
+    dsn = dsn_with_schema(pg_schema, f"postgresql://root@127.0.0.1:{proxy.port}/test")
+    settings = {"tick_interval": 0.05, "persistence_interval": 0.5, "persistence_max_backoff": 0.5,
+                "database_timeout": 1.0, "journal_mode": "replay"}
+    srv = start(processes, tmp_path, dsn, DRIFTER, settings, {"zones": 2})
+    await srv.ready(http)
+    c = Client(srv.url, http)
+    tokens = [(await c.player())["token"] for _ in range(2)]
+    zones = await c.zones(tokens[0])
+    zone_ids = [zones["drift-0"]["id"], zones["drift-1"]["id"]]
+    players = [await Player(http, c, token, zone_id).start() for token, zone_id in zip(tokens, zone_ids)]
+    try:
+        await wait_for(lambda: all(len(p.seen) >= 5 for p in players), what="ticks before the outage")
+        proxy.cut()
+        await wait_for(lambda: "journal: cannot write" in srv.log_text(), timeout=20, what="the journal's outage")
+        during = [max(p.seen) for p in players]
+        await wait_for(lambda: all(max(p.seen) >= n + 20 for p, n in zip(players, during)), timeout=20,
+                       what="ticks during the outage")  # frames do not wait for a database that is gone
+        outage_ticks = min(max(p.seen) - n for p, n in zip(players, during))
+        proxy.restore()
+        await wait_for(lambda: "journal: written again" in srv.log_text(), timeout=30, what="the journal written")
+        await asyncio.sleep(scaled(0.3))
+        srv.send(signal.SIGKILL)
+        await srv.wait_exit()
+    finally:
+        for p in players:
+            await p.stop()
+    again = start(processes, tmp_path, dsn_with_schema(pg_schema), DRIFTER, {**settings, "tick_paused": "true"},
+                  {"zones": 2})
+    await again.ready(http)
+    c = Client(again.url, http)
+    for p in players:
+        status, state = await c.call("GET", f"/api/debug/zones/{p.zone_id}/state", tokens[0])
+        assert status == 200, state
+        assert state["zone_tick_number"] >= max(p.seen)
+        if state["zone_tick_number"] in p.seen:
+            world = sorted([e["id"], e["x"], e["y"], e["width"], e["height"], e["metadata"]] for e in state["entities"])
+            assert world == p.seen[state["zone_tick_number"]]
+    figure("journal outage: ticks played while the database was cut, then all restored after a SIGKILL",
+           outage_ticks)
