@@ -439,7 +439,8 @@ class GridError(Exception):
 HTTP_STATUS = {
     "bad_request": 400, "unauthorized": 401, "invalid_credentials": 401, "forbidden": 403,
     "not_found": 404, "zone_not_found": 404, "entity_not_found": 404, "method_not_allowed": 405,
-    "username_taken": 409, "zone_name_taken": 409, "not_paused": 409, "expectation_failed": 417,
+    "username_taken": 409, "zone_name_taken": 409, "not_paused": 409, "journal_off": 409,
+    "out_of_history": 409, "zone_busy": 409, "expectation_failed": 417,
     "too_many_attempts": 429, "too_many_connections": 429, "internal_error": 500,
     "busy": 503, "database_unavailable": 503,
 }
@@ -1104,6 +1105,26 @@ class World:
                     self.deleted.discard(eid)
             return zs
 
+    def reset_zone(self, zs: _ZoneState, entities: list[Entity], tick_number: int) -> None:
+        """Put the zone back to ``entities`` as of ``tick_number`` (a rewind's start): what it
+        holds now goes, and the flush writes the difference."""
+        with self.lock:
+            for eid, e in list(zs.entities.items()):
+                zs.index.remove(e)
+                del self.entity_zone[eid]
+                self.dirty.discard(e)
+                self.deleted.add(eid)
+            zs.entities.clear()
+            for e in entities:
+                if e.id in self.entity_zone:  # another zone has it now: it stays there
+                    continue
+                zs.entities[e.id] = e
+                zs.index.insert(e)
+                self.entity_zone[e.id] = zs
+                self.dirty.add(e)
+                self.deleted.discard(e.id)
+            zs.tick_number = tick_number
+
     def restore_zone(self, zs: _ZoneState) -> None:
         """Put back a zone taken out by ``remove_zone`` (its deletion failed); its entities
         are all written again by the next flush. An entity whose id another zone took
@@ -1358,16 +1379,26 @@ class World:
                 if not was_deleted:
                     self.deleted.discard(e.id)
 
-    def take_changes(self, ticks: dict[UUID, int] | None = None) -> tuple[list[EntityRow], list[UUID]]:
+    def take_changes(self, ticks: dict[UUID, int] | None = None,
+                     snapshot_due: Callable[[UUID, int], bool] | None = None,
+                     snapshots: dict[UUID, tuple[int, list[EntityRow]]] | None = None
+                     ) -> tuple[list[EntityRow], list[UUID]]:
         """Snapshot and clear what the next flush must write: (rows, deleted ids).
 
         The rows hold the values as they are now, taken under the lock, so the snapshot is
         one state that existed; ``ticks``, when given, gets each zone's tick number as of that
-        state (the journal is replayed from the tick after it).
+        state (the journal is replayed from the tick after it), and ``snapshots`` every entity
+        of the zones for which ``snapshot_due(zone_id, tick_number)`` is true.
         """
         with self.lock:
             if ticks is not None:
                 ticks.update((zone_id, zs.tick_number) for zone_id, zs in self.zones.items())
+            if snapshots is not None and snapshot_due is not None:
+                for zone_id, zs in self.zones.items():
+                    if snapshot_due(zone_id, zs.tick_number):
+                        snapshots[zone_id] = (zs.tick_number, [
+                            EntityRow(e.id, e, e.x, e.y, e.width, e.height, e.metadata, e.updated_at)
+                            for e in zs.entities.values()])
             rows = [EntityRow(e.id, e, e.x, e.y, e.width, e.height, e.metadata, e.updated_at) for e in self.dirty]
             deleted = list(self.deleted)
             self.dirty = set()
@@ -1682,6 +1713,13 @@ CREATE TABLE IF NOT EXISTS journal (
     inputs      TEXT NOT NULL,
     PRIMARY KEY (zone_id, tick_number)
 );
+
+CREATE TABLE IF NOT EXISTS snapshots (
+    zone_id     UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
+    tick_number BIGINT NOT NULL,
+    entities    TEXT NOT NULL,
+    PRIMARY KEY (zone_id, tick_number)
+);
 """
 
 #: The same tables for the embedded SQLite default: UUIDs, JSON and times (ISO 8601) as text.
@@ -1713,6 +1751,10 @@ CREATE TABLE IF NOT EXISTS journal (
     zone_id TEXT NOT NULL REFERENCES zones (id) ON DELETE CASCADE, tick_number INTEGER NOT NULL,
     seed INTEGER NOT NULL, at REAL NOT NULL, inputs TEXT NOT NULL, PRIMARY KEY (zone_id, tick_number)
 );
+CREATE TABLE IF NOT EXISTS snapshots (
+    zone_id TEXT NOT NULL REFERENCES zones (id) ON DELETE CASCADE, tick_number INTEGER NOT NULL,
+    entities TEXT NOT NULL, PRIMARY KEY (zone_id, tick_number)
+);
 """
 
 #: Statements shared by both backends, written with %s placeholders (SQLite gets ? instead).
@@ -1742,6 +1784,12 @@ _SQL = {
                      "WHERE zone_id = %s AND tick_number >= %s AND tick_number <= %s ORDER BY tick_number",
     "trim_journal": "DELETE FROM journal WHERE tick_number <= "
                     "(SELECT z.tick_number FROM zones z WHERE z.id = journal.zone_id) - %s",
+    "trim_snapshots": "DELETE FROM snapshots WHERE tick_number < "
+                      "(SELECT z.tick_number FROM zones z WHERE z.id = snapshots.zone_id) - %s",
+    "snapshot_before": "SELECT tick_number, entities FROM snapshots WHERE zone_id = %s AND tick_number < %s "
+                       "ORDER BY tick_number DESC LIMIT 1",
+    "journal_drop_after": "DELETE FROM journal WHERE zone_id = %s AND tick_number > %s",
+    "snapshots_drop_after": "DELETE FROM snapshots WHERE zone_id = %s AND tick_number > %s",
     "entities": "SELECT id, zone_id, x, y, width, height, metadata, created_at, updated_at FROM entities",
     "ping": "SELECT 1",
 }
@@ -1793,6 +1841,18 @@ UPDATE zones SET tick_number = (r->>1)::bigint
 FROM json_array_elements(%s::json) AS r WHERE zones.id = (r->>0)::uuid
 """
 _SQLITE_ZONE_TICK = "UPDATE zones SET tick_number = ? WHERE id = ?"
+#: A zone's entities as of one tick (``[zone_id, tick_number, [[id, x, y, w, h, metadata,
+#: created_at, updated_at], ...]]``): where a rewind or a replay starts.
+_PG_INSERT_SNAPSHOTS = """
+INSERT INTO snapshots (zone_id, tick_number, entities)
+SELECT (r->>0)::uuid, (r->>1)::bigint, (r->2)::text FROM json_array_elements(%s::json) AS r
+WHERE EXISTS (SELECT 1 FROM zones z WHERE z.id = (r->>0)::uuid)
+ON CONFLICT (zone_id, tick_number) DO UPDATE SET entities = EXCLUDED.entities
+"""
+_SQLITE_INSERT_SNAPSHOT = """
+INSERT INTO snapshots (zone_id, tick_number, entities) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM zones WHERE id = ?)
+ON CONFLICT (zone_id, tick_number) DO UPDATE SET entities = excluded.entities
+"""
 
 #: Rows per flush statement; the event loop gets a turn between chunks.
 FLUSH_CHUNK = 5000
@@ -1849,6 +1909,10 @@ class _Dialect:
 
     def journal_steps(self, rows: list[tuple]) -> list[_Step]:
         """Steps inserting journal rows ``(zone_id, tick_number, seed, at, inputs JSON)``."""
+        raise NotImplementedError
+
+    def snapshot_steps(self, snapshots: dict[UUID, tuple[int, list[EntityRow]]]) -> list[_Step]:
+        """Steps saving zone snapshots ``{zone_id: (tick_number, rows)}``."""
         raise NotImplementedError
 
 
@@ -1951,6 +2015,10 @@ class _Postgres(_Dialect):
     def journal_steps(self, rows: list[tuple]) -> list[_Step]:
         return [_Step(_PG_INSERT_JOURNAL, (json_dumps([[str(r[0]), *r[1:]] for r in rows]),))]
 
+    def snapshot_steps(self, snapshots: dict[UUID, tuple[int, list[EntityRow]]]) -> list[_Step]:
+        return [_Step(_PG_INSERT_SNAPSHOTS, (json_dumps([[str(z), tick, _snapshot_rows(rows)]
+                                                         for z, (tick, rows) in snapshots.items()]),))]
+
 
 class _Sqlite(_Dialect):
     """The embedded default: one SQLite file, used from one thread off the event loop."""
@@ -2034,6 +2102,10 @@ class _Sqlite(_Dialect):
 
     def journal_steps(self, rows: list[tuple]) -> list[_Step]:
         return [_Step(_SQLITE_INSERT_JOURNAL, [(str(r[0]), *r[1:], str(r[0])) for r in rows], True)]
+
+    def snapshot_steps(self, snapshots: dict[UUID, tuple[int, list[EntityRow]]]) -> list[_Step]:
+        return [_Step(_SQLITE_INSERT_SNAPSHOT, [(str(z), tick, json_dumps(_snapshot_rows(rows)), str(z))
+                                                for z, (tick, rows) in snapshots.items()], True)]
 
 
 class Store:
@@ -2119,16 +2191,34 @@ class Store:
                 {_as_uuid(r[0]): int(r[7]) for r in zones})
 
     def prepare_flush(self, rows: list[EntityRow], deleted: list[UUID], ticks: dict[UUID, int] | None = None,
-                      keep: int | None = None) -> tuple[list[_Step], int]:
+                      keep: int | None = None,
+                      snapshots: dict[UUID, tuple[int, list[EntityRow]]] | None = None) -> tuple[list[_Step], int]:
         """In the flush thread: the flush's statements, serialized. ``ticks`` are the zones'
-        tick numbers the rows are as of; with ``keep``, journal rows more than ``keep`` ticks
-        older than their zone's saved state go."""
+        tick numbers the rows are as of; ``snapshots`` whole zones to save as of theirs; with
+        ``keep``, journal rows more than ``keep`` ticks older than their zone's saved state
+        go, and the snapshots no kept tick can start from."""
         steps = self.dialect.flush_steps(rows, deleted) if rows or deleted else []
         if ticks:
             steps += self.dialect.zone_ticks(ticks)
+        if snapshots:
+            steps += self.dialect.snapshot_steps(snapshots)
         if keep is not None:
-            steps.append(_Step(_SQL["trim_journal"], (keep,)))
-        return steps, len(rows)
+            steps += [_Step(_SQL["trim_journal"], (keep,)), _Step(_SQL["trim_snapshots"], (2 * keep,))]
+        return steps, len(rows) + sum(len(r) for _, r in (snapshots or {}).values())
+
+    async def snapshot_before(self, zone_id: UUID, tick_number: int) -> tuple[int, list[Entity]] | None:
+        """The newest saved snapshot of the zone from before ``tick_number``: (its tick, entities)."""
+        row = await self._do("snapshot_before", str(zone_id), tick_number, fetch="one")
+        if row is None:
+            return None
+        return int(row[0]), [Entity(UUID(e[0]), zone_id, e[1], e[2], e[3], e[4], e[5], e[6], e[7])
+                             for e in json_loads(row[1])]
+
+    async def drop_after(self, zone_id: UUID, tick_number: int) -> None:
+        """Forget the zone's journal and snapshots after ``tick_number`` (a rewind)."""
+        zid = str(zone_id)
+        await self.dialect.run([_Step(_SQL["journal_drop_after"], (zid, tick_number)),
+                                _Step(_SQL["snapshots_drop_after"], (zid, tick_number))])
 
     async def write_journal(self, rows: list[tuple]) -> None:
         """One transaction of journal rows ``(zone_id, tick_number, seed, at, inputs JSON)``."""
@@ -2146,6 +2236,10 @@ class Store:
         """Write a prepared flush in one transaction (big flushes may take longer)."""
         steps, count = prepared
         await self.dialect.run(steps, timeout=self.dialect.timeout * (1 + count // 20000))
+
+
+def _snapshot_rows(rows: list[EntityRow]) -> list[list]:
+    return [[str(r.id), r.x, r.y, r.width, r.height, r.metadata, r.entity.created_at, r.updated_at] for r in rows]
 
 
 def _player_row(row: tuple) -> dict:
@@ -2815,15 +2909,22 @@ def _journaled_inputs(zone_id: UUID, tick_number: int, seed: int, at: float, inp
 
 
 def replay_zone(world: World, game: Any, zs: _ZoneState, rows: Iterable[tuple],
-                clock: Callable[[], float] = time.time) -> list[tuple[int, ZoneOutcome]]:
+                clock: Callable[[], float] = time.time, subscribers: list[UUID] | None = None,
+                each: Callable[[int, ZoneOutcome], None] | None = None) -> list[tuple[int, ZoneOutcome]]:
     """Run a zone's journaled ticks (rows ``(zone_id, tick_number, seed, at, inputs)``, in order)
     through the module again, in a thread where module code may run. Ticks the zone has
-    already run are passed over."""
+    already run are passed over; the last one builds frames for ``subscribers``; ``each``
+    sees every tick's outcome as it is replayed."""
+    todo = [row for row in rows if row[1] > zs.tick_number]
     done = []
-    for zone_id, tick_number, seed, at, inputs in rows:
-        if tick_number > zs.tick_number:
-            done.append((tick_number, run_zone_tick(world, game, zs, _journaled_inputs(zone_id, tick_number, seed,
-                                                                                          at, inputs), clock)))
+    for i, (zone_id, tick_number, seed, at, inputs) in enumerate(todo):
+        replayed = _journaled_inputs(zone_id, tick_number, seed, at, inputs)
+        if subscribers and i == len(todo) - 1:
+            replayed.subscribers = list(subscribers)
+        outcome = run_zone_tick(world, game, zs, replayed, clock)
+        if each is not None:
+            each(tick_number, outcome)
+        done.append((tick_number, outcome))
     return done
 
 
@@ -3229,6 +3330,10 @@ class TickEngine:
         async with self._tick_lock:
             return await self._tick()
 
+    def exclusive(self) -> asyncio.Lock:
+        """Held, no tick runs (the one under way finishes first)."""
+        return self._tick_lock
+
     def pause(self) -> None:
         self.paused = True
 
@@ -3314,6 +3419,7 @@ class Persister:
         self.world, self.store, self.metrics = world, store, metrics
         self._after_tick = after_tick  # waits for the end of the tick under way, if ticks run
         self._saved_ticks: dict[UUID, int] = {}  # each zone's tick number as the database has it
+        self._snapshot_at: dict[UUID, int] = {}  # the tick of each zone's newest saved snapshot
         #: journal rows older than this many ticks before a zone's saved state are trimmed
         self.keep: int | None = cfg.get("journal", "keep") if cfg.get("journal", "mode") == "replay" else None
         self.interval = cfg.get("persistence", "interval")
@@ -3323,6 +3429,13 @@ class Persister:
         self._task: asyncio.Task | None = None
         self._sweeps = 0
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-flush")
+
+    def _snapshot_due(self, zone_id: UUID, tick_number: int) -> bool:
+        """A zone is saved whole every ``keep // 4`` ticks (in the flush thread, under the world's
+        lock): a rewind or a replay starts from the newest snapshot before its tick."""
+        assert self.keep is not None
+        last = self._snapshot_at.get(zone_id)
+        return tick_number > 0 and (last is None or tick_number - last >= max(1, self.keep // 4) or tick_number < last)
 
     async def flush(self) -> bool:
         """Write everything changed since the last flush; False when the database is down.
@@ -3336,15 +3449,18 @@ class Persister:
             await self._after_tick()  # not under the lock: zone deletion takes it
         async with self.lock:
             ticks: dict[UUID, int] = {}
-            rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes, ticks)
+            snapshots: dict[UUID, tuple[int, list[EntityRow]]] = {}
+            rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes, ticks,
+                                                       self._snapshot_due if self.keep else None, snapshots)
             ticks = {zone_id: n for zone_id, n in ticks.items() if self._saved_ticks.get(zone_id) != n}
             t0 = time.monotonic()
             try:
                 if rows or deleted or ticks:
                     prepared = await loop.run_in_executor(self.executor, self.store.prepare_flush, rows, deleted,
-                                                          ticks, self.keep)
+                                                          ticks, self.keep, snapshots)
                     await self.store.flush(prepared)
                     self._saved_ticks.update(ticks)
+                    self._snapshot_at.update((zone_id, tick) for zone_id, (tick, _) in snapshots.items())
                 else:
                     await self.store.ping()
             except BaseException as exc:  # nothing taken out of the dirty set may be lost
@@ -3736,6 +3852,49 @@ class Server:
             count = await asyncio.get_running_loop().run_in_executor(None, replay_all)
             log.info("journal: replayed %d ticks of %d zones after their last flush in %.2f s",
                      count, len(by_zone), time.monotonic() - t0)
+
+    async def rewind(self, zs: _ZoneState, n: int) -> list[dict]:
+        """Put the zone back as it was at the end of its tick ``n``: pause the ticks, start from
+        the newest snapshot before ``n``, replay the journal up to ``n`` through the module (in
+        a worker thread), forget the journal after ``n``, save, and send the subscribers a
+        ``tick`` message numbered ``n``. Its entities as JSON.
+
+        With one tick counter for the world, the zone's next tick is numbered as the world's
+        next (after ``n``, but not always ``n + 1``).
+        """
+        if self.journal is None:
+            raise GridError("journal_off", "The journal is off ([journal] mode = off): nothing to rewind to.")
+        engine = self.ticks
+        engine.pause()
+        async with engine.exclusive():  # no tick runs while the zone is put back
+            if zs.busy_since is not None:
+                raise GridError("zone_busy", "The zone's module call is still running; rewind once it returns.")
+            if n >= zs.tick_number:
+                raise GridError("out_of_history", f"Tick {n} is not before the zone's tick {zs.tick_number}.")
+            await self.journal.drain(time.monotonic() + self.cfg.get("database", "timeout") * 3)
+            base = await self.store.snapshot_before(zs.zone.id, n)
+            rows = await self.store.journal_range(zs.zone.id, (base[0] + 1) if base else 0, n)
+            if base is None or not rows or rows[-1][1] > n:
+                raise GridError("out_of_history", f"Tick {n} of this zone is no longer kept ([journal] keep).")
+            subscribers = list(self.hub.subscribers.get(zs.zone.id, ()))
+
+            def replay() -> list[tuple[int, ZoneOutcome]]:
+                self.world.reset_zone(zs, base[1], base[0])
+                done = replay_zone(self.world, self.game, zs, rows, subscribers=subscribers)
+                with self.world.lock:
+                    zs.tick_number = n
+                return done
+            done = await asyncio.get_running_loop().run_in_executor(None, replay)
+            await self.store.drop_after(zs.zone.id, n)
+            await self.persister.flush()
+            outcome = done[-1][1] if done else None
+            if outcome is not None and outcome.frames:
+                for player_id, frame in outcome.frames:
+                    conn = self.hub.subscribers.get(zs.zone.id, {}).get(player_id)
+                    if conn is not None:
+                        conn.send_tick(frame, engine.max_behind)
+            entities: list[dict] = await self.in_world(self.world.zone_entities_json, zs)
+            return entities
 
     def _journal_committed(self) -> None:
         if self.engine is not None:
@@ -4145,6 +4304,49 @@ async def debug_entity(request: web.Request) -> web.Response:
     return _json_response(found)
 
 
+def _tick_query(request: web.Request, name: str, default: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise GridError("bad_request", f"The query parameter '{name}' must be a tick number.") from None
+
+
+async def debug_history(request: web.Request) -> web.Response:
+    """``GET /api/debug/zones/{zone_id}/history?from=N&to=M``: the zone's journaled inputs of
+    those ticks (default: its last 100), within what ``[journal] keep`` has kept."""
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    zs = srv.zone_or_404(request.match_info["zone_id"])
+    if srv.journal is None:
+        raise GridError("journal_off", "The journal is off ([journal] mode = off): there is no history.")
+    last = _tick_query(request, "to", zs.tick_number)
+    first = _tick_query(request, "from", max(0, last - 99))
+    if first > last or last - first >= 10_000:
+        raise GridError("bad_request", "'from' must be at most 'to', and at most 10,000 ticks before it.")
+    await srv.journal.drain(time.monotonic() + srv.cfg.get("database", "timeout"))
+    ticks = []
+    for zone_id, tick_number, seed, at, inputs in await srv.store.journal_range(zs.zone.id, first, last):
+        data = json_loads(inputs)
+        ticks.append({"tick_number": tick_number, "seed": seed, "at": _iso(at),
+                      "intents": [{"player_id": p, "seq": seq, "data": d} for p, seq, _, d in data["intents"]],
+                      "events": data["events"]})
+    return _json_response({"zone_id": str(zs.zone.id), "ticks": ticks})
+
+
+async def debug_rewind(request: web.Request) -> web.Response:
+    """``POST /api/debug/zones/{zone_id}/rewind {"tick_number": N}``: the zone as it was at the
+    end of its tick N (see ``Server.rewind``); the tick is paused first."""
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    zs = srv.zone_or_404(request.match_info["zone_id"])
+    body = await _read_object(request, srv.max_body, srv.client_timeout)
+    n = _field(body, "tick_number", int)
+    return _json_response({"tick_number": n, "entities": await srv.rewind(zs, n)})
+
+
 async def debug_connections(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
@@ -4382,6 +4584,8 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
         web.get("/api/debug/zones/{zone_id}/state", debug_zone_state),
         web.get("/api/debug/entities/{entity_id}", debug_entity),
         web.get("/api/debug/connections", debug_connections),
+        web.get("/api/debug/zones/{zone_id}/history", debug_history),
+        web.post("/api/debug/zones/{zone_id}/rewind", debug_rewind),
         web.get("/healthz", healthz),
         web.get("/metrics", metrics),
         web.get("/ws", websocket),
@@ -4490,12 +4694,76 @@ async def _serve(cfg: Config) -> int:
     return 0
 
 
+async def _replay(cfg: Config, zone_text: str, first: int, last: int) -> int:
+    """``gridserver replay``: the zone's ticks ``first``..``last`` replayed from the database
+    (the newest snapshot before ``first``, then the journal) through the game module, one JSON
+    line per tick on stdout. Reads the database, writes nothing; no server is started."""
+    try:
+        zone_id = UUID(zone_text)
+    except ValueError:
+        print(f"gridserver replay: --zone {zone_text!r} is not a zone id", file=sys.stderr)
+        return 2
+    store = open_store(cfg)
+    try:
+        await store.open()
+        zones, entities, ticks = await store.load()
+        world = World(cfg.get("tick", "max_entities_per_zone"))
+        by_zone: dict[UUID, list[Entity]] = collections.defaultdict(list)
+        for e in entities:
+            by_zone[e.zone_id].append(e)
+        for zone in zones:
+            world.add_zone(zone, by_zone.get(zone.id, ())).tick_number = ticks.get(zone.id, 0)
+        zs = world.zones.get(zone_id)
+        if zs is None:
+            print(f"gridserver replay: no zone has the id {zone_id}", file=sys.stderr)
+            return 2
+        base = await store.snapshot_before(zone_id, first)
+        rows = await store.journal_range(zone_id, base[0] + 1 if base else 0, last)
+        if base is None or not rows:
+            print(f"gridserver replay: tick {first} of zone {zone_id} is not kept ([journal] keep)", file=sys.stderr)
+            return 2
+        game = load_game(cfg.get("game", "module"))
+
+        def refuse(*args: Any) -> Zone:
+            raise RuntimeError("a replay creates no zone")
+
+        section = cfg.get("game", "module")
+        framework = FrameworkAPI(world, cfg.section(section), section=section,
+                                 tick_interval=cfg.get("tick", "interval"), create_zone=refuse, usernames={})
+
+        def each(n: int, outcome: ZoneOutcome) -> None:
+            if n >= first:
+                line = {"tick_number": n, "entities": sorted((e.to_json() for e in zs.entities.values()),
+                                                               key=lambda e: e["id"])}
+                if outcome.error is not None:
+                    line["error"] = outcome.error
+                print(json_dumps(line), flush=True)
+
+        def run() -> None:
+            game.on_init(framework)
+            world.reset_zone(zs, base[1], base[0])
+            replay_zone(world, game, zs, rows, each=each)
+        await asyncio.get_running_loop().run_in_executor(None, run)
+        return 0
+    except (DatabaseUnavailable, ConfigError) as exc:
+        print(f"gridserver replay: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``gridserver [--config PATH]``: run the server until SIGINT or SIGTERM."""
+    """``gridserver [--config PATH]``: run the server until SIGINT or SIGTERM.
+    ``gridserver replay --zone ID --from N --to M``: print a zone's ticks replayed (see ``_replay``)."""
     parser = argparse.ArgumentParser(prog="gridserver", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", choices=["serve", "replay"], default="serve",
+                        help="serve (the default), or replay a zone's journaled ticks and print them")
     parser.add_argument("--config", metavar="PATH", help="INI file (default: config.ini when present)")
     parser.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
     parser.add_argument("--print-schema", action="store_true", help="print the PostgreSQL schema and exit")
+    parser.add_argument("--zone", metavar="ID", help="replay: the zone's id")
+    parser.add_argument("--from", dest="first", type=int, metavar="N", help="replay: the first tick printed")
+    parser.add_argument("--to", dest="last", type=int, metavar="M", help="replay: the last tick printed")
     args = parser.parse_args(argv)
     if args.print_config:
         print(_example_ini(), end="")
@@ -4514,6 +4782,10 @@ def main(argv: list[str] | None = None) -> int:
     for folder in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):  # game modules import from here
         if folder not in sys.path:
             sys.path.insert(0, folder)
+    if args.command == "replay":
+        if args.zone is None or args.first is None or args.last is None or args.first > args.last:
+            parser.error("replay needs --zone ID --from N --to M (N at most M)")
+        return asyncio.run(_replay(cfg, args.zone, args.first, args.last))
     for name in cfg.unused_sections:
         log.warning("config section [%s] is not used: it is neither a gridserver section nor the game module's", name)
     try:

@@ -49,3 +49,10 @@ CREATE TABLE IF NOT EXISTS journal (
     inputs      TEXT NOT NULL,
     PRIMARY KEY (zone_id, tick_number)
 );
+
+CREATE TABLE IF NOT EXISTS snapshots (
+    zone_id     UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
+    tick_number BIGINT NOT NULL,
+    entities    TEXT NOT NULL,
+    PRIMARY KEY (zone_id, tick_number)
+);

@@ -296,3 +296,24 @@ class Drifter:
         world = sorted([str(e.id), e.x, e.y, e.width, e.height, dict(e.metadata)]
                        for e in self.fw.list_entities(zone_id))
         return {**full_state, "entities": world}
+
+
+class Stepper:
+    """A small deterministic game for the journal's time line: each tick moves every entity one
+    cell right (wrapping), and an intent ``{"add": k}`` creates an entity at a row drawn from
+    ``framework.random``. The broadcast state is the zone, sorted."""
+
+    def on_init(self, framework):
+        self.fw = framework
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        zone = self.fw.get_zone(zone_id)
+        updates = [EntityUpdate(e.id, x=(e.x + 1) % zone.width) for e in entities]
+        creates = [EntityCreate(0, self.fw.random.randrange(zone.height), 1, 1, {"k": i.data["add"]})
+                   for i in intents if isinstance(i.data.get("add"), int)]
+        return TickResult(entity_creates=creates, entity_updates=updates, broadcast_state={"tick": tick_number})
+
+    def get_player_state(self, zone_id, player_id, full_state):
+        world = sorted([str(e.id), e.x, e.y, e.width, e.height, dict(e.metadata)]
+                       for e in self.fw.list_entities(zone_id))
+        return {**full_state, "entities": world}
