@@ -259,6 +259,9 @@ OPTIONS: list[_Option] = [
             "replay: each tick's inputs are committed before its frames are sent, and a restart replays "
             "them after the last flush; off: a restart goes back to the last flush"),
     _Option("journal", "keep", "600", "int", "ticks of inputs kept per zone before its last flush (history)", 0),
+    _Option("journal", "verify_every", "10", "int",
+            "with debug on, every this many ticks each zone's tick runs twice from the same state and "
+            "the two are compared (a module that is not deterministic is named); 0: never", 0),
     _Option("game", "module", "game_modules.walkers", "str",
             "dotted path of the game module (package.module or package.module:Name)"),
     _Option("debug", "log_level", "info", "str", "debug, info, warning or error"),
@@ -1439,6 +1442,7 @@ class ZoneInputs:
     subscribers: list[UUID] = field(default_factory=list)
     seed: int = 0
     at: float = 0.0
+    verify: bool = False  # run the tick twice from the same state and compare (debug)
 
 
 @dataclass(slots=True)
@@ -1454,6 +1458,7 @@ class ZoneOutcome:
     error: str | None = None
     kind: str = ""
     exception: BaseException | None = None
+    mismatch: str | None = None  # with ``verify``: how the second run differed from the first
 
 
 #: The zone tick under way in this thread: its random numbers (``FrameworkAPI.random``).
@@ -1476,7 +1481,22 @@ def run_zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs,
     (see ``World.validate``); players given the same state object by ``get_player_state``
     share one serialized frame. The zone's ``tick_number`` becomes the tick's either way.
     """
-    zone_id = zs.zone.id
+    if not inputs.verify:
+        return _seeded_tick(world, game, zs, inputs, clock)
+    with world.lock:
+        before = [Entity(e.id, e.zone_id, e.x, e.y, e.width, e.height, e.metadata, e.created_at, e.updated_at)
+                  for e in zs.entities.values()]
+        tick_before = zs.tick_number
+    first = _seeded_tick(world, game, zs, inputs, clock)
+    after_first = _zone_rows(world, zs)
+    world.reset_zone(zs, before, tick_before)
+    outcome = _seeded_tick(world, game, zs, inputs, clock)
+    outcome.mismatch = _first_difference(after_first, _zone_rows(world, zs), first.error, outcome.error)
+    return outcome
+
+
+def _seeded_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs,
+                 clock: Callable[[], float]) -> ZoneOutcome:
     ids = random.Random(inputs.seed ^ _ID_SALT)
     previous = getattr(_TICK, "random", None)
     _TICK.random = random.Random(inputs.seed)
@@ -1487,6 +1507,29 @@ def run_zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs,
         _TICK.random = previous
         with world.lock:
             zs.tick_number = max(zs.tick_number, inputs.tick_number)
+
+
+def _zone_rows(world: World, zs: _ZoneState) -> dict[UUID, tuple]:
+    with world.lock:
+        return {e.id: (e.x, e.y, e.width, e.height, json_dumps(e.metadata), e.created_at, e.updated_at)
+                for e in zs.entities.values()}
+
+
+def _first_difference(a: dict[UUID, tuple], b: dict[UUID, tuple], error_a: str | None,
+                      error_b: str | None) -> str | None:
+    """How two runs of one tick from one state differ (None: they do not): the first entity."""
+    if error_a != error_b:
+        return f"the first run ended with {error_a or 'no error'}, the second with {error_b or 'no error'}"
+    fields = ("x", "y", "width", "height", "metadata", "created_at", "updated_at")
+    for eid in sorted(a.keys() | b.keys(), key=str):
+        if eid not in b:
+            return f"entity {eid} exists after the first run only"
+        if eid not in a:
+            return f"entity {eid} exists after the second run only"
+        if a[eid] != b[eid]:
+            name = next(f for f, x, y in zip(fields, a[eid], b[eid]) if x != y)
+            return f"entity {eid}: {name} was {a[eid][fields.index(name)]!r}, then {b[eid][fields.index(name)]!r}"
+    return None
 
 
 def _zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs, clock: Callable[[], float],
@@ -1629,6 +1672,8 @@ class Metrics:
     journal_commits_total: int = _counter("journal transactions committed (each holds one or more ticks)")
     journal_ticks_total: int = _counter("ticks whose inputs the journal committed")
     journal_failures_total: int = _counter("journal writes that failed (the inputs wait in memory; retried)")
+    replay_mismatches_total: int = _counter(
+        "ticks that, run twice from the same state and inputs (debug, [journal] verify_every), differed")
     tick_duration: _Histogram = _histogram("tick_duration_seconds",
                                            "wall time of a whole tick: module calls, apply, broadcast")
     tick_lateness: _Histogram = _histogram("tick_lateness_seconds", "how late a tick started against its schedule")
@@ -3174,6 +3219,8 @@ class TickEngine:
         self.zone_timeout = cfg.get("tick", "zone_timeout") or self.interval / 2
         self.max_behind = cfg.get("websocket", "max_behind")
         self.paused = cfg.get("tick", "paused")
+        #: with debug on, every ``verify_every``-th tick runs twice and the two are compared
+        self.verify_every = cfg.get("journal", "verify_every") if cfg.get("server", "debug") else 0
         self.tick_number = first_tick  # tick numbers go on from the saved world's
         self.last_tick_at: float | None = None
         self._tick_lock = asyncio.Lock()
@@ -3221,6 +3268,15 @@ class TickEngine:
                 log.error("zone %s tick %d: result rejected: %s", zone_id, job.inputs.tick_number, error[:500])
         else:
             zs.ticks += 1
+        if outcome is not None and outcome.mismatch is not None:
+            self.metrics.replay_mismatches_total += 1
+            message = (f"nondeterministic: tick {job.inputs.tick_number} run twice from the same state and inputs "
+                       f"gave different worlds: {outcome.mismatch}. Draw random numbers from framework.random, "
+                       f"take time from the tick number, and keep no state outside the entities that changes "
+                       f"what a tick does")
+            zs.last_error = {"tick_number": job.inputs.tick_number, "kind": "nondeterministic",
+                             "message": message[:2000], "at": _iso(_now())}
+            log.warning("zone %s %s", zone_id, message)
         if job.stalled:
             log.warning("zone %s: late result of tick %d arrived after %.1f s",
                         zone_id, job.inputs.tick_number, job.finished - job.started)
@@ -3277,7 +3333,8 @@ class TickEngine:
         events = [(kind, player_id) for player_id, kind in zs.events.items()]
         zs.events = {}
         return ZoneInputs(n, intents, events, list(self.hub.subscribers.get(zs.zone.id, ())),
-                          seed=secrets.randbits(63), at=at)
+                          seed=secrets.randbits(63), at=at,
+                          verify=self.verify_every > 0 and n % self.verify_every == 0)
 
     async def _run_tick(self, t0: float) -> int:
         self.tick_number += 1

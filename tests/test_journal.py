@@ -117,3 +117,58 @@ async def test_history_rewind_and_replay_of_a_known_sequence(start_server, dsn):
                            "--from", "1", "--to", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=scaled(60))
     assert gone.returncode == 2 and "not kept" in gone.stderr and not gone.stdout
+
+
+class Careless:
+    """Draws from the ``random`` module and reads the clock instead of ``framework.random`` and
+    the tick number: the kind of module a replay cannot reproduce."""
+
+    def on_init(self, framework):
+        self.fw = framework
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        import random
+        import time
+        if not entities:
+            return gridserver.TickResult(entity_creates=[gridserver.EntityCreate(0, 0, 1, 1, {"at": 0})])
+        e = entities[0]
+        return gridserver.TickResult(entity_updates=[gridserver.EntityUpdate(
+            e.id, x=random.randrange(20), metadata={"at": time.time()})])
+
+    def get_player_state(self, zone_id, player_id, full_state):
+        return full_state
+
+
+async def test_with_debug_on_a_module_that_is_not_deterministic_is_named(start_server, tmp_path):
+    cfg = make_config(f"sqlite:///{tmp_path / 'db'}", server_debug=True, journal_verify_every=1)
+    careless = await start_server(cfg, Careless())
+    p = await careless.player()
+    zone = await careless.zone(p["token"], width=20, height=4)
+
+    async def named():
+        status, state = await careless.call("GET", f"/api/debug/zones/{zone['id']}/state", p["token"])
+        return state["last_error"] if state["last_error"] and state["last_error"]["kind"] == "nondeterministic" \
+            else None
+
+    error = await wait_for(named, what="the nondeterministic tick to be named")
+    # the message a developer gets: the zone's tick, the entity that differed, and what to do
+    assert f"tick {error['tick_number']} run twice" in error["message"]
+    assert "entity " in error["message"] and "framework.random" in error["message"], error["message"]
+    status, text = await careless.call("GET", "/metrics")
+    assert "gridserver_replay_mismatches_total 0" not in text
+
+    # a deterministic module run the same way is never named
+    cfg = make_config(f"sqlite:///{tmp_path / 'db2'}", server_debug=True, journal_verify_every=1)
+    steady = await start_server(cfg, Stepper())
+    q = await steady.player()
+    zone = await steady.zone(q["token"], width=20, height=4)
+    ws = await steady.http.ws_connect(steady.ws_url(q["token"]))
+    await ws.send_json({"type": "subscribe", "zone_id": zone["id"]})
+    for k in range(5):
+        await ws.send_json({"type": "intent", "data": {"add": k}})
+    start = steady.srv.engine.tick_number
+    await wait_for(lambda: steady.srv.engine.tick_number >= start + 20, what="20 ticks, each run twice")
+    await ws.close()
+    assert steady.srv.metrics.replay_mismatches_total == 0
+    status, state = await steady.call("GET", f"/api/debug/zones/{zone['id']}/state", q["token"])
+    assert state["last_error"] is None and len(state["entities"]) == 5
