@@ -29,6 +29,8 @@ import aiohttp
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
+#: [journal] mode of the servers started (``--journal``).
+JOURNAL_MODE = "replay"
 PG_DSN = os.environ.get("GRIDSERVER_BENCH_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
 HOST = "127.0.0.1"
 
@@ -93,7 +95,8 @@ class ServerProcess:
                     "GRIDSERVER_DEBUG_LOG_LEVEL": "warning",
                     # every simulated player comes from 127.0.0.1: lift the per-address limits
                     "GRIDSERVER_SERVER_MAX_CONNECTIONS_PER_ADDRESS": "1000000",
-                    "GRIDSERVER_AUTH_MAX_PENDING_HASHES": "8192"})
+                    "GRIDSERVER_AUTH_MAX_PENDING_HASHES": "8192",
+                    "GRIDSERVER_JOURNAL_MODE": JOURNAL_MODE})
         env.update(settings)
         self.log = open(os.path.join("/tmp", f"gridserver-bench-{self.port}.log"), "w")
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "gridserver.py")], cwd=ROOT, env=env,
@@ -299,11 +302,11 @@ def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict],
     return row
 
 
-COLUMNS = [("scenario", 16), ("clients", 7), ("alive", 6), ("ticks_received_pct", 7), ("server_cpu_s_per_s", 7),
+COLUMNS = [("scenario", 16), ("journal", 7), ("clients", 7), ("alive", 6), ("ticks_received_pct", 7), ("server_cpu_s_per_s", 7),
            ("cpu_us_per_player_tick", 8), ("rss_mib", 7), ("lateness_p50_ms", 7), ("lateness_p99_ms", 7),
            ("work_p99_ms", 7), ("broadcast_p99_ms", 8), ("latency_p50_ms", 7), ("latency_p99_ms", 7),
            ("driver_cpu_s_per_s", 7)]
-HEADERS = ["scenario", "clients", "alive", "recv%", "cpu/s", "us/p/t", "RSS MiB", "late50", "late99",
+HEADERS = ["scenario", "journal", "clients", "alive", "recv%", "cpu/s", "us/p/t", "RSS MiB", "late50", "late99",
            "work99", "bcast99", "lat50", "lat99", "drvcpu"]
 
 
@@ -552,10 +555,13 @@ async def main() -> int:
     parser.add_argument("--sqlite", action="store_true", help="use SQLite even when PostgreSQL answers")
     parser.add_argument("--profile", metavar="DIR", help="sample the server with py-spy into DIR")
     parser.add_argument("--out", metavar="DIR", help="where the JSON results go (default bench/results)")
+    parser.add_argument("--journal", choices=["replay", "off", "both"], default="replay",
+                        help="[journal] mode of the server; both: grid-walk and world run twice, off then replay, "
+                             "so the journal's cost is measured in one run")
     parser.add_argument("--knee", action="store_true",
                         help="grid-walk: past the last count, add 2,500 players a run until a target breaks")
     args = parser.parse_args()
-    global PROFILE_DIR, RESULTS
+    global PROFILE_DIR, RESULTS, JOURNAL_MODE
     PROFILE_DIR = args.profile
     RESULTS = args.out or RESULTS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -565,46 +571,60 @@ async def main() -> int:
     scenarios = args.scenario or ["grid-walk", "grid-walk-fog", "world", "queries", "logins", "baseline"]
     print(f"database: {'PostgreSQL' if use_pg else 'SQLite'}; window {window:.0f} s; {os.cpu_count()} CPUs")
     print_header()
+    modes = ["off", "replay"] if args.journal == "both" else [args.journal]
     for scenario in scenarios:
         rows = []
-        if scenario in ("grid-walk", "grid-walk-fog"):
-            counts = args.clients or ([40] if args.quick else ([1000, 5000, 10000] if scenario == "grid-walk" else [5000]))
-            counts = list(counts)
-            while counts:
-                n = counts.pop(0)
-                row = await grid_walk(n, 50 if n >= 50 else n, 8 if scenario.endswith("fog") else 0, window,
-                                      use_pg, 1 if args.quick else args.drivers)
-                print_row(row)
-                rows.append(row)
-                if args.knee and not counts and meets_targets(row) and n + 2500 <= KNEE_LIMIT:
-                    counts.append(n + 2500)
-        elif scenario == "world":
-            zones, per_zone = (20, 50) if args.quick else (1000, 100)
-            row = await world(zones, per_zone, window if not args.quick else 4.0, use_pg)
-            print("world: " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("scenario", "clients", "alive")),
-                  flush=True)
-            rows.append(row)
-        elif scenario == "logins":
-            n, burst = (40, 10) if args.quick else ((args.clients or [2000])[0], 500)
-            row = await logins(n, burst, use_pg, 1 if args.quick else args.drivers)
-            print("logins: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "scenario"), flush=True)
-            rows.append(row)
-        elif scenario == "queries":
-            cmd = [sys.executable, os.path.join(HERE, "bench_queries.py")] + (["--quick"] if args.quick else [])
-            code = subprocess.call(cmd)
-            if code:
+        for mode in modes if scenario in ("grid-walk", "grid-walk-fog", "world") else [modes[-1]]:
+            JOURNAL_MODE = mode
+            code = await _run_scenario(scenario, args, window, use_pg, rows)
+            if code is not None:
                 return code
-            continue
-        elif scenario == "baseline":
-            for n in args.clients or ([40] if args.quick else [1000, 5000, 10000]):
-                row = await baseline(n, 50 if n >= 50 else n, window, 1 if args.quick else args.drivers)
-                print_row(row)
-                rows.append(row)
-        else:
-            print(f"unknown scenario {scenario}", file=sys.stderr)
-            return 2
-        save(scenario, rows)
+        if scenario != "queries":
+            save(scenario, rows)
     return 0
+
+
+async def _run_scenario(scenario: str, args: argparse.Namespace, window: float, use_pg: bool,
+                        rows: list[dict]) -> int | None:
+    """One scenario at the current ``JOURNAL_MODE``; its rows go into ``rows``."""
+    if scenario in ("grid-walk", "grid-walk-fog"):
+        counts = args.clients or ([40] if args.quick else ([1000, 5000, 10000] if scenario == "grid-walk" else [5000]))
+        counts = list(counts)
+        while counts:
+            n = counts.pop(0)
+            row = await grid_walk(n, 50 if n >= 50 else n, 8 if scenario.endswith("fog") else 0, window,
+                                  use_pg, 1 if args.quick else args.drivers)
+            row["journal"] = JOURNAL_MODE
+            print_row(row)
+            rows.append(row)
+            if args.knee and not counts and meets_targets(row) and n + 2500 <= KNEE_LIMIT:
+                counts.append(n + 2500)
+    elif scenario == "world":
+        zones, per_zone = (20, 50) if args.quick else (1000, 100)
+        row = await world(zones, per_zone, window if not args.quick else 4.0, use_pg)
+        row["journal"] = JOURNAL_MODE
+        print("world: " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("scenario", "clients", "alive")),
+              flush=True)
+        rows.append(row)
+    elif scenario == "logins":
+        n, burst = (40, 10) if args.quick else ((args.clients or [2000])[0], 500)
+        row = await logins(n, burst, use_pg, 1 if args.quick else args.drivers)
+        print("logins: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "scenario"), flush=True)
+        rows.append(row)
+    elif scenario == "queries":
+        cmd = [sys.executable, os.path.join(HERE, "bench_queries.py")] + (["--quick"] if args.quick else [])
+        code = subprocess.call(cmd)
+        if code:
+            return code
+    elif scenario == "baseline":
+        for n in args.clients or ([40] if args.quick else [1000, 5000, 10000]):
+            row = await baseline(n, 50 if n >= 50 else n, window, 1 if args.quick else args.drivers)
+            print_row(row)
+            rows.append(row)
+    else:
+        print(f"unknown scenario {scenario}", file=sys.stderr)
+        return 2
+    return None
 
 
 if __name__ == "__main__":

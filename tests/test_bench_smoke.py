@@ -46,13 +46,16 @@ def test_load_benchmark_quick_smoke(tmp_path):
     a small world, the baseline fan-out), not that anything is fast.
     """
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--out", str(tmp_path),
-                           "--scenario", "grid-walk", "--scenario", "world", "--scenario", "baseline"],
+                           "--scenario", "grid-walk", "--scenario", "world", "--scenario", "baseline",
+                           "--journal", "both"],
                           cwd=ROOT, capture_output=True, text=True, timeout=scaled(300))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    walk = json.loads((tmp_path / "grid-walk.json").read_text())["rows"][0]
-    assert walk["clients"] == walk["connected"] == walk["alive"] == 40, walk
-    assert walk["ticks"] >= 2 and walk["ticks_received_pct"] >= 90, walk
-    assert walk["intents_accepted"] > 0 and walk["latency_p50_ms"] is not None, walk
+    walks = json.loads((tmp_path / "grid-walk.json").read_text())["rows"]
+    assert [w["journal"] for w in walks] == ["off", "replay"]  # --journal both: the journal's cost, same run
+    for walk in walks:
+        assert walk["clients"] == walk["connected"] == walk["alive"] == 40, walk
+        assert walk["ticks"] >= 2 and walk["ticks_received_pct"] >= 90, walk
+        assert walk["intents_accepted"] > 0 and walk["latency_p50_ms"] is not None, walk
     world = json.loads((tmp_path / "world.json").read_text())["rows"][0]
     assert world["entities"] == 1000 and world["ticks"] >= 2 and world["flushes"] >= 1, world
     base = json.loads((tmp_path / "baseline.json").read_text())["rows"][0]
