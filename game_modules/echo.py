@@ -1,5 +1,9 @@
 """Echo: the smallest game module. It keeps no entities and shows each tick's intents.
 
+Deterministic, as the server's replay of journaled ticks after a crash needs: a tick's state
+is made from that tick's intents alone; it keeps nothing in memory and draws no random
+numbers.
+
 Swap it in with one line of INI::
 
     [game]

@@ -14,6 +14,22 @@
   their avatar (``get_player_state``); with 0 everyone sees the whole zone, and the server
   serializes the state once per zone.
 
+Deterministic, so the server can replay journaled ticks after a crash through a freshly
+started module, from a world saved ticks earlier:
+
+* A tick's changes depend only on the zone's entities (not on their order), the tick's
+  intents and events, ``framework.random`` (seeded per zone tick, the same on replay: every
+  random number and every id made here comes from it) and, for a new avatar's name,
+  ``framework.username``. No clock: time would be the tick number times
+  ``framework.tick_interval``.
+* Facts live in the entities only: a player's avatar is the entity with ``kind == "avatar"``
+  and their ``player_id``; a zone has been seeded when it has walls.
+* Module memory holds the settings and caches that cannot change a result: what this tick's
+  join and leave hooks did (for its ``on_tick``, dropped when another tick comes), the
+  avatars' cells (for ``get_player_state``, used only with the state they were made with)
+  and state entries (reused only for the unchanged entity they were made from). A game that
+  copies this one must keep nothing else from one tick to the next.
+
 Settings, in the INI section named after the module::
 
     [game_modules.walkers]
@@ -33,20 +49,46 @@ from gridserver import EntityCreate, EntityUpdate, FrameworkAPI, TickResult
 _fw: FrameworkAPI  # set by on_init, before any other call
 _DEFAULTS = {"fog_radius": 8, "walls": 6, "items": 10, "lobby_size": 32}
 _settings = dict(_DEFAULTS)
-_avatars: dict = {}    # zone_id -> {player_id: avatar entity id}
-_positions: dict = {}  # zone_id -> {player_id: (x, y)} after the last tick
-_seeded: set = set()
-_views: dict = {}      # zone_id -> {id(entity): (entity, metadata, state entry)}: entries reused while unchanged
-_rng = random.Random()
 _MOVES = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
+
+# Caches, per zone (a module's zones may tick on different threads at once; each zone's own
+# calls never overlap). None of them carries a fact from one tick into the next.
+_hooks: dict = {}      # zone_id -> _HookWork of the zone tick under way (join/leave hooks -> on_tick)
+_positions: dict = {}  # zone_id -> (the tick's state, {player_id str: (x, y)}) for get_player_state
+_views: dict = {}      # zone_id -> {id(entity): (entity, metadata, state entry)}: entries reused while unchanged
+
+
+class _HookWork:
+    """What the join and leave hooks of one zone tick did, for the hooks after them and for
+    that tick's ``on_tick`` (their results are applied only after it). Tagged with the tick's
+    ``framework.random`` (a new generator every zone tick): it is never used by another tick,
+    not even when a hook raised and ``on_tick`` never came to take it."""
+
+    __slots__ = ("rng", "avatars", "joined", "left")
+
+    def __init__(self, rng: random.Random, zone_id):
+        self.rng = rng
+        self.avatars: dict = {}  # player_id str -> [avatar entities] at the start of the tick
+        for e in _fw.list_entities(zone_id):
+            if _kind(e) == "avatar":
+                self.avatars.setdefault(e.metadata.get("player_id"), []).append(e)
+        self.joined: dict = {}   # player_id str -> EntityCreate of the avatar made by a join
+        self.left: set = set()   # ids of the avatars deleted by leaves
+
+
+def _hook_work(zone_id) -> _HookWork:
+    rng = _fw.random
+    work = _hooks.get(zone_id)
+    if work is None or work.rng is not rng:
+        work = _hooks[zone_id] = _HookWork(rng, zone_id)
+    return work
 
 
 def on_init(framework):
     global _fw
     _fw = framework
-    _avatars.clear()
+    _hooks.clear()
     _positions.clear()
-    _seeded.clear()
     _views.clear()
     for key, default in _DEFAULTS.items():
         _settings[key] = framework.setting(key, default, int)
@@ -60,8 +102,13 @@ def _kind(e) -> str:
     return e.metadata.get("kind", "")
 
 
+def _new_id(rng: random.Random) -> uuid.UUID:
+    """An id for an entity this module creates and must name in the same tick (the same on replay)."""
+    return uuid.UUID(int=rng.getrandbits(128), version=4)
+
+
 def _free_cell(zone, taken: set, rng: random.Random):
-    """A random cell no wall overlaps and no avatar or item stands on."""
+    """A random cell no wall overlaps and no avatar or item stands on (nor any cell in ``taken``)."""
     for _ in range(200):
         x, y = rng.randrange(zone.width), rng.randrange(zone.height)
         if (x, y) in taken:
@@ -73,70 +120,91 @@ def _free_cell(zone, taken: set, rng: random.Random):
 
 
 def on_player_join(zone_id, player_id):
-    avatars = _avatars.setdefault(zone_id, {})
-    positions = _positions.setdefault(zone_id, {})
-    for e in _fw.list_entities(zone_id):  # an avatar kept from before a restart
-        if _kind(e) == "avatar" and e.metadata.get("player_id") == str(player_id):
-            avatars[player_id] = e.id
-            positions[player_id] = (e.x, e.y)
-            return None
+    work = _hook_work(zone_id)
+    key = str(player_id)
+    if work.avatars.get(key) or key in work.joined:
+        return None  # an avatar kept from before (a restart, say): it is theirs again
     zone = _fw.get_zone(zone_id)
-    cell = _free_cell(zone, set(positions.values()), _rng)
+    if zone is None:
+        return None
+    cell = _free_cell(zone, {(c.x, c.y) for c in work.joined.values()}, work.rng)
     if cell is None:
         return None  # a full zone: the player watches without an avatar
-    eid = uuid.uuid4()
-    avatars[player_id] = eid
-    positions[player_id] = cell
-    name = _fw.username(player_id) or str(player_id)[:8]
-    meta = {"kind": "avatar", "player_id": str(player_id), "name": name, "score": 0, "color": "#2f7ed8",
-            "label": name}
-    return TickResult(entity_creates=[EntityCreate(cell[0], cell[1], 1, 1, meta, id=eid)])
+    name = _fw.username(player_id) or key[:8]
+    meta = {"kind": "avatar", "player_id": key, "name": name, "score": 0, "color": "#2f7ed8", "label": name}
+    create = EntityCreate(cell[0], cell[1], 1, 1, meta, id=_new_id(work.rng))
+    work.joined[key] = create
+    return TickResult(entity_creates=[create])
 
 
 def on_player_leave(zone_id, player_id):
-    eid = _avatars.get(zone_id, {}).pop(player_id, None)
-    _positions.get(zone_id, {}).pop(player_id, None)
-    if eid is None or _fw.get_entity(eid) is None:
-        return None
-    return TickResult(entity_deletes=[eid])
+    work = _hook_work(zone_id)
+    key = str(player_id)
+    gone = [e.id for e in work.avatars.pop(key, ())]
+    created = work.joined.pop(key, None)
+    if created is not None:
+        gone.append(created.id)  # created by a join of this same tick: deleting it is allowed
+    work.left.update(gone)
+    return TickResult(entity_deletes=gone) if gone else None
 
 
-def _seed(zone, entities, rng):
-    """Walls and items for a zone that has none yet."""
+def _walls(zone, occupied, rng) -> list:
+    """Walls for a zone that has none yet, clear of the avatars."""
     creates = []
-    taken: set = set()
-    if not any(_kind(e) == "wall" for e in entities):
-        for _ in range(_settings["walls"]):
-            horizontal = rng.random() < 0.5
-            length = rng.randint(2, max(2, min(zone.width, zone.height) // 3))
-            w, h = (length, 1) if horizontal else (1, length)
-            if w > zone.width or h > zone.height:
-                continue
-            x, y = rng.randrange(zone.width - w + 1), rng.randrange(zone.height - h + 1)
-            creates.append(EntityCreate(x, y, w, h, {"kind": "wall", "color": "#555555"}, id=uuid.uuid4()))
-            taken.update((x + i, y + j) for i in range(w) for j in range(h))
-    return creates, taken
+    for _ in range(_settings["walls"]):
+        horizontal = rng.random() < 0.5
+        length = rng.randint(2, max(2, min(zone.width, zone.height) // 3))
+        w, h = (length, 1) if horizontal else (1, length)
+        if w > zone.width or h > zone.height:
+            continue
+        x, y = rng.randrange(zone.width - w + 1), rng.randrange(zone.height - h + 1)
+        if any((x + i, y + j) in occupied for i in range(w) for j in range(h)):
+            continue
+        creates.append(EntityCreate(x, y, w, h, {"kind": "wall", "color": "#555555"}, id=_new_id(rng)))
+    return creates
 
 
 def on_tick(zone_id, entities, intents, tick_number):
     zone = _fw.get_zone(zone_id)
     assert zone is not None  # a zone ticks only while it exists
-    rng = _rng
-    avatars = _avatars.get(zone_id, {})
-    creates, updates, deletes = [], [], []
-    if zone_id not in _seeded:
-        _seeded.add(zone_id)
-        walls, _ = _seed(zone, entities, rng)
-        creates += walls
-    pos, by_id, items_left = {}, {}, 0
+    rng = _fw.random
+    work = _hooks.pop(zone_id, None)
+    if work is not None and work.rng is not rng:
+        work = None  # left by a tick that failed in a hook
+    joined = work.joined if work is not None else {}
+    left = work.left if work is not None else set()
+
+    # Everything known comes from the entities: the avatars, whether the zone has walls.
+    pos: dict = {}     # avatar id -> (x, y), after this tick's moves
+    by_id: dict = {}   # avatar id -> entity
+    first: dict = {}   # player_id str -> the id of their avatar (the lowest, should there be two)
+    items_left, has_walls = 0, False
     for e in entities:
         kind = e.metadata.get("kind")
         if kind == "avatar":
             pos[e.id] = (e.x, e.y)
             by_id[e.id] = e
+            owner = e.metadata.get("player_id")
+            if owner not in first or e.id.int < first[owner].int:
+                first[owner] = e.id
         elif kind == "item":
             items_left += 1
+        elif kind == "wall":
+            has_walls = True
+    mine = {owner: eid for owner, eid in first.items() if eid not in left}  # the avatars that may move
     occupied = {p: eid for eid, p in pos.items()}
+    for c in joined.values():  # avatars this tick's joins make (the state shows them next tick)
+        occupied[(c.x, c.y)] = c.id
+
+    creates: list = []
+    updates: list = []
+    deletes: list = []
+    taken: set = set()  # cells of what this tick creates
+    if not has_walls and _settings["walls"] > 0:
+        creates += _walls(zone, occupied, rng)
+        for c in creates:
+            taken.update((c.x + i, c.y + j) for i in range(c.width) for j in range(c.height))
+
     wanted: dict = {}
     for intent in intents:  # arrival order: the last move of a player wins
         d = intent.data
@@ -147,15 +215,15 @@ def on_tick(zone_id, entities, intents, tick_number):
                 step = (dx, dy)
         if step is not None:
             wanted[intent.player_id] = step
-    picked = set()
+    picked: dict = {}  # item id -> None, in the order picked
     scores = {}
     for player_id, (dx, dy) in wanted.items():
-        eid = avatars.get(player_id)
-        if eid not in pos:
+        eid = mine.get(str(player_id))
+        if eid is None:
             continue
         x, y = pos[eid]
         nx, ny = x + dx, y + dy
-        if not (0 <= nx < zone.width and 0 <= ny < zone.height) or (nx, ny) in occupied:
+        if not (0 <= nx < zone.width and 0 <= ny < zone.height) or (nx, ny) in occupied or (nx, ny) in taken:
             continue
         if any(_kind(w) == "wall" for w in _fw.query_overlap(zone_id, nx, ny, 1, 1, exclude=eid)):
             continue
@@ -165,7 +233,7 @@ def on_tick(zone_id, entities, intents, tick_number):
         gained = 0
         for thing in _fw.query_area(zone_id, nx, ny, 1, 1):
             if _kind(thing) == "item" and thing.id not in picked:
-                picked.add(thing.id)
+                picked[thing.id] = None
                 gained += int(thing.metadata.get("value", 1))
         meta = None
         if gained:
@@ -173,21 +241,20 @@ def on_tick(zone_id, entities, intents, tick_number):
             meta["score"] = meta.get("score", 0) + gained
             scores[eid] = meta["score"]
         updates.append(EntityUpdate(eid, x=nx, y=ny, metadata=meta))
-    deletes += list(picked)
+    deletes += picked
     items_left -= len(picked)
-    taken = set(occupied)
+    taken.update(occupied)
     while items_left < _settings["items"]:
         cell = _free_cell(zone, taken, rng)
         if cell is None:
             break
         taken.add(cell)
         creates.append(EntityCreate(cell[0], cell[1], 0, 0, {"kind": "item", "value": 1, "color": "#e8b000"},
-                                    id=uuid.uuid4()))
+                                    id=_new_id(rng)))
         items_left += 1
-    positions = _positions.setdefault(zone_id, {})
-    for player_id, eid in avatars.items():
-        if eid in pos:
-            positions[player_id] = pos[eid]
+
+    # The state: the entities with this tick's moves, pickups and creates (what the join and
+    # leave hooks did shows in the next tick's).
     views = _views.setdefault(zone_id, {})
     if len(views) > 2 * len(entities) + 64:
         views.clear()  # entities that are gone
@@ -201,27 +268,34 @@ def on_tick(zone_id, entities, intents, tick_number):
         else:
             state.append(_entry(views, e, e.x, e.y, None))
     for c in creates:
-        state.append({"id": str(c.id), "x": c.x, "y": c.y, "w": c.width, "h": c.height, "kind": c.metadata["kind"],
-                      **_look(c.metadata)})
+        state.append(_state_entry(c.id, c.x, c.y, c.width, c.height, c.metadata, None))
+    cells = {owner: pos[eid] for owner, eid in first.items()}  # where each player's avatar is in the state
+    broadcast = {"tick": tick_number, "entities": state}
+    _positions[zone_id] = (broadcast, cells)
     return TickResult(entity_creates=creates, entity_updates=updates, entity_deletes=deletes,
-                      broadcast_state={"tick": tick_number, "entities": state})
+                      broadcast_state=broadcast)
 
 
 def _entry(views: dict, e, x: int, y: int, score) -> dict:
-    """The entity's entry in the tick state; the one built last tick when nothing changed."""
+    """The entity's entry in the tick state; the one built last tick when nothing changed
+    (the same entity, the same metadata object, the same rectangle: the same entry)."""
     cached = views.get(id(e))
     if (cached is not None and cached[0] is e and cached[1] is e.metadata and score is None
             and cached[2]["x"] == x and cached[2]["y"] == y and cached[2]["w"] == e.width
             and cached[2]["h"] == e.height):
         return cached[2]
-    meta = e.metadata
-    item = {"id": str(e.id), "x": x, "y": y, "w": e.width, "h": e.height, "kind": meta.get("kind", "")}
+    item = _state_entry(e.id, x, y, e.width, e.height, e.metadata, score)
+    if score is None:
+        views[id(e)] = (e, e.metadata, item)
+    return item
+
+
+def _state_entry(eid, x: int, y: int, w: int, h: int, meta, score) -> dict:
+    item = {"id": str(eid), "x": x, "y": y, "w": w, "h": h, "kind": meta.get("kind", "")}
     item.update(_look(meta))
     if item["kind"] == "avatar":
         item.update(player_id=meta.get("player_id"), name=meta.get("name"),
                     score=meta.get("score", 0) if score is None else score)
-    if score is None:
-        views[id(e)] = (e, meta, item)
     return item
 
 
@@ -234,7 +308,14 @@ def get_player_state(zone_id, player_id, full_state):
     radius = _settings["fog_radius"]
     if radius <= 0:
         return full_state
-    here = _positions.get(zone_id, {}).get(player_id)
+    key = str(player_id)
+    cached = _positions.get(zone_id)
+    if cached is not None and cached[0] is full_state:
+        here = cached[1].get(key)
+    else:  # not the state on_tick just made: find the avatar in it (the lowest id, as on_tick does)
+        found = min(((e["id"], e["x"], e["y"]) for e in full_state.get("entities", ())
+                     if e.get("kind") == "avatar" and e.get("player_id") == key), default=None)
+        here = None if found is None else found[1:]
     if here is None:
         return {"tick": full_state.get("tick"), "entities": [], "fog_radius": radius}
     x0, y0 = here
