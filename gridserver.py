@@ -4931,6 +4931,10 @@ since the last tick · <span id="count">0</span> entities <span id="source" clas
 <section><h2>Me</h2><div id="me"></div>
 <div id="debug" hidden><h2>Debug</h2><button id="pause">Pause</button> <button id="resume">Resume</button>
 <button id="step">Step</button> <span id="paused" class="muted"></span>
+<h2>Time line</h2><button id="back" title="the zone as it was one tick earlier">&#9664; Back</button>
+<button id="forward" title="pause, then one more tick">Forward &#9654;</button>
+<span id="timeline" class="muted">step the zone back and forth</span>
+<pre id="inputs" class="muted"></pre>
 <h2>Connected players</h2><ul id="connections"></ul></div>
 <h2>Entity</h2><pre id="entity" class="muted">click an entity on the grid</pre>
 <h2>Errors</h2><div id="errors"></div></section>
@@ -4941,7 +4945,7 @@ const $ = id => document.getElementById(id);
 const G = window.gridserver = {token: sessionStorage.getItem("gridserver.token"), me: null, zones: [], zone: null,
   subscribed: null, resumed: false, tick: null, ticks: 0, lastTickAt: null, entities: [], source: null, ws: null,
   connected: false, attempt: 0, paused: null, selected: null, entityJson: null, connections: [], errors: [], scale: 0,
-  statusLog: []};
+  statusLog: [], timeline: null};
 G.avatar = () => G.entities.find(e => e.mine) || null;
 
 function setStatus(text, cls) {
@@ -5231,6 +5235,30 @@ function showPaused(tick) {
   $("pause").className = G.paused ? "on" : "";
 }
 
+async function timeline(dir) {
+  if (!G.subscribed) return showError("time line: pick a zone first");
+  try {
+    let n;
+    if (dir < 0) {
+      const r = await api("POST", "/api/debug/zones/" + G.subscribed + "/rewind", {tick_number: G.tick - 1});
+      n = r.tick_number;
+    } else {
+      if (!G.paused) await api("POST", "/api/debug/tick/pause");
+      n = (await api("POST", "/api/debug/tick/step")).tick_number;
+    }
+    G.paused = true;
+    showPaused(n);
+    const h = await api("GET", "/api/debug/zones/" + G.subscribed + "/history?from=" + n + "&to=" + n);
+    const t = h.ticks.find(t => t.tick_number === n);
+    const who = id => { const c = G.connections.find(c => c.player_id === id); return c ? c.username : id.slice(0, 8); };
+    G.timeline = {tick: n, inputs: t || null};
+    $("timeline").textContent = "tick " + n + (dir < 0 ? " (rewound)" : "");
+    $("inputs").textContent = !t ? "no inputs journaled for this tick" :
+      (t.intents.map(i => who(i.player_id) + " #" + i.seq + " " + JSON.stringify(i.data)).join("\n") +
+       (t.events.length ? "\n" + t.events.map(e => e[0] + " " + who(e[1])).join("\n") : "")) || "no intents, no joins or leaves";
+  } catch (e) { showError("time line: " + e.message); }
+}
+
 async function control(what) {
   try {
     const r = await api("POST", "/api/debug/tick/" + what);
@@ -5259,6 +5287,8 @@ $("reload-zones").addEventListener("click", loadZones);
 $("status").addEventListener("click", () => { if (G.token && !G.connected) { G.attempt = Math.max(G.attempt, 1); connect(); } });
 $("grid").addEventListener("click", ev => { if (G.zone && G.scale) inspect(hit(ev)); });
 for (const what of ["pause", "resume", "step"]) $(what).addEventListener("click", () => control(what));
+$("back").addEventListener("click", () => timeline(-1));
+$("forward").addEventListener("click", () => timeline(1));
 window.addEventListener("resize", draw);
 setInterval(() => {
   $("tick").textContent = G.tick ?? "–";

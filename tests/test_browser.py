@@ -330,3 +330,41 @@ async def test_page_is_self_contained(tmp_path, start_server):
                for src in directives["connect-src"].split())
     markup = re.sub(r"<(script|style)>.*?</\1>", "", html, flags=re.S)
     assert not re.search(r"<[^>]*\s(on[a-z]+|style)\s*=", markup, re.I)  # no inline handlers or styles
+
+
+async def test_the_time_line_steps_a_zone_forward_and_back(tmp_path, start_server, page):
+    """The debug panel's time line: Forward pauses and runs one tick and shows its inputs;
+    Back rewinds the zone one tick (the journal replayed) and the grid shows that tick again."""
+    running = await start_server(walkers_config(tmp_path, persistence_interval=0.1))
+    await log_in(page, running.url, "tl_" + uuid.uuid4().hex[:8], register=True)
+    await page.click("#zones button:has-text('lobby')")
+    start = await avatar(page)
+    await wait_for(lambda: running.srv.metrics.flushes_total >= 2, what="a flush with the zone's snapshot")
+    key, step = ("ArrowRight", 1) if start["x"] < 18 else ("ArrowLeft", -1)
+    await page.click("#forward")  # pauses first, then one tick
+    tick = await until(page, "() => window.gridserver.paused === true && window.gridserver.timeline"
+                             " && window.gridserver.timeline.tick")
+    positions = {}
+    for _ in range(2):
+        accepted = running.srv.metrics.intents_accepted_total
+        await page.keyboard.press(key)
+        await wait_for(lambda: running.srv.metrics.intents_accepted_total > accepted, what="the move queued")
+        await page.click("#forward")
+        tick = await until(page, "(t) => window.gridserver.timeline.tick > t && window.gridserver.timeline.tick",
+                           tick)
+        await until(page, "(t) => window.gridserver.tick === t", tick)
+        positions[tick] = (await avatar(page))["x"]
+        inputs = await page.inner_text("#inputs")
+        assert '{"move":"%s"}' % ("right" if step == 1 else "left") in inputs.replace(" ", ""), inputs
+    last = max(positions)
+    assert positions[last] == positions[last - 1] + step  # each Forward moved it one cell
+    await page.click("#back")
+    await until(page, "(t) => window.gridserver.tick === t && document.getElementById('timeline').textContent"
+                      ".includes('rewound')", last - 1)
+    await until(page, "(x) => window.gridserver.avatar().x === x", positions[last - 1])
+    assert "move" in await page.inner_text("#inputs")  # the inputs of the tick shown
+    zs = next(iter(running.srv.world.zones.values()))
+    assert zs.tick_number == last - 1 and running.srv.engine.paused
+    shots = os.environ.get("GRIDSERVER_SCREENSHOTS")
+    if shots:  # the README's picture: GRIDSERVER_SCREENSHOTS=tests pytest -k time_line
+        await page.screenshot(path=os.path.join(shots, "timeline-screenshot.png"), full_page=True)
