@@ -1443,6 +1443,9 @@ class ZoneInputs:
     seed: int = 0
     at: float = 0.0
     verify: bool = False  # run the tick twice from the same state and compare (debug)
+    #: usernames of the players whose intents, joins and leaves the tick carries: what
+    #: ``FrameworkAPI.username`` answers during the tick, journaled with it
+    names: dict[UUID, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -1498,13 +1501,13 @@ def run_zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs,
 def _seeded_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs,
                  clock: Callable[[], float]) -> ZoneOutcome:
     ids = random.Random(inputs.seed ^ _ID_SALT)
-    previous = getattr(_TICK, "random", None)
-    _TICK.random = random.Random(inputs.seed)
+    previous = getattr(_TICK, "random", None), getattr(_TICK, "names", None)
+    _TICK.random, _TICK.names = random.Random(inputs.seed), inputs.names
     try:
         return _zone_tick(world, game, zs, inputs, clock,
                           lambda: uuid.UUID(int=ids.getrandbits(128), version=4))
     finally:
-        _TICK.random = previous
+        _TICK.random, _TICK.names = previous
         with world.lock:
             zs.tick_number = max(zs.tick_number, inputs.tick_number)
 
@@ -2940,7 +2943,8 @@ def _journal_rows(batch: list[tuple[int, list[tuple[UUID, ZoneInputs]]]]) -> lis
     for tick, zones in batch:
         for zone_id, inputs in zones:
             payload = {"intents": [[str(i.player_id), i.seq, i.received_at, i.data] for i in inputs.intents],
-                       "events": [[kind, str(player_id)] for kind, player_id in inputs.events]}
+                       "events": [[kind, str(player_id)] for kind, player_id in inputs.events],
+                       "names": {str(p): name for p, name in inputs.names.items()}}
             rows.append((zone_id, tick, inputs.seed, inputs.at, json_dumps(payload)))
     return rows
 
@@ -2950,7 +2954,8 @@ def _journaled_inputs(zone_id: UUID, tick_number: int, seed: int, at: float, inp
     data = json_loads(inputs)
     intents = [Intent(UUID(p), zone_id, _freeze(d), received_at, seq) for p, seq, received_at, d in data["intents"]]
     events = [(kind, UUID(p)) for kind, p in data["events"]]
-    return ZoneInputs(int(tick_number), intents, events, [], seed=int(seed), at=float(at))
+    names = {UUID(p): name for p, name in data.get("names", {}).items()}
+    return ZoneInputs(int(tick_number), intents, events, [], seed=int(seed), at=float(at), names=names)
 
 
 def replay_zone(world: World, game: Any, zs: _ZoneState, rows: Iterable[tuple],
@@ -3332,9 +3337,12 @@ class TickEngine:
         zs.intent_counts, zs.limited = {}, set()
         events = [(kind, player_id) for player_id, kind in zs.events.items()]
         zs.events = {}
-        return ZoneInputs(n, intents, events, list(self.hub.subscribers.get(zs.zone.id, ())),
-                          seed=secrets.randbits(63), at=at,
-                          verify=self.verify_every > 0 and n % self.verify_every == 0)
+        subscribers = list(self.hub.subscribers.get(zs.zone.id, ()))
+        usernames = self.hub.usernames
+        names = {p: usernames[p] for p in itertools.chain((i.player_id for i in intents), (p for _, p in events))
+                 if p in usernames}
+        return ZoneInputs(n, intents, events, subscribers, seed=secrets.randbits(63), at=at,
+                          verify=self.verify_every > 0 and n % self.verify_every == 0, names=names)
 
     async def _run_tick(self, t0: float) -> int:
         self.tick_number += 1
@@ -3641,7 +3649,12 @@ class FrameworkAPI:
         return self._create_zone(name, width, height, metadata or {})
 
     def username(self, player_id: UUID) -> str | None:
-        """The username of a connected player (None when not connected)."""
+        """The username of a connected player (None when not connected). During a zone tick:
+        of a player whose intent, join or leave the tick carries (None for others), as the
+        tick's journal has it, so a replay answers the same."""
+        names: dict[UUID, str] | None = getattr(_TICK, "names", None)
+        if names is not None:
+            return names.get(_as_uuid(player_id))
         return self._usernames.get(_as_uuid(player_id))
 
     def get_entity(self, entity_id: UUID) -> Entity | None:

@@ -366,3 +366,22 @@ def test_applying_that_fails_half_way_is_undone_whole(monkeypatch):
     with pytest.raises(gridserver.TickRejected, match="MemoryError"):
         world.apply(zone.id, result, 99.0)
     assert calls[0] is c and snapshot(world, zone) == before
+
+
+def test_username_during_a_tick_is_the_journaled_one():
+    """``framework.username`` in a tick answers from the tick's inputs (journaled, so a replay
+    after a restart, with nobody connected, answers the same), not from who is connected now."""
+    world, zone, a, b, c = make_world()
+    p, q = uuid.uuid4(), uuid.uuid4()
+    live = {p: "now-connected", q: "also-connected"}
+    fw = gridserver.FrameworkAPI(world, {}, section="t", tick_interval=1.0, create_zone=None, usernames=live)
+    seen = []
+
+    def on_tick(zone_id, entities, intents, n):
+        seen.extend([fw.username(p), fw.username(q)])
+        return TickResult()
+
+    inputs = ZoneInputs(1, [intent(p, {})], [], [], seed=1, at=1.0, names={p: "as-journaled"})
+    run_zone_tick(world, Scripted(on_tick), world.zones[zone.id], inputs, Clock())
+    assert seen == ["as-journaled", None]
+    assert fw.username(p) == "now-connected"  # outside a tick: who is connected
