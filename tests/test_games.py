@@ -95,6 +95,7 @@ class Walkers:
                                         for x, y, w, h, meta in things])
         self.game = load_module(WALKERS)
         self.game.on_init(framework(self.world, {"walls": 0, "items": 0, **settings}, usernames=usernames))
+        self.usernames = usernames or {}
         self.n = 0
         self.seq = itertools.count(1)
         self.present: list = []
@@ -109,8 +110,9 @@ class Walkers:
             elif p in self.present:
                 self.present.remove(p)
         intents = [Intent(p, self.zone.id, data, 0.0, next(self.seq)) for p, data in moves]
+        names = {p: self.usernames[p] for p in [*(p for p, _ in moves), *(p for _, p in events)] if p in self.usernames}
         inputs = ZoneInputs(self.n, intents, list(events), list(self.present), seed=self.n if seed is None else seed,
-                            at=2000.0 + self.n)
+                            at=2000.0 + self.n, names=names)  # as the server journals them
         outcome = run_zone_tick(self.world, game or self.game, self.world.zones[self.zone.id], inputs, clock)
         self.frames = frames_json(outcome)
         return outcome
@@ -322,8 +324,9 @@ def script(zone_id, ticks: int = 60, seed: int = 2024) -> list[ZoneInputs]:
         for _ in range(rng.randrange(8)):
             p = rng.choice(present) if present and rng.random() < 0.9 else rng.choice(PLAYERS)
             intents.append(Intent(p, zone_id, rng.choice(MOVES), 1_000_000.0 + n * 0.1, next(seq)))
+        names = {p: NAMES[p] for p in [*(i.player_id for i in intents), *(p for _, p in events)] if p in NAMES}
         out.append(ZoneInputs(n, intents, list(events), list(present), seed=rng.getrandbits(63),
-                              at=1_000_000.0 + n * 0.1))
+                              at=1_000_000.0 + n * 0.1, names=names))
     return out
 
 
