@@ -62,8 +62,7 @@ threading lock.
   debug routes' reads of entities, under ``World.lock``, for the loop.
 * Database threads: the flush thread (``gridserver-flush``: the snapshot of changed
   entities under ``World.lock``, serializing it, restoring it when a flush failed), the
-  journal thread (``gridserver-journal``: serializing each tick's inputs, which are
-  immutable by then), the SQLite thread (``gridserver-sqlite``) and bcrypt
+  SQLite thread (``gridserver-sqlite``) and bcrypt
   (``gridserver-bcrypt``). They write nothing in memory but what they are handed;
   PostgreSQL goes through aiopg on the loop.
 * Recovery replays journaled ticks through the module in a worker thread at start-up,
@@ -996,6 +995,7 @@ class _ZoneState:
     entities: dict[UUID, Entity] = field(default_factory=dict)
     index: SpatialIndex = field(default_factory=SpatialIndex)
     intents: list[Intent] = field(default_factory=list)
+    journaled: list[str] = field(default_factory=list)  # each intent as the journal writes it, made at the door
     intent_counts: dict[UUID, int] = field(default_factory=dict)  # per player, for the next tick
     limited: set = field(default_factory=set)  # connections told ``rate_limited`` for the next tick
     events: dict[UUID, str] = field(default_factory=dict)  # player -> "join"|"leave", net, in order
@@ -1444,8 +1444,11 @@ class ZoneInputs:
     at: float = 0.0
     verify: bool = False  # run the tick twice from the same state and compare (debug)
     #: usernames of the players whose intents, joins and leaves the tick carries: what
-    #: ``FrameworkAPI.username`` answers during the tick, journaled with it
+    #: ``FrameworkAPI.username`` answers during the tick (usernames never change, so a replay
+    #: takes them from the players table)
     names: dict[UUID, str] = field(default_factory=dict)
+    #: the intents as the journal writes them (``[player, seq, received_at, data]`` JSON)
+    journaled: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -1825,6 +1828,7 @@ _SQL = {
     "delete_zone_entities": "DELETE FROM entities WHERE zone_id = %s",
     "delete_zone": "DELETE FROM zones WHERE id = %s",
     "zones": "SELECT id, name, width, height, metadata, created_at, updated_at, tick_number FROM zones",
+    "usernames": "SELECT id, username FROM players",
     "journal_after_flush": "SELECT j.zone_id, j.tick_number, j.seed, j.at, j.inputs FROM journal j "
                            "JOIN zones z ON z.id = j.zone_id WHERE j.tick_number > z.tick_number "
                            "ORDER BY j.zone_id, j.tick_number",
@@ -2276,6 +2280,10 @@ class Store:
         """Every journaled tick after its zone's saved state, by zone and tick."""
         return [(_as_uuid(r[0]), *r[1:]) for r in await self.dialect.run([_Step(_SQL["journal_after_flush"])], "all")]
 
+    async def usernames(self) -> dict[UUID, str]:
+        """Every player's username (for replays: usernames never change)."""
+        return {_as_uuid(r[0]): r[1] for r in await self._do("usernames", fetch="all")}
+
     async def journal_range(self, zone_id: UUID, first: int, last: int) -> list[tuple]:
         rows = await self._do("journal_range", str(zone_id), first, last, fetch="all")
         return [(_as_uuid(r[0]), *r[1:]) for r in rows]
@@ -2707,11 +2715,13 @@ class Hub:
         self.grace = cfg.get("websocket", "reconnect_grace")
         self.max_intents = cfg.get("tick", "max_intents_per_player")
         self.max_zone_intents = cfg.get("tick", "max_intents_per_zone")
+        self.journal_intents = cfg.get("journal", "mode") == "replay"
         self.max_subscribes = cfg.get("websocket", "max_subscribes_per_tick")
         self.max_behind = cfg.get("websocket", "max_behind")
         self.conns: dict[UUID, Connection] = {}
-        #: player id -> username of each connected player, for ``FrameworkAPI.username``: written
-        #: on the loop, read from game threads (one dict lookup, atomic in CPython).
+        #: player id -> username of every player connected since start (usernames never change),
+        #: for ``FrameworkAPI.username``: written on the loop, read from game threads (one dict
+        #: lookup, atomic in CPython).
         self.usernames: dict[UUID, str] = {}
         self.subscribers: dict[UUID, dict[UUID, Connection]] = collections.defaultdict(dict)
         self.members: dict[UUID, set[UUID]] = collections.defaultdict(set)
@@ -2777,7 +2787,6 @@ class Hub:
         if self.conns.get(conn.player_id) is not conn:
             return  # replaced: the new connection owns the player now
         del self.conns[conn.player_id]
-        self.usernames.pop(conn.player_id, None)
         zone_id = conn.zone_id
         self._unsubscribe_conn(conn)
         if zone_id is None:
@@ -2872,7 +2881,10 @@ class Hub:
                 conn.error("rate_limited", why + "; the rest are dropped.")
             return
         zs.intent_counts[player_id] = n + 1
-        zs.intents.append(Intent(player_id, zs.zone.id, _freeze(data), time.time(), next(self._seq)))
+        intent = Intent(player_id, zs.zone.id, _freeze(data), time.time(), next(self._seq))
+        zs.intents.append(intent)
+        if self.journal_intents:  # made here, spread over the tick, not all at its start
+            zs.journaled.append(json_dumps([str(player_id), intent.seq, intent.received_at, data]))
         self.metrics.intents_accepted_total += 1
 
     def zone_deleted(self, zone_id: UUID) -> None:
@@ -2933,34 +2945,33 @@ class Hub:
 # =============================================================================
 
 
-def _journal_rows(batch: list[tuple[int, list[tuple[UUID, ZoneInputs]]]]) -> list[tuple]:
-    """In the journal thread: ``(zone_id, tick_number, seed, at, inputs JSON)`` per zone tick.
-
-    Intents' data and events are immutable by then (data is frozen at the door), so reading
-    them here, while game threads run, is safe.
-    """
-    rows = []
-    for tick, zones in batch:
-        for zone_id, inputs in zones:
-            payload = {"intents": [[str(i.player_id), i.seq, i.received_at, i.data] for i in inputs.intents],
-                       "events": [[kind, str(player_id)] for kind, player_id in inputs.events],
-                       "names": {str(p): name for p, name in inputs.names.items()}}
-            rows.append((zone_id, tick, inputs.seed, inputs.at, json_dumps(payload)))
-    return rows
+def _journal_row(zone_id: UUID, tick: int, inputs: ZoneInputs) -> tuple:
+    """``(zone_id, tick_number, seed, at, inputs JSON)``: the intents were serialized as they
+    arrived, so this is string joining (on the loop, as the tick starts)."""
+    events = ",".join(f'["{kind}","{player_id}"]' for kind, player_id in inputs.events)
+    return (zone_id, tick, inputs.seed, inputs.at,
+            '{"intents":[' + ",".join(inputs.journaled) + '],"events":[' + events + "]}")
 
 
-def _journaled_inputs(zone_id: UUID, tick_number: int, seed: int, at: float, inputs: str) -> ZoneInputs:
-    """A zone tick's inputs as the journal has them (no subscribers: a replay sends nothing)."""
+def _journaled_inputs(zone_id: UUID, tick_number: int, seed: int, at: float, inputs: str,
+                      usernames: Mapping[UUID, str] | None = None) -> ZoneInputs:
+    """A zone tick's inputs as the journal has them (no subscribers: a replay sends nothing);
+    ``usernames`` (from the players table) give the tick's names."""
     data = json_loads(inputs)
     intents = [Intent(UUID(p), zone_id, _freeze(d), received_at, seq) for p, seq, received_at, d in data["intents"]]
     events = [(kind, UUID(p)) for kind, p in data["events"]]
-    names = {UUID(p): name for p, name in data.get("names", {}).items()}
+    names: dict[UUID, str] = {}
+    if usernames:
+        for p in itertools.chain((i.player_id for i in intents), (p for _, p in events)):
+            if p in usernames:
+                names[p] = usernames[p]
     return ZoneInputs(int(tick_number), intents, events, [], seed=int(seed), at=float(at), names=names)
 
 
 def replay_zone(world: World, game: Any, zs: _ZoneState, rows: Iterable[tuple],
                 clock: Callable[[], float] = time.time, subscribers: list[UUID] | None = None,
-                each: Callable[[int, ZoneOutcome], None] | None = None) -> list[tuple[int, ZoneOutcome]]:
+                each: Callable[[int, ZoneOutcome], None] | None = None,
+                usernames: Mapping[UUID, str] | None = None) -> list[tuple[int, ZoneOutcome]]:
     """Run a zone's journaled ticks (rows ``(zone_id, tick_number, seed, at, inputs)``, in order)
     through the module again, in a thread where module code may run. Ticks the zone has
     already run are passed over; the last one builds frames for ``subscribers``; ``each``
@@ -2968,7 +2979,7 @@ def replay_zone(world: World, game: Any, zs: _ZoneState, rows: Iterable[tuple],
     todo = [row for row in rows if row[1] > zs.tick_number]
     done = []
     for i, (zone_id, tick_number, seed, at, inputs) in enumerate(todo):
-        replayed = _journaled_inputs(zone_id, tick_number, seed, at, inputs)
+        replayed = _journaled_inputs(zone_id, tick_number, seed, at, inputs, usernames)
         if subscribers and i == len(todo) - 1:
             replayed.subscribers = list(subscribers)
         outcome = run_zone_tick(world, game, zs, replayed, clock)
@@ -2984,8 +2995,9 @@ class Journal:
     Policies:
 
     * ``record`` (on the loop, as tick N starts) queues the inputs of every zone that runs
-      tick N; one writer task commits everything queued in one transaction (group commit:
-      while one commit runs, the next ticks gather), serialized in the journal thread.
+      tick N (their intents serialized as they arrived: this only joins strings); one writer
+      task commits everything queued in one transaction (group commit: while one commit
+      runs, the next ticks gather).
       ``committed`` is the last tick whose inputs are in the database; frames of a later
       tick wait for it (``waits``).
     * While the database cannot be reached, frames do not wait: ticks and play go on, the
@@ -3001,17 +3013,16 @@ class Journal:
         self.max_backoff = max_backoff
         self.committed = 0
         self.outage_since: float | None = None
-        self._queue: list[tuple[int, list[tuple[UUID, ZoneInputs]]]] = []
+        self._queue: list[tuple[int, list[tuple]]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-journal")
         self._task: asyncio.Task | None = None
 
     def record(self, tick: int, zones: list[tuple[UUID, ZoneInputs]]) -> None:
         """Queue tick ``tick``'s inputs (on the loop)."""
         if zones:
-            self._queue.append((tick, zones))
+            self._queue.append((tick, [_journal_row(zone_id, tick, inputs) for zone_id, inputs in zones]))
             self._idle.clear()
             self._wake.set()
         elif not self._queue:
@@ -3025,7 +3036,6 @@ class Journal:
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         backoff = 0.0
         while True:
             if not self._queue:
@@ -3034,8 +3044,7 @@ class Journal:
                 await self._wake.wait()
             batch, self._queue = self._queue, []
             try:
-                rows = await loop.run_in_executor(self._executor, _journal_rows, batch)
-                await self.store.write_journal(rows)
+                await self.store.write_journal([row for _, rows in batch for row in rows])
             except Exception as exc:  # noqa: BLE001 - unreachable or refusing: keep the inputs, retry
                 self._queue = batch + self._queue
                 self.metrics.journal_failures_total += 1
@@ -3068,7 +3077,6 @@ class Journal:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._executor.shutdown(wait=False)
 
 
 # =============================================================================
@@ -3334,6 +3342,7 @@ class TickEngine:
     def _take_inputs(self, zs: _ZoneState, n: int, at: float) -> ZoneInputs:
         """Swap the zone's inbox out as the tick's inputs (its limits start again)."""
         intents, zs.intents = zs.intents, []
+        journaled, zs.journaled = zs.journaled, []
         zs.intent_counts, zs.limited = {}, set()
         events = [(kind, player_id) for player_id, kind in zs.events.items()]
         zs.events = {}
@@ -3342,7 +3351,8 @@ class TickEngine:
         names = {p: usernames[p] for p in itertools.chain((i.player_id for i in intents), (p for _, p in events))
                  if p in usernames}
         return ZoneInputs(n, intents, events, subscribers, seed=secrets.randbits(63), at=at,
-                          verify=self.verify_every > 0 and n % self.verify_every == 0, names=names)
+                          verify=self.verify_every > 0 and n % self.verify_every == 0, names=names,
+                          journaled=journaled)
 
     async def _run_tick(self, t0: float) -> int:
         self.tick_number += 1
@@ -3649,9 +3659,9 @@ class FrameworkAPI:
         return self._create_zone(name, width, height, metadata or {})
 
     def username(self, player_id: UUID) -> str | None:
-        """The username of a connected player (None when not connected). During a zone tick:
-        of a player whose intent, join or leave the tick carries (None for others), as the
-        tick's journal has it, so a replay answers the same."""
+        """The username of a player who connected since the server started (None otherwise).
+        During a zone tick: of a player whose intent, join or leave the tick carries (None
+        for others), which a replay answers the same."""
         names: dict[UUID, str] | None = getattr(_TICK, "names", None)
         if names is not None:
             return names.get(_as_uuid(player_id))
@@ -3910,12 +3920,14 @@ class Server:
         for row in rows:
             by_zone[row[0]].append(row)
 
+        names = await self.store.usernames() if rows else {}
+
         def replay_all() -> int:
             count = 0
             for zone_id, zone_rows in by_zone.items():
                 zs = self.world.zones.get(zone_id)
                 if zs is not None:
-                    count += len(replay_zone(self.world, self.game, zs, zone_rows))
+                    count += len(replay_zone(self.world, self.game, zs, zone_rows, usernames=names))
             return count
         if rows:
             t0 = time.monotonic()
@@ -3947,10 +3959,11 @@ class Server:
             if base is None or not rows or rows[-1][1] > n:
                 raise GridError("out_of_history", f"Tick {n} of this zone is no longer kept ([journal] keep).")
             subscribers = list(self.hub.subscribers.get(zs.zone.id, ()))
+            names = await self.store.usernames()
 
             def replay() -> list[tuple[int, ZoneOutcome]]:
                 self.world.reset_zone(zs, base[1], base[0])
-                done = replay_zone(self.world, self.game, zs, rows, subscribers=subscribers)
+                done = replay_zone(self.world, self.game, zs, rows, subscribers=subscribers, usernames=names)
                 with self.world.lock:
                     zs.tick_number = n
                 return done
@@ -4793,6 +4806,7 @@ async def _replay(cfg: Config, zone_text: str, first: int, last: int) -> int:
             print(f"gridserver replay: tick {first} of zone {zone_id} is not kept ([journal] keep)", file=sys.stderr)
             return 2
         game = load_game(cfg.get("game", "module"))
+        names = await store.usernames()
 
         def refuse(*args: Any) -> Zone:
             raise RuntimeError("a replay creates no zone")
@@ -4812,7 +4826,7 @@ async def _replay(cfg: Config, zone_text: str, first: int, last: int) -> int:
         def run() -> None:
             game.on_init(framework)
             world.reset_zone(zs, base[1], base[0])
-            replay_zone(world, game, zs, rows, each=each)
+            replay_zone(world, game, zs, rows, each=each, usernames=names)
         await asyncio.get_running_loop().run_in_executor(None, run)
         return 0
     except (DatabaseUnavailable, ConfigError) as exc:
