@@ -2617,7 +2617,7 @@ class Connection:
     and is disconnected after ``max_behind`` skipped ticks or past ``SEND_BUFFER_HARD_LIMIT``.
     """
 
-    __slots__ = ("ws", "transport", "session", "player_id", "username", "zone_id", "connected_at",
+    __slots__ = ("ws", "transport", "session", "player_id", "player_text", "username", "zone_id", "connected_at",
                  "behind", "closed", "expiry_handle", "hub", "received", "seen", "pinged")
 
     def __init__(self, hub: "Hub", ws: web.WebSocketResponse, transport: Any, session: Session):
@@ -2626,6 +2626,7 @@ class Connection:
         self.transport = transport
         self.session = session
         self.player_id = session.player_id
+        self.player_text = str(session.player_id)  # as the journal writes it, once per connection
         self.username = session.username
         self.zone_id: UUID | None = None
         self.connected_at = _now()
@@ -2884,7 +2885,7 @@ class Hub:
         intent = Intent(player_id, zs.zone.id, _freeze(data), time.time(), next(self._seq))
         zs.intents.append(intent)
         if self.journal_intents:  # made here, spread over the tick, not all at its start
-            zs.journaled.append(json_dumps([str(player_id), intent.seq, intent.received_at, data]))
+            zs.journaled.append(json_dumps([conn.player_text, intent.seq, intent.received_at, data]))
         self.metrics.intents_accepted_total += 1
 
     def zone_deleted(self, zone_id: UUID) -> None:
