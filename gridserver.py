@@ -685,49 +685,42 @@ def _set_fields(e: Entity, **values: Any) -> None:
         _ENTITY_SETTERS[name](e, value)
 
 
-class _FrozenDict(dict):
-    """Entity metadata: a dict that cannot be changed in place (copying it gives a plain dict)."""
+class _ReadOnly:
+    """What read-only metadata containers share: every change refuses; copies (``copy``,
+    ``copy.deepcopy``, pickling) are the plain, changeable type."""
 
     __slots__ = ()
+    _plain: type = dict
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("entity metadata is read-only: return an EntityUpdate with new metadata "
                         "(copy.deepcopy gives a copy you may change)")
 
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+    def __copy__(self) -> Any:
+        return self._plain(self)
 
-    def __copy__(self) -> dict:
-        return dict(self)
-
-    def __deepcopy__(self, memo: dict) -> dict:
-        thawed: dict = _thaw(self)
-        return thawed
+    def __deepcopy__(self, memo: dict) -> Any:
+        return _thaw(self)
 
     def __reduce__(self) -> Any:
-        return (dict, (_thaw(self),))
+        return (self._plain, (_thaw(self),))
 
 
-class _FrozenList(list):
+class _FrozenDict(_ReadOnly, dict):
+    """Entity metadata: a dict that cannot be changed in place."""
+
+    __slots__ = ()
+    _plain = dict
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _ReadOnly._refuse
+
+
+class _FrozenList(_ReadOnly, list):
     """A list inside entity metadata: read-only like ``_FrozenDict``."""
 
     __slots__ = ()
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("entity metadata is read-only: return an EntityUpdate with new metadata "
-                        "(copy.deepcopy gives a copy you may change)")
-
-    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _refuse
-    __iadd__ = __imul__ = _refuse
-
-    def __copy__(self) -> list:
-        return list(self)
-
-    def __deepcopy__(self, memo: dict) -> list:
-        thawed: list = _thaw(self)
-        return thawed
-
-    def __reduce__(self) -> Any:
-        return (list, (_thaw(self),))
+    _plain = list
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _ReadOnly._refuse
+    __iadd__ = __imul__ = _ReadOnly._refuse
 
 
 def _freeze(value: Any) -> Any:
