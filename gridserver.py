@@ -3013,14 +3013,16 @@ class Journal:
         self._idle.set()
         self._task: asyncio.Task | None = None
 
-    def record(self, tick: int, zones: list[tuple[UUID, ZoneInputs]]) -> None:
-        """Queue tick ``tick``'s inputs (on the loop)."""
+    def record(self, tick: int, zones: list[tuple[UUID, ZoneInputs]]) -> bool:
+        """Queue tick ``tick``'s inputs (on the loop); whether there was anything to write."""
         if zones:
             self._queue.append((tick, [_journal_row(zone_id, tick, inputs) for zone_id, inputs in zones]))
             self._idle.clear()
             self._wake.set()
-        elif not self._queue:
+            return True
+        if not self._queue:
             self.committed = max(self.committed, tick)  # nothing ran: nothing to wait for
+        return False
 
     def waits(self, tick: int) -> bool:
         """Whether frames of ``tick`` must wait for its inputs to be committed."""
@@ -3364,8 +3366,11 @@ class TickEngine:
             jobs.append(_ZoneJob(zs, self._take_inputs(zs, n, at)))
         self._pending = set(jobs)
         self._all_done.clear()
-        if self.journal is not None:
-            self.journal.record(n, [(job.zs.zone.id, job.inputs) for job in jobs])
+        if self.journal is not None and self.journal.record(n, [(job.zs.zone.id, job.inputs) for job in jobs]):
+            # Let the writer send the tick's inputs before the game threads take the interpreter:
+            # the commit then runs in the database while the zones compute.
+            for _ in range(4):
+                await asyncio.sleep(0)
         for job in jobs:
             self._threads.submit(job)
         check = min(self.zone_timeout / 4, 0.05)
