@@ -1090,6 +1090,15 @@ class World:
             self.zones[zone.id] = zs
             return zs
 
+    def load(self, zones: list[Zone], entities: list[Entity], ticks: dict[UUID, int]) -> None:
+        """Add the saved world (``Store.load``): each zone with its entities, at its tick."""
+        by_zone: dict[UUID, list[Entity]] = collections.defaultdict(list)
+        for e in entities:
+            by_zone[e.zone_id].append(e)
+        with self.lock:
+            for zone in zones:
+                self.add_zone(zone, by_zone.get(zone.id, ())).tick_number = ticks.get(zone.id, 0)
+
     def remove_zone(self, zone_id: UUID) -> _ZoneState | None:
         """Drop a zone and its entities from memory (the database deleted them already)."""
         with self.lock:
@@ -3294,10 +3303,9 @@ class TickEngine:
             return
         self._send(job)
 
-    def _send(self, job: _ZoneJob) -> None:
-        """Hand the job's frames to its subscribers' sockets; the job is done."""
-        outcome, zone_id = job.outcome, job.zs.zone.id
-        if outcome is not None and outcome.frames:
+    def send_frames(self, zone_id: UUID, outcome: ZoneOutcome) -> None:
+        """Hand a zone tick's frames to the sockets of its subscribers (those still in the zone)."""
+        if outcome.frames:
             subscribers = self.hub.subscribers.get(zone_id, {})
             max_behind = self.max_behind
             for player_id, frame in outcome.frames:
@@ -3305,6 +3313,11 @@ class TickEngine:
                 if conn is not None and conn.zone_id == zone_id:
                     conn.send_tick(frame, max_behind)
             self._last_sent = time.monotonic()
+
+    def _send(self, job: _ZoneJob) -> None:
+        """Send the job's frames; the job is done."""
+        if job.outcome is not None:
+            self.send_frames(job.zs.zone.id, job.outcome)
         self._pending.discard(job)
         if not self._pending:
             self._all_done.set()
@@ -3827,14 +3840,7 @@ class Server:
         self.loop = asyncio.get_running_loop()
         await self.store.open()
         zones, entities, saved_ticks = await self.store.load()
-        by_zone: dict[UUID, list[Entity]] = collections.defaultdict(list)
-        for e in entities:
-            by_zone[e.zone_id].append(e)
-
-        def add_all() -> None:  # in the world thread, as every use of the world's lock
-            for zone in zones:
-                self.world.add_zone(zone, by_zone.get(zone.id, ())).tick_number = saved_ticks.get(zone.id, 0)
-        await self.in_world(add_all)
+        await self.in_world(self.world.load, zones, entities, saved_ticks)
         log.info("loaded %d zones and %d entities", len(zones), len(entities))
         if self.game is None:
             self.game = self._load_game()
@@ -3969,12 +3975,8 @@ class Server:
             done = await asyncio.get_running_loop().run_in_executor(None, replay)
             await self.store.drop_after(zs.zone.id, n)
             await self.persister.flush()
-            outcome = done[-1][1] if done else None
-            if outcome is not None and outcome.frames:
-                for player_id, frame in outcome.frames:
-                    conn = self.hub.subscribers.get(zs.zone.id, {}).get(player_id)
-                    if conn is not None:
-                        conn.send_tick(frame, engine.max_behind)
+            if done:
+                engine.send_frames(zs.zone.id, done[-1][1])
             entities: list[dict] = await self.in_world(self.world.zone_entities_json, zs)
             return entities
 
@@ -4790,11 +4792,7 @@ async def _replay(cfg: Config, zone_text: str, first: int, last: int) -> int:
         await store.open()
         zones, entities, ticks = await store.load()
         world = World(cfg.get("tick", "max_entities_per_zone"))
-        by_zone: dict[UUID, list[Entity]] = collections.defaultdict(list)
-        for e in entities:
-            by_zone[e.zone_id].append(e)
-        for zone in zones:
-            world.add_zone(zone, by_zone.get(zone.id, ())).tick_number = ticks.get(zone.id, 0)
+        world.load(zones, entities, ticks)
         zs = world.zones.get(zone_id)
         if zs is None:
             print(f"gridserver replay: no zone has the id {zone_id}", file=sys.stderr)
