@@ -1080,9 +1080,9 @@ class World:
         self.deleted: set[UUID] = set()
 
     # -- zones ---------------------------------------------------------------------------
-    def add_zone(self, zone: Zone, entities: Iterable[Entity] = ()) -> _ZoneState:
+    def add_zone(self, zone: Zone, entities: Iterable[Entity] = (), tick_number: int = 0) -> _ZoneState:
         with self.lock:
-            zs = _ZoneState(zone)
+            zs = _ZoneState(zone, tick_number=tick_number)
             for e in entities:
                 zs.entities[e.id] = e
                 zs.index.insert(e)
@@ -1097,7 +1097,7 @@ class World:
             by_zone[e.zone_id].append(e)
         with self.lock:
             for zone in zones:
-                self.add_zone(zone, by_zone.get(zone.id, ())).tick_number = ticks.get(zone.id, 0)
+                self.add_zone(zone, by_zone.get(zone.id, ()), ticks.get(zone.id, 0))
 
     def remove_zone(self, zone_id: UUID) -> _ZoneState | None:
         """Drop a zone and its entities from memory (the database deleted them already)."""
@@ -1825,8 +1825,8 @@ _SQL = {
     "delete_old_sessions": "DELETE FROM sessions WHERE player_id = %s AND token_digest NOT IN ("
                            "SELECT token_digest FROM sessions WHERE player_id = %s "
                            "ORDER BY created_at DESC, token_digest LIMIT %s) RETURNING token_digest",
-    "insert_zone": "INSERT INTO zones (id, name, width, height, metadata, created_at, updated_at) "
-                   "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+    "insert_zone": "INSERT INTO zones (id, name, width, height, metadata, created_at, updated_at, tick_number) "
+                   "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
     "delete_zone_entities": "DELETE FROM entities WHERE zone_id = %s",
     "delete_zone": "DELETE FROM zones WHERE id = %s",
     "zones": "SELECT id, name, width, height, metadata, created_at, updated_at, tick_number FROM zones",
@@ -2226,9 +2226,10 @@ class Store:
                       else self._do("delete_player_sessions", pid, fetch="all"))
         return [r[0] for r in rows or []]
 
-    async def insert_zone(self, zone: Zone) -> None:
+    async def insert_zone(self, zone: Zone, tick_number: int = 0) -> None:
+        """A new zone whose ticks are numbered on from ``tick_number``."""
         await self._do("insert_zone", str(zone.id), zone.name, zone.width, zone.height, json_dumps(zone.metadata),
-                       self._t(zone.created_at), self._t(zone.updated_at))
+                       self._t(zone.created_at), self._t(zone.updated_at), tick_number)
 
     async def delete_zone(self, zone_id: UUID, entity_ids: list[UUID]) -> None:
         """The zone, its entities, and ``entity_ids`` (entities moved into it since the last
@@ -2948,11 +2949,11 @@ class Hub:
 # =============================================================================
 
 
-def _journal_row(zone_id: UUID, tick: int, inputs: ZoneInputs) -> tuple:
+def _journal_row(zone_id: UUID, inputs: ZoneInputs) -> tuple:
     """``(zone_id, tick_number, seed, at, inputs JSON)``: the intents were serialized as they
     arrived, so this is string joining (on the loop, as the tick starts)."""
     events = ",".join(f'["{kind}","{player_id}"]' for kind, player_id in inputs.events)
-    return (zone_id, tick, inputs.seed, inputs.at,
+    return (zone_id, inputs.tick_number, inputs.seed, inputs.at,
             '{"intents":[' + ",".join(inputs.journaled) + '],"events":[' + events + "]}")
 
 
@@ -3025,7 +3026,7 @@ class Journal:
     def record(self, tick: int, zones: list[tuple[UUID, ZoneInputs]]) -> bool:
         """Queue tick ``tick``'s inputs (on the loop); whether there was anything to write."""
         if zones:
-            self._queue.append((tick, [_journal_row(zone_id, tick, inputs) for zone_id, inputs in zones]))
+            self._queue.append((tick, [_journal_row(zone_id, inputs) for zone_id, inputs in zones]))
             self._idle.clear()
             self._wake.set()
             return True
@@ -3094,7 +3095,8 @@ class _ZoneJob:
     """One zone's share of one tick: made on the loop, run in a game thread, delivered on the loop."""
 
     zs: _ZoneState
-    inputs: ZoneInputs
+    inputs: ZoneInputs                  # ``inputs.tick_number``: the zone's own tick number
+    world_tick: int = 0                 # the engine's tick that ran it (what the journal commits)
     started: float = 0.0
     finished: float = 0.0
     stalled: bool = False
@@ -3298,7 +3300,7 @@ class TickEngine:
         if job.stalled:
             log.warning("zone %s: late result of tick %d arrived after %.1f s",
                         zone_id, job.inputs.tick_number, job.finished - job.started)
-        if self.journal is not None and self.journal.waits(job.inputs.tick_number):
+        if self.journal is not None and self.journal.waits(job.world_tick):
             self._held.append(job)  # sent once the tick's inputs are committed
             return
         self._send(job)
@@ -3327,7 +3329,7 @@ class TickEngine:
         if self._held and self.journal is not None:
             held, self._held = self._held, []
             for job in held:
-                if self.journal.waits(job.inputs.tick_number):
+                if self.journal.waits(job.world_tick):
                     self._held.append(job)
                 else:
                     self._send(job)
@@ -3349,7 +3351,9 @@ class TickEngine:
             await self._tick_ended.wait()
 
     def _take_inputs(self, zs: _ZoneState, n: int, at: float) -> ZoneInputs:
-        """Swap the zone's inbox out as the tick's inputs (its limits start again)."""
+        """Swap the zone's inbox out as the inputs of the zone's next tick (its limits start
+        again). ``n`` is the engine's tick: a zone counts its own ticks, which follow the
+        engine's except after a rewind or a skipped (stalled) tick."""
         intents, zs.intents = zs.intents, []
         journaled, zs.journaled = zs.journaled, []
         zs.intent_counts, zs.limited = {}, set()
@@ -3359,7 +3363,7 @@ class TickEngine:
         usernames = self.hub.usernames
         names = {p: usernames[p] for p in itertools.chain((i.player_id for i in intents), (p for _, p in events))
                  if p in usernames}
-        return ZoneInputs(n, intents, events, subscribers, seed=secrets.randbits(63), at=at,
+        return ZoneInputs(zs.tick_number + 1, intents, events, subscribers, seed=secrets.randbits(63), at=at,
                           verify=self.verify_every > 0 and n % self.verify_every == 0, names=names,
                           journaled=journaled)
 
@@ -3376,7 +3380,7 @@ class TickEngine:
                 self.metrics.zone_ticks_skipped_total += 1
                 continue
             zs.busy_since = t0
-            jobs.append(_ZoneJob(zs, self._take_inputs(zs, n, at)))
+            jobs.append(_ZoneJob(zs, self._take_inputs(zs, n, at), n))
         self._pending = set(jobs)
         self._all_done.clear()
         if self.journal is not None and self.journal.record(n, [(job.zs.zone.id, job.inputs) for job in jobs]):
@@ -3900,13 +3904,15 @@ class Server:
         if self.world.zone_by_name(name) is not None:
             raise GridError("zone_name_taken", f"A zone named {name!r} exists already.")
         zone = Zone(uuid.uuid4(), name, width, height, metadata)
+        # A new zone's ticks are numbered on from the engine's, like the zones beside it.
+        first_tick = self.engine.tick_number if self.engine else 0
         try:
-            await self.store.insert_zone(zone)
+            await self.store.insert_zone(zone, first_tick)
         except UniqueViolation:
             raise GridError("zone_name_taken", f"A zone named {name!r} exists already.") from None
         if self.world.zone_by_name(name) is not None:  # created by a racing call meanwhile
             raise GridError("zone_name_taken", f"A zone named {name!r} exists already.")
-        await self.in_world(self.world.add_zone, zone)
+        await self.in_world(self.world.add_zone, zone, (), first_tick)
         return zone
 
     async def _after_tick(self) -> None:
@@ -3944,10 +3950,8 @@ class Server:
         """Put the zone back as it was at the end of its tick ``n``: pause the ticks, start from
         the newest snapshot before ``n``, replay the journal up to ``n`` through the module (in
         a worker thread), forget the journal after ``n``, save, and send the subscribers a
-        ``tick`` message numbered ``n``. Its entities as JSON.
-
-        With one tick counter for the world, the zone's next tick is numbered as the world's
-        next (after ``n``, but not always ``n + 1``).
+        ``tick`` message numbered ``n``. Its entities as JSON. The zone's next tick is ``n + 1``
+        (a zone counts its own ticks; the engine's count goes on).
         """
         if self.journal is None:
             raise GridError("journal_off", "The journal is off ([journal] mode = off): nothing to rewind to.")
@@ -5268,10 +5272,11 @@ async function timeline(dir) {
       n = r.tick_number;
     } else {
       if (!G.paused) await api("POST", "/api/debug/tick/pause");
-      n = (await api("POST", "/api/debug/tick/step")).tick_number;
+      showPaused((await api("POST", "/api/debug/tick/step")).tick_number);
+      n = (await api("GET", "/api/debug/zones/" + G.subscribed + "/state")).zone_tick_number;
     }
     G.paused = true;
-    showPaused(n);
+    if (dir < 0) showPaused(n);
     const h = await api("GET", "/api/debug/zones/" + G.subscribed + "/history?from=" + n + "&to=" + n);
     const t = h.ticks.find(t => t.tick_number === n);
     const who = id => { const c = G.connections.find(c => c.player_id === id); return c ? c.username : id.slice(0, 8); };

@@ -365,6 +365,12 @@ async def test_the_time_line_steps_a_zone_forward_and_back(tmp_path, start_serve
     assert "move" in await page.inner_text("#inputs")  # the inputs of the tick shown
     zs = next(iter(running.srv.world.zones.values()))
     assert zs.tick_number == last - 1 and running.srv.engine.paused
+    await page.click("#forward")  # after a rewind to N the zone's next tick is N+1
+    await until(page, "(t) => window.gridserver.timeline.tick === t && window.gridserver.tick === t", last)
+    assert zs.tick_number == last and running.srv.engine.tick_number > last
+    await page.click("#back")
+    await until(page, "(t) => window.gridserver.tick === t && document.getElementById('timeline').textContent"
+                      ".includes('rewound')", last - 1)
     shots = os.environ.get("GRIDSERVER_SCREENSHOTS")
     if shots:  # the README's picture: GRIDSERVER_SCREENSHOTS=tests pytest -k time_line
         await page.screenshot(path=os.path.join(shots, "timeline-screenshot.png"), full_page=True)

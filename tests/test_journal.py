@@ -92,15 +92,31 @@ async def test_history_rewind_and_replay_of_a_known_sequence(start_server, dsn):
         status, body = await running.call("POST", f"/api/debug/zones/{zone['id']}/rewind", token,
                                           json={"tick_number": 1})
         assert status == 409 and body["error"] == "out_of_history", body
-        # and the zone goes on from there: one more step moves every entity one cell
+        # and the zone goes on from there with tick N+1 (the world's count goes on): one more
+        # step moves every entity one cell, and its input is journaled as tick N+1
+        await ws.send_json({"type": "intent", "data": {"add": 999}})
+        await ws.send_json({"type": "ping"})
+        while (await ws.receive_json(timeout=scaled(10)))["type"] != "pong":
+            pass
         status, body = await running.call("POST", "/api/debug/tick/step", token)
-        after = (await next_tick(target))["state"]["entities"]
+        assert status == 200 and body["tick_number"] == last + 1, body
+        msg = await next_tick(target)
+        assert msg["tick_number"] == target + 1
+        after = [e for e in msg["state"]["entities"] if e[5] != {"k": 999}]
         assert [[e[0], (e[1] - 1) % 20, *e[2:]] for e in after] == frames[target]
+        status, state = await running.call("GET", f"/api/debug/zones/{zone['id']}/state", token)
+        assert state["zone_tick_number"] == target + 1 and state["tick_number"] == last + 1
+        states[target + 1] = entities_of(state["entities"])
+        status, body = await running.call("GET", f"/api/debug/zones/{zone['id']}/history?from={target}&to={last}",
+                                          token)
+        assert [(t["tick_number"], [i["data"] for i in t["intents"]]) for t in body["ticks"]] == \
+            [(target, [{"add": k} for k in sent[target]]), (target + 1, [{"add": 999}])]
     finally:
         await ws.close()
     await stop_server(running)
 
-    # gridserver replay: the kept ticks before the rewind point, printed again from the database.
+    # gridserver replay: the kept ticks up to the rewind point and the tick after it, printed
+    # again from the database.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
     env.update(GRIDSERVER_DATABASE_DSN=dsn, GRIDSERVER_GAME_MODULE="tests.fault_games:Stepper",
                GRIDSERVER_DEBUG_LOG_LEVEL="warning")
@@ -111,6 +127,12 @@ async def test_history_rewind_and_replay_of_a_known_sequence(start_server, dsn):
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [line["tick_number"] for line in lines] == list(range(lo, target + 1))
+    after_rewind = subprocess.run([sys.executable, os.path.join(ROOT, "gridserver.py"), "replay", "--zone",
+                                   zone["id"], "--from", str(target + 1), "--to", str(target + 1)], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=scaled(60))
+    assert after_rewind.returncode == 0, after_rewind.stderr
+    lines += [json.loads(line) for line in after_rewind.stdout.splitlines()]
+    assert lines[-1]["tick_number"] == target + 1
     for line in lines:
         assert entities_of(line["entities"]) == states[line["tick_number"]], line["tick_number"]
     gone = subprocess.run([sys.executable, os.path.join(ROOT, "gridserver.py"), "replay", "--zone", zone["id"],
