@@ -980,6 +980,11 @@ class TickRejected(Exception):
     """A zone's tick result (or the module call itself) failed; nothing of it was applied."""
 
 
+#: What the flush saves on a zone's row: the tick its saved state is at, and the players its
+#: module knows as joined (ids as text, sorted).
+ZoneMark = tuple[int, tuple[str, ...]]
+
+
 @dataclass(eq=False)
 class _ZoneState:
     """Everything the server keeps for one live zone."""
@@ -999,6 +1004,32 @@ class _ZoneState:
     skipped: int = 0                    # ticks skipped while its module call was still running
     tick_number: int = 0                # the last tick the zone ran (its world is as that tick left it)
     last_tick_ms: float = 0.0
+    #: the players the module was told joined and not yet told left (saved by the flush, so
+    #: players who do not come back after a restart are delivered as leaving)
+    joined: set[UUID] = field(default_factory=set)
+    failing: int = 0                    # ticks lost in a row (0: the last tick succeeded)
+
+
+def _queue_event(zs: _ZoneState, player_id: UUID, kind: str) -> None:
+    """Queue a join or leave for the zone's next tick. A join and a leave of one player
+    before that tick cancel out: the module sees neither (a player who left and came back
+    keeps what the module gave them; one who came and went never gets an avatar). So a
+    zone holds at most one pending event per player."""
+    pending = zs.events.get(player_id)
+    if pending is not None and pending != kind:
+        del zs.events[player_id]
+    else:
+        zs.events[player_id] = kind
+
+def _requeue_events(zs: _ZoneState, events: list[tuple[str, UUID]]) -> None:
+    """Put the events of a tick that applied nothing back before those queued since, for the
+    zone's next tick (netted as ``_queue_event`` does): the module sees every join and leave
+    exactly once, with a tick that succeeds."""
+    pending, zs.events = zs.events, {}
+    for kind, player_id in events:
+        _queue_event(zs, player_id, kind)
+    for player_id, kind in pending.items():
+        _queue_event(zs, player_id, kind)
 
 
 def _check_int(value: Any, what: str) -> int:
@@ -1090,14 +1121,16 @@ class World:
             self.zones[zone.id] = zs
             return zs
 
-    def load(self, zones: list[Zone], entities: list[Entity], ticks: dict[UUID, int]) -> None:
-        """Add the saved world (``Store.load``): each zone with its entities, at its tick."""
+    def load(self, zones: list[Zone], entities: list[Entity], marks: dict[UUID, ZoneMark]) -> None:
+        """Add the saved world (``Store.load``): each zone with its entities, at its tick, with
+        the players its module knew as joined."""
         by_zone: dict[UUID, list[Entity]] = collections.defaultdict(list)
         for e in entities:
             by_zone[e.zone_id].append(e)
         with self.lock:
             for zone in zones:
-                self.add_zone(zone, by_zone.get(zone.id, ()), ticks.get(zone.id, 0))
+                tick, joined = marks.get(zone.id, (0, ()))
+                self.add_zone(zone, by_zone.get(zone.id, ()), tick).joined = {UUID(p) for p in joined}
 
     def remove_zone(self, zone_id: UUID) -> _ZoneState | None:
         """Drop a zone and its entities from memory (the database deleted them already)."""
@@ -1384,20 +1417,22 @@ class World:
                 if not was_deleted:
                     self.deleted.discard(e.id)
 
-    def take_changes(self, ticks: dict[UUID, int] | None = None,
+    def take_changes(self, marks: dict[UUID, ZoneMark] | None = None,
                      snapshot_due: Callable[[UUID, int], bool] | None = None,
                      snapshots: dict[UUID, tuple[int, list[EntityRow]]] | None = None
                      ) -> tuple[list[EntityRow], list[UUID]]:
         """Snapshot and clear what the next flush must write: (rows, deleted ids).
 
         The rows hold the values as they are now, taken under the lock, so the snapshot is
-        one state that existed; ``ticks``, when given, gets each zone's tick number as of that
-        state (the journal is replayed from the tick after it), and ``snapshots`` every entity
+        one state that existed; ``marks``, when given, gets each zone's tick number as of that
+        state (the journal is replayed from the tick after it) and the players its module
+        knows as joined, and ``snapshots`` every entity
         of the zones for which ``snapshot_due(zone_id, tick_number)`` is true.
         """
         with self.lock:
-            if ticks is not None:
-                ticks.update((zone_id, zs.tick_number) for zone_id, zs in self.zones.items())
+            if marks is not None:
+                marks.update((zone_id, (zs.tick_number, tuple(sorted(map(str, zs.joined)))))
+                             for zone_id, zs in self.zones.items())
             if snapshots is not None and snapshot_due is not None:
                 for zone_id, zs in self.zones.items():
                     if snapshot_due(zone_id, zs.tick_number):
@@ -1465,6 +1500,9 @@ class ZoneOutcome:
     frames: list[tuple[UUID, bytes]] = field(default_factory=list)
     error: str | None = None
     kind: str = ""
+    #: the tick's changes and events reached the world (false when ``error`` came before
+    #: that; true when only ``get_player_state`` failed)
+    applied: bool = False
     exception: BaseException | None = None
     mismatch: str | None = None  # with ``verify``: how the second run differed from the first
 
@@ -1494,10 +1532,12 @@ def run_zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs,
     with world.lock:
         before = [Entity(e.id, e.zone_id, e.x, e.y, e.width, e.height, e.metadata, e.created_at, e.updated_at)
                   for e in zs.entities.values()]
-        tick_before = zs.tick_number
+        tick_before, joined_before = zs.tick_number, set(zs.joined)
     first = _seeded_tick(world, game, zs, inputs, clock)
     after_first = _zone_rows(world, zs)
     world.reset_zone(zs, before, tick_before)
+    with world.lock:
+        zs.joined = joined_before
     outcome = _seeded_tick(world, game, zs, inputs, clock)
     outcome.mismatch = _first_difference(after_first, _zone_rows(world, zs), first.error, outcome.error)
     return outcome
@@ -1555,15 +1595,20 @@ def _zone_tick(world: World, game: Any, zs: _ZoneState, inputs: ZoneInputs, cloc
         if extra:
             result = _merge_results(extra, result)
         world.apply(zone_id, result, inputs.at, new_id, inputs.tick_number)
+        if inputs.events:
+            with world.lock:
+                for kind, player_id in inputs.events:
+                    (zs.joined.add if kind == "join" else zs.joined.discard)(player_id)
     except TickRejected as exc:
         return ZoneOutcome(error=str(exc), kind="invalid_result")
     except Exception as exc:  # noqa: BLE001 - a module's failure must not reach the server
         return ZoneOutcome(error=f"{type(exc).__name__}: {exc}", kind="exception", exception=exc)
     state = result.broadcast_state if result is not None else {}
     try:
-        return ZoneOutcome(frames=_player_frames(game, zone_id, inputs, state, clock()))
+        return ZoneOutcome(frames=_player_frames(game, zone_id, inputs, state, clock()), applied=True)
     except Exception as exc:  # noqa: BLE001
-        return ZoneOutcome(error=f"get_player_state: {type(exc).__name__}: {exc}", kind="exception", exception=exc)
+        return ZoneOutcome(error=f"get_player_state: {type(exc).__name__}: {exc}", kind="exception", exception=exc,
+                           applied=True)
 
 
 def _player_frames(game: Any, zone_id: UUID, inputs: ZoneInputs, full_state: dict,
@@ -1741,9 +1786,11 @@ CREATE TABLE IF NOT EXISTS zones (
     created_at TIMESTAMPTZ NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL,
     tick_number BIGINT NOT NULL DEFAULT 0,
+    members    TEXT NOT NULL DEFAULT '[]',
     CONSTRAINT zones_name_key UNIQUE (name)
 );
 ALTER TABLE zones ADD COLUMN IF NOT EXISTS tick_number BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE zones ADD COLUMN IF NOT EXISTS members TEXT NOT NULL DEFAULT '[]';
 
 CREATE TABLE IF NOT EXISTS entities (
     id         UUID PRIMARY KEY,
@@ -1791,7 +1838,7 @@ CREATE TABLE IF NOT EXISTS zones (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
     width INTEGER NOT NULL CHECK (width > 0), height INTEGER NOT NULL CHECK (height > 0),
     metadata TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
-    tick_number INTEGER NOT NULL DEFAULT 0
+    tick_number INTEGER NOT NULL DEFAULT 0, members TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS entities (
     id TEXT PRIMARY KEY, zone_id TEXT NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
@@ -1829,7 +1876,7 @@ _SQL = {
                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
     "delete_zone_entities": "DELETE FROM entities WHERE zone_id = %s",
     "delete_zone": "DELETE FROM zones WHERE id = %s",
-    "zones": "SELECT id, name, width, height, metadata, created_at, updated_at, tick_number FROM zones",
+    "zones": "SELECT id, name, width, height, metadata, created_at, updated_at, tick_number, members FROM zones",
     "usernames": "SELECT id, username FROM players",
     "journal_after_flush": "SELECT j.zone_id, j.tick_number, j.seed, j.at, j.inputs FROM journal j "
                            "JOIN zones z ON z.id = j.zone_id WHERE j.tick_number > z.tick_number "
@@ -1889,12 +1936,13 @@ INSERT INTO journal (zone_id, tick_number, seed, at, inputs)
 SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM zones WHERE id = ?)
 ON CONFLICT (zone_id, tick_number) DO UPDATE SET seed = excluded.seed, at = excluded.at, inputs = excluded.inputs
 """
-#: The tick each zone's saved state is at, written by the flush with its rows.
-_PG_ZONE_TICKS = """
-UPDATE zones SET tick_number = (r->>1)::bigint
+#: The tick each zone's saved state is at and its joined players, written by the flush with
+#: its rows (``[zone_id, tick_number, [player_id, ...]]``).
+_PG_ZONE_MARKS = """
+UPDATE zones SET tick_number = (r->>1)::bigint, members = r->>2
 FROM json_array_elements(%s::json) AS r WHERE zones.id = (r->>0)::uuid
 """
-_SQLITE_ZONE_TICK = "UPDATE zones SET tick_number = ? WHERE id = ?"
+_SQLITE_ZONE_MARK = "UPDATE zones SET tick_number = ?, members = ? WHERE id = ?"
 #: A zone's entities as of one tick (``[zone_id, tick_number, [[id, x, y, w, h, metadata,
 #: created_at, updated_at], ...]]``): where a rewind or a replay starts.
 _PG_INSERT_SNAPSHOTS = """
@@ -1957,8 +2005,8 @@ class _Dialect:
         Rows of zones deleted meanwhile are skipped."""
         raise NotImplementedError
 
-    def zone_ticks(self, ticks: dict[UUID, int]) -> list[_Step]:
-        """Steps setting each zone's saved tick number."""
+    def zone_marks(self, marks: dict[UUID, ZoneMark]) -> list[_Step]:
+        """Steps saving each zone's tick number and joined players."""
         raise NotImplementedError
 
     def journal_steps(self, rows: list[tuple]) -> list[_Step]:
@@ -2063,8 +2111,8 @@ class _Postgres(_Dialect):
                 *(_Step(_PG_UPSERT_ENTITIES, ("[" + ",".join(pieces[i:i + per]) + "]",))
                   for i in range(0, len(pieces), per))]
 
-    def zone_ticks(self, ticks: dict[UUID, int]) -> list[_Step]:
-        return [_Step(_PG_ZONE_TICKS, (json_dumps([[str(z), n] for z, n in ticks.items()]),))]
+    def zone_marks(self, marks: dict[UUID, ZoneMark]) -> list[_Step]:
+        return [_Step(_PG_ZONE_MARKS, (json_dumps([[str(z), n, list(m)] for z, (n, m) in marks.items()]),))]
 
     def journal_steps(self, rows: list[tuple]) -> list[_Step]:
         return [_Step(_PG_INSERT_JOURNAL, (json_dumps([[str(r[0]), *r[1:]] for r in rows]),))]
@@ -2097,6 +2145,8 @@ class _Sqlite(_Dialect):
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(zones)")}
         if "tick_number" not in columns:  # a database made before the journal
             self._conn.execute("ALTER TABLE zones ADD COLUMN tick_number INTEGER NOT NULL DEFAULT 0")
+        if "members" not in columns:  # a database made before zones kept their joined players
+            self._conn.execute("ALTER TABLE zones ADD COLUMN members TEXT NOT NULL DEFAULT '[]'")
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -2151,8 +2201,8 @@ class _Sqlite(_Dialect):
                     _iso(r.entity.created_at), _iso(r.updated_at), str(r.entity.zone_id)) for r in rows]
         return [*self.delete_ids(deleted), _Step(_SQLITE_UPSERT_ENTITY, upserts, True)]
 
-    def zone_ticks(self, ticks: dict[UUID, int]) -> list[_Step]:
-        return [_Step(_SQLITE_ZONE_TICK, [(n, str(z)) for z, n in ticks.items()], True)]
+    def zone_marks(self, marks: dict[UUID, ZoneMark]) -> list[_Step]:
+        return [_Step(_SQLITE_ZONE_MARK, [(n, json_dumps(list(m)), str(z)) for z, (n, m) in marks.items()], True)]
 
     def journal_steps(self, rows: list[tuple]) -> list[_Step]:
         return [_Step(_SQLITE_INSERT_JOURNAL, [(str(r[0]), *r[1:], str(r[0])) for r in rows], True)]
@@ -2238,23 +2288,24 @@ class Store:
         await self.dialect.run([_Step(_SQL["delete_zone_entities"], (zid,)), *self.dialect.delete_ids(entity_ids),
                                 _Step(_SQL["delete_zone"], (zid,))])
 
-    async def load(self) -> tuple[list[Zone], list[Entity], dict[UUID, int]]:
-        """The saved world: zones, entities, and the tick each zone's saved state is at."""
+    async def load(self) -> tuple[list[Zone], list[Entity], dict[UUID, ZoneMark]]:
+        """The saved world: zones, entities, and each zone's mark (the tick its saved state is
+        at, and the players its module knew as joined)."""
         zones = await self.dialect.run([_Step(_SQL["zones"])], "all")
         entities = await self.dialect.run([_Step(_SQL["entities"])], "all")
         return ([_zone_row(r) for r in zones], [_entity_row(r) for r in entities],
-                {_as_uuid(r[0]): int(r[7]) for r in zones})
+                {_as_uuid(r[0]): (int(r[7]), tuple(json_loads(r[8] or "[]"))) for r in zones})
 
-    def prepare_flush(self, rows: list[EntityRow], deleted: list[UUID], ticks: dict[UUID, int] | None = None,
+    def prepare_flush(self, rows: list[EntityRow], deleted: list[UUID], marks: dict[UUID, ZoneMark] | None = None,
                       keep: int | None = None,
                       snapshots: dict[UUID, tuple[int, list[EntityRow]]] | None = None) -> tuple[list[_Step], int]:
-        """In the flush thread: the flush's statements, serialized. ``ticks`` are the zones'
-        tick numbers the rows are as of; ``snapshots`` whole zones to save as of theirs; with
-        ``keep``, journal rows more than ``keep`` ticks older than their zone's saved state
-        go, and the snapshots no kept tick can start from."""
+        """In the flush thread: the flush's statements, serialized. ``marks`` are the zones'
+        tick numbers the rows are as of (and their joined players); ``snapshots`` whole zones
+        to save as of theirs; with ``keep``, journal rows more than ``keep`` ticks older than
+        their zone's saved state go, and the snapshots no kept tick can start from."""
         steps = self.dialect.flush_steps(rows, deleted) if rows or deleted else []
-        if ticks:
-            steps += self.dialect.zone_ticks(ticks)
+        if marks:
+            steps += self.dialect.zone_marks(marks)
         if snapshots:
             steps += self.dialect.snapshot_steps(snapshots)
         if keep is not None:
@@ -2691,17 +2742,6 @@ class Connection:
                 self.transport.abort()
 
 
-def _queue_event(zs: _ZoneState, player_id: UUID, kind: str) -> None:
-    """Queue a join or leave for the zone's next tick. A join and a leave of one player
-    before that tick cancel out: the module sees neither (a player who left and came back
-    keeps what the module gave them; one who came and went never gets an avatar). So a
-    zone holds at most one pending event per player."""
-    pending = zs.events.get(player_id)
-    if pending is not None and pending != kind:
-        del zs.events[player_id]
-    else:
-        zs.events[player_id] = kind
-
 
 class Hub:
     """Who is connected, who is in which zone, and the messages they are owed.
@@ -2722,6 +2762,8 @@ class Hub:
         self.journal_intents = cfg.get("journal", "mode") == "replay"
         self.max_subscribes = cfg.get("websocket", "max_subscribes_per_tick")
         self.max_behind = cfg.get("websocket", "max_behind")
+        self.debug = cfg.get("server", "debug")
+        self.debug_players = {n.strip() for n in cfg.get("server", "debug_players").split(",") if n.strip()}
         self.conns: dict[UUID, Connection] = {}
         #: player id -> username of every player connected since start (usernames never change),
         #: for ``FrameworkAPI.username``: written on the loop, read from game threads (one dict
@@ -2851,6 +2893,7 @@ class Hub:
             self.subscribers[zone_id][conn.player_id] = conn
             self._join(zone_id, conn.player_id)
         conn.send({"type": "subscribed", "zone_id": str(zone_id)})
+        self.tell_if_failing(conn)
 
     def unsubscribe(self, conn: Connection) -> None:
         if not self._may_move(conn):
@@ -2890,6 +2933,47 @@ class Hub:
         if self.journal_intents:  # made here, spread over the tick, not all at its start
             zs.journaled.append(json_dumps([conn.player_text, intent.seq, intent.received_at, data]))
         self.metrics.intents_accepted_total += 1
+
+    def is_debug(self, username: str) -> bool:
+        """Whether the player may use the debug routes and sees errors in full."""
+        return self.debug and (not self.debug_players or username in self.debug_players)
+
+    def _failed_message(self, conn: Connection, zs: _ZoneState) -> dict:
+        error = zs.last_error or {}
+        text = (f"tick {error.get('tick_number')}: {error.get('message', '')}" if self.is_debug(conn.username)
+                else "This zone's game failed and the zone is not ticking; the server tries again every tick.")
+        return {"type": "error", "code": "zone_failed", "zone_id": str(zs.zone.id), "message": text}
+
+    def tell_if_failing(self, conn: Connection) -> None:
+        """After ``subscribed``: a player entering a failing zone hears so at once."""
+        zs = self.world.zones.get(conn.zone_id) if conn.zone_id is not None else None
+        if zs is not None and zs.failing:
+            conn.send(self._failed_message(conn, zs))
+
+    def zone_failed(self, zs: _ZoneState) -> None:
+        """Tell the zone's subscribers its ticks fail (once per failing streak)."""
+        for conn in list(self.subscribers.get(zs.zone.id, {}).values()):
+            conn.send(self._failed_message(conn, zs))
+
+    def zone_recovered(self, zone_id: UUID) -> None:
+        message = {"type": "zone_recovered", "zone_id": str(zone_id)}
+        for conn in list(self.subscribers.get(zone_id, {}).values()):
+            conn.send(message)
+
+    def restore(self, zones: Iterable[_ZoneState]) -> int:
+        """At start-up, after the journal's replay: the players each zone's module knows as
+        joined are held as if their connections had just dropped. Back within
+        ``reconnect_grace``, they resume the zone; the others are delivered as leaving. The
+        number held."""
+        loop = asyncio.get_running_loop()
+        for zs in zones:
+            for player_id in sorted(zs.joined):
+                self.members[zs.zone.id].add(player_id)
+                if player_id in self._held or self.grace <= 0:  # one zone per player
+                    self._leave(zs.zone.id, player_id)
+                else:
+                    self._held[player_id] = (zs.zone.id, loop.call_later(self.grace, self._grace_expired, player_id))
+        return len(self._held)
 
     def zone_deleted(self, zone_id: UUID) -> None:
         """Tell the zone's subscribers and forget everything about it."""
@@ -3256,11 +3340,7 @@ class TickEngine:
 
     # -- in the game thread --------------------------------------------------------------
     def _run_job(self, job: _ZoneJob) -> None:
-        job.outcome = outcome = run_zone_tick(self.world, self.game, job.zs, job.inputs, time.time)
-        if outcome.exception is not None:
-            log.error("zone %s tick %d: %s", job.zs.zone.id, job.inputs.tick_number,
-                      "get_player_state failed" if (outcome.error or "").startswith("get_player_state")
-                      else "module raised", exc_info=outcome.exception)
+        job.outcome = run_zone_tick(self.world, self.game, job.zs, job.inputs, time.time)
 
     # -- on the event loop ---------------------------------------------------------------
     def _handed_off(self) -> None:
@@ -3284,10 +3364,16 @@ class TickEngine:
             zs.last_error = {"tick_number": job.inputs.tick_number, "kind": kind,
                              "message": error[:2000], "at": _iso(_now())}
             self.metrics.zone_errors_total += 1
-            if kind == "invalid_result":
-                log.error("zone %s tick %d: result rejected: %s", zone_id, job.inputs.tick_number, error[:500])
+            if outcome is None or not outcome.applied:
+                _requeue_events(zs, job.inputs.events)  # joins and leaves go with the next good tick
+            self._failed(zs, job.inputs.tick_number, kind, error, outcome.exception if outcome else None)
         else:
             zs.ticks += 1
+            if zs.failing:
+                log.warning("zone %s recovered at tick %d after %d lost tick(s)", zone_id, job.inputs.tick_number,
+                            zs.failing)
+                zs.failing = 0
+                self.hub.zone_recovered(zone_id)
         if outcome is not None and outcome.mismatch is not None:
             self.metrics.replay_mismatches_total += 1
             message = (f"nondeterministic: tick {job.inputs.tick_number} run twice from the same state and inputs "
@@ -3304,6 +3390,21 @@ class TickEngine:
             self._held.append(job)  # sent once the tick's inputs are committed
             return
         self._send(job)
+
+    def _failed(self, zs: _ZoneState, tick: int, kind: str, error: str, exc: BaseException | None) -> None:
+        """A zone lost a tick. The first of a streak is logged with its traceback and told to
+        the zone's subscribers (``zone_failed``); later ones are counted, and logged at 1, 10,
+        100, 1000... in a row."""
+        zs.failing += 1
+        if kind == "stalled":
+            zs.last_error = {"tick_number": tick, "kind": kind, "message": error, "at": _iso(_now())}
+        what = {"invalid_result": "result rejected", "stalled": "stalled"}.get(kind, "module raised")
+        if zs.failing == 1:
+            log.error("zone %s tick %d: %s: %s", zs.zone.id, tick, what, error[:500], exc_info=exc)
+            self.hub.zone_failed(zs)
+        elif math.log10(zs.failing).is_integer():
+            log.error("zone %s tick %d: still failing, %d ticks lost in a row (last: %s)", zs.zone.id, tick,
+                      zs.failing, error[:200])
 
     def send_frames(self, zone_id: UUID, outcome: ZoneOutcome) -> None:
         """Hand a zone tick's frames to the sockets of its subscribers (those still in the zone)."""
@@ -3399,8 +3500,9 @@ class TickEngine:
             for job in self._threads.retire_stuck(self.zone_timeout):
                 job.stalled = True
                 self._pending.discard(job)
-                log.warning("zone %s tick %d: module call still running after %.2f s; the zone is "
-                            "skipped until it returns", job.zs.zone.id, n, self.zone_timeout)
+                self._failed(job.zs, job.inputs.tick_number, "stalled",
+                             f"the module's call is still running after {self.zone_timeout:.2f} s; the zone "
+                             f"is skipped until it returns", None)
         done = time.monotonic()
         self.metrics.tick_work.observe(done - t0)
         if self._last_sent:
@@ -3509,7 +3611,7 @@ class Persister:
                  after_tick: Callable[[], Awaitable[None]] | None = None):
         self.world, self.store, self.metrics = world, store, metrics
         self._after_tick = after_tick  # waits for the end of the tick under way, if ticks run
-        self._saved_ticks: dict[UUID, int] = {}  # each zone's tick number as the database has it
+        self._saved_marks: dict[UUID, ZoneMark] = {}  # each zone's tick and joined players as the database has them
         self._snapshot_at: dict[UUID, int] = {}  # the tick of each zone's newest saved snapshot
         #: journal rows older than this many ticks before a zone's saved state are trimmed
         self.keep: int | None = cfg.get("journal", "keep") if cfg.get("journal", "mode") == "replay" else None
@@ -3539,18 +3641,18 @@ class Persister:
         if self._after_tick is not None:
             await self._after_tick()  # not under the lock: zone deletion takes it
         async with self.lock:
-            ticks: dict[UUID, int] = {}
+            marks: dict[UUID, ZoneMark] = {}
             snapshots: dict[UUID, tuple[int, list[EntityRow]]] = {}
-            rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes, ticks,
+            rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes, marks,
                                                        self._snapshot_due if self.keep else None, snapshots)
-            ticks = {zone_id: n for zone_id, n in ticks.items() if self._saved_ticks.get(zone_id) != n}
+            marks = {zone_id: m for zone_id, m in marks.items() if self._saved_marks.get(zone_id) != m}
             t0 = time.monotonic()
             try:
-                if rows or deleted or ticks:
+                if rows or deleted or marks:
                     prepared = await loop.run_in_executor(self.executor, self.store.prepare_flush, rows, deleted,
-                                                          ticks, self.keep, snapshots)
+                                                          marks, self.keep, snapshots)
                     await self.store.flush(prepared)
-                    self._saved_ticks.update(ticks)
+                    self._saved_marks.update(marks)
                     self._snapshot_at.update((zone_id, tick) for zone_id, (tick, _) in snapshots.items())
                 else:
                     await self.store.ping()
@@ -3804,7 +3906,6 @@ class Server:
         self.accounts = Accounts(self.store, cfg, self.metrics)
         self.hub = Hub(self.world, self.metrics, cfg)
         self.debug = cfg.get("server", "debug")
-        self.debug_players = {n.strip() for n in cfg.get("server", "debug_players").split(",") if n.strip()}
         self.max_body = cfg.get("server", "max_body_size")
         self.max_zone = cfg.get("server", "max_zone_size")
         self.client_timeout = cfg.get("server", "client_timeout")
@@ -3837,14 +3938,14 @@ class Server:
         return self.engine
 
     def is_debug_player(self, username: str) -> bool:
-        return self.debug and (not self.debug_players or username in self.debug_players)
+        return self.hub.is_debug(username)
 
     async def start(self) -> None:
         """Open the database, load the world, load and initialise the game, start the loops."""
         self.loop = asyncio.get_running_loop()
         await self.store.open()
-        zones, entities, saved_ticks = await self.store.load()
-        await self.in_world(self.world.load, zones, entities, saved_ticks)
+        zones, entities, marks = await self.store.load()
+        await self.in_world(self.world.load, zones, entities, marks)
         log.info("loaded %d zones and %d entities", len(zones), len(entities))
         if self.game is None:
             self.game = self._load_game()
@@ -3858,6 +3959,10 @@ class Server:
             self.journal = Journal(self.store, self.metrics, self._journal_committed,
                                    self.cfg.get("persistence", "max_backoff"))
             self.journal.start()
+        held = self.hub.restore(list(self.world.zones.values()))
+        if held:
+            log.info("%d player(s) in zones when the server stopped may resume within %.0f s; the others "
+                     "are delivered as leaving", held, self.hub.grace)
         first_tick = max((zs.tick_number for zs in list(self.world.zones.values())), default=0)
         self.engine = TickEngine(self.world, self.hub, self.game, self.metrics, self.cfg, self.journal, first_tick)
         self.engine.start()
@@ -4030,6 +4135,13 @@ class Server:
                 await self.in_world(self.world.restore_zone, zs)
                 raise
         self.hub.zone_deleted(zone_id)
+        hook = getattr(self.game, "on_zone_deleted", None)
+        if hook is not None and self.engine is not None:
+            async with self.engine.exclusive():  # module code runs while no tick does
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, hook, zs.zone.id)
+                except Exception:  # noqa: BLE001 - the zone is gone either way
+                    log.exception("zone %s: on_zone_deleted raised", zone_id)
 
     def zone_json(self, zs: _ZoneState) -> dict:
         z = zs.zone
@@ -4448,9 +4560,11 @@ async def healthz(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     ok = srv.store.healthy and srv.persister.outage_since is None
     engine = srv.engine
+    failing = sorted(str(zs.zone.id) for zs in list(srv.world.zones.values()) if zs.failing)
     return _json_response({"status": "ok" if ok else "degraded", "database": "ok" if ok else "down",
                            "tick_number": engine.tick_number if engine else 0,
-                           "paused": engine.paused if engine else False}, 200 if ok else 503)
+                           "paused": engine.paused if engine else False,
+                           "zones_failing": len(failing), "failing_zones": failing[:100]}, 200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -4464,6 +4578,8 @@ async def metrics(request: web.Request) -> web.Response:
         "connections": (len(srv.hub.conns), "open WebSocket connections"),
         "zones": (len(world.zones), "zones"),
         "zones_stalled": (stalled, "zones whose module call is still running past zone_timeout"),
+        "zones_failing": (sum(1 for zs in list(world.zones.values()) if zs.failing),
+                          "zones whose last tick was lost (module exception, rejected result, stall)"),
         "entities": (len(world.entity_zone), "entities"),
         "dirty_entities": (len(world.dirty) + len(world.deleted), "entity changes waiting for the next flush"),
         "database_up": (1 if srv.store.healthy and srv.persister.outage_since is None else 0,
@@ -4518,6 +4634,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             delay, lambda: srv.hub.spawn(srv.hub.end_session(session.digest)))
     if resumed is not None:
         conn.send({"type": "subscribed", "zone_id": str(resumed), "resumed": True})
+        srv.hub.tell_if_failing(conn)
     try:
         async for msg in ws:
             conn.received += 1
@@ -4794,9 +4911,9 @@ async def _replay(cfg: Config, zone_text: str, first: int, last: int) -> int:
     store = open_store(cfg)
     try:
         await store.open()
-        zones, entities, ticks = await store.load()
+        zones, entities, marks = await store.load()
         world = World(cfg.get("tick", "max_entities_per_zone"))
-        world.load(zones, entities, ticks)
+        world.load(zones, entities, marks)
         zs = world.zones.get(zone_id)
         if zs is None:
             print(f"gridserver replay: no zone has the id {zone_id}", file=sys.stderr)

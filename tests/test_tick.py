@@ -122,7 +122,7 @@ def test_no_subscribers_no_frames_and_none_is_an_empty_result():
     world, zone, a, b, c = make_world()
     before = snapshot(world, zone)
     outcome = tick(world, Scripted(None), zone)
-    assert outcome == ZoneOutcome() and snapshot(world, zone) == before
+    assert outcome == ZoneOutcome(applied=True) and snapshot(world, zone) == before
 
 
 def test_the_module_sees_the_zone_entities_and_the_intents_in_order():
