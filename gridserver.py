@@ -105,6 +105,8 @@ import socket
 import sqlite3
 import sys
 import threading
+import traceback
+import types
 import time
 import typing
 import uuid
@@ -442,7 +444,8 @@ HTTP_STATUS = {
     "bad_request": 400, "unauthorized": 401, "invalid_credentials": 401, "forbidden": 403,
     "not_found": 404, "zone_not_found": 404, "entity_not_found": 404, "method_not_allowed": 405,
     "username_taken": 409, "zone_name_taken": 409, "not_paused": 409, "journal_off": 409,
-    "out_of_history": 409, "zone_busy": 409, "expectation_failed": 417,
+    "out_of_history": 409, "zone_busy": 409, "module_not_reloadable": 409, "expectation_failed": 417,
+    "module_error": 422,
     "too_many_attempts": 429, "too_many_connections": 429, "internal_error": 500,
     "busy": 503, "database_unavailable": 503,
 }
@@ -803,10 +806,15 @@ class Zone:
 
 
 class GameLogicModule(Protocol):
-    """What a game module implements (``on_player_join``/``on_player_leave`` are optional).
+    """What a game module implements.
 
     ``on_tick`` runs in the server's game thread, never on the event loop, so a slow module
     cannot stall the network; it must not keep references to ``entities`` past the call.
+    Optional hooks: ``on_player_join(zone_id, player_id)`` and ``on_player_leave(zone_id,
+    player_id)`` (each may return a ``TickResult``, applied with the tick's own; each join
+    and leave is delivered exactly once, with a tick that succeeds), ``on_zone_deleted(zone_id)``
+    (after a zone is deleted) and ``on_reload(previous)`` (after a hot reload's ``on_init``:
+    ``previous`` is the old module or instance, to carry its memory over).
     """
 
     def on_init(self, framework: "FrameworkAPI") -> None: ...
@@ -1705,6 +1713,8 @@ class Metrics:
     ticks_total: int = _counter("ticks run")
     tick_overruns_total: int = _counter("ticks that started after the next one was due")
     zone_errors_total: int = _counter("zone ticks rejected (module exception or invalid result)")
+    module_reloads_total: int = _counter("hot reloads of the game module that took effect")
+    module_reload_failures_total: int = _counter("hot reloads refused (the new code failed to load or initialise)")
     zone_ticks_skipped_total: int = _counter("zone ticks skipped because the zone's module call was still running")
     intents_accepted_total: int = _counter("intents queued for a tick")
     intents_dropped_total: int = _counter("intents dropped by the per-player or per-zone tick limits")
@@ -2944,6 +2954,18 @@ class Hub:
                 else "This zone's game failed and the zone is not ticking; the server tries again every tick.")
         return {"type": "error", "code": "zone_failed", "zone_id": str(zs.zone.id), "message": text}
 
+    def broadcast(self, message: dict) -> None:
+        """One control message to every player subscribed to a zone."""
+        frame = ws_text_frame(json_dumps(message).encode("utf-8"))
+        for subs in list(self.subscribers.values()):
+            for conn in list(subs.values()):
+                conn._write(frame)
+
+    def tell_debug_players(self, message: dict) -> None:
+        for conn in list(self.conns.values()):
+            if self.is_debug(conn.username):
+                conn.send(message)
+
     def tell_if_failing(self, conn: Connection) -> None:
         """After ``subscribed``: a player entering a failing zone hears so at once."""
         zs = self.world.zones.get(conn.zone_id) if conn.zone_id is not None else None
@@ -3630,15 +3652,16 @@ class Persister:
         last = self._snapshot_at.get(zone_id)
         return tick_number > 0 and (last is None or tick_number - last >= max(1, self.keep // 4) or tick_number < last)
 
-    async def flush(self) -> bool:
+    async def flush(self, between_ticks: bool = False) -> bool:
         """Write everything changed since the last flush; False when the database is down.
 
         The snapshot and its serialization run in the flush thread, not on the event loop,
         and start just after a tick ends: a flush of 100,000 entities must not delay a tick,
-        and every zone's rows then come from the same tick.
+        and every zone's rows then come from the same tick. ``between_ticks``: the caller
+        holds the ticks (``TickEngine.exclusive``), so no waiting for one to end.
         """
         loop = asyncio.get_running_loop()
-        if self._after_tick is not None:
+        if self._after_tick is not None and not between_ticks:
             await self._after_tick()  # not under the lock: zone deletion takes it
         async with self.lock:
             marks: dict[UUID, ZoneMark] = {}
@@ -3803,29 +3826,112 @@ class FrameworkAPI:
                                          None if exclude is None else _as_uuid(exclude))
 
 
-def load_game(path: str) -> Any:
-    """Import the game named by ``package.module`` or ``package.module:Name``.
+class GameModuleError(ConfigError):
+    """The game module cannot be loaded or initialised; the message is one line naming the
+    module and the cause, with the file and line where the error arose."""
 
-    A class is instantiated with no arguments. It is imported from ``sys.path`` as it is; the
-    command line puts the working directory and the folder of this file there first. A
-    missing module or method raises ``ConfigError``.
+
+def _where(exc: BaseException) -> str:
+    """``file:line: Type: message`` for an error raised by module code: the line of a syntax
+    error, else the innermost frame outside gridserver.py and the import machinery."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}: {type(exc).__name__}: {exc.msg}"
+    own = os.path.abspath(__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<") and os.path.abspath(f.filename) != own]
+    where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+    return f"{where}{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+
+
+@dataclass
+class LoadedGame:
+    """A game module as loaded from its ``[game] module`` path: what the server calls
+    (``game``: the module, or an instance of the class the path names), the module object,
+    its source file and ``version`` (a digest of that source)."""
+
+    path: str
+    game: Any
+    module: types.ModuleType
+    file: str | None
+    version: str
+
+
+def _source_version(source: bytes) -> str:
+    return hashlib.sha256(source).hexdigest()[:12]
+
+
+def load_game_module(path: str, fresh: bool = False) -> LoadedGame:
+    """Import the game named by ``package.module`` or ``package.module:Name`` (a class is
+    instantiated with no arguments) and check it has the methods a game needs.
+
+    ``fresh`` runs the module's source file again as a new module object (a hot reload): the
+    module loaded before stays in ``sys.modules`` unless this one loads. The command line
+    puts the configuration file's folder, the working directory and this file's folder at
+    the front of ``sys.path``, in that order. Every failure raises ``GameModuleError``.
     """
     module_name, _, attr = path.partition(":")
+    what = f"game module {path!r}"
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"[game] module: cannot import {module_name!r}: {exc}") from None
+        if fresh:
+            spec = importlib.util.find_spec(module_name)
+            if spec is None or not (spec.origin or "").endswith(".py") or spec.loader is None:
+                raise GameModuleError(f"{what}: no Python source file to load again")
+            with open(spec.origin or "", "rb") as fh:
+                source = fh.read()
+            module = importlib.util.module_from_spec(spec)
+            # compiled from the source read now: a cached .pyc written in the same second
+            # could hold the code from before the change
+            exec(compile(source, spec.origin or "", "exec"), module.__dict__)
+        else:
+            module = importlib.import_module(module_name)
+            file = getattr(module, "__file__", None)
+            source = b""
+            if file and file.endswith(".py"):
+                with contextlib.suppress(OSError), open(file, "rb") as fh:
+                    source = fh.read()
+    except GameModuleError:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name) and module_name[len(exc.name):len(exc.name) + 1] in ("", "."):
+            raise GameModuleError(f"{what}: no module named {exc.name!r} on the path "
+                                  f"(the config file's folder, the working directory, gridserver.py's folder)") from None
+        raise GameModuleError(f"{what}: {_where(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the module's import raised
+        raise GameModuleError(f"{what}: {_where(exc)}") from None
     game: Any = module
     if attr:
         if not hasattr(module, attr):
-            raise ConfigError(f"[game] module: {module_name!r} has no attribute {attr!r}")
+            raise GameModuleError(f"{what}: {module_name!r} has no attribute {attr!r}")
         game = getattr(module, attr)
         if inspect.isclass(game):
-            game = game()
+            try:
+                game = game()
+            except Exception as exc:  # noqa: BLE001
+                raise GameModuleError(f"{what}: {_where(exc)}") from None
     missing = [m for m in _REQUIRED_METHODS if not callable(getattr(game, m, None))]
     if missing:
-        raise ConfigError(f"[game] module: {path!r} lacks {', '.join(missing)} (see GameLogicModule)")
-    return game
+        raise GameModuleError(f"{what} lacks {', '.join(missing)} (see GameLogicModule)")
+    return LoadedGame(path, game, module, getattr(module, "__file__", None), _source_version(source))
+
+
+def load_game(path: str) -> Any:
+    """The game object ``load_game_module`` loads (see there)."""
+    return load_game_module(path).game
+
+
+def init_game(loaded: LoadedGame, framework: "FrameworkAPI", previous: Any = None) -> None:
+    """Call the game's ``on_init(framework)`` and, for a reload, its ``on_reload(previous)``;
+    an exception becomes ``GameModuleError`` naming the file and line."""
+    for hook, args in (("on_init", (framework,)), ("on_reload", (previous,))):
+        if hook == "on_reload" and previous is None:
+            continue
+        fn = getattr(loaded.game, hook, None)
+        if fn is None:
+            continue
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001
+            raise GameModuleError(f"game module {loaded.path!r}: {hook}: {_where(exc)}") from None
 
 
 #: The game module named by default; when a lone copy of this file runs without the
@@ -3899,7 +4005,11 @@ class Server:
 
     def __init__(self, cfg: Config, game: Any = None):
         self.cfg = cfg
-        self.game = game
+        #: the loaded game module (None: handed over as an object, or the built-in demo): what
+        #: a reload loads again
+        self.loaded: LoadedGame | None = game if isinstance(game, LoadedGame) else None
+        self.game = game.game if isinstance(game, LoadedGame) else game
+        self.framework: FrameworkAPI | None = None
         self.metrics = Metrics()
         self.world = World(cfg.get("tick", "max_entities_per_zone"))
         self.store = open_store(cfg)
@@ -3918,17 +4028,8 @@ class Server:
         self.started = time.time()
         self._shut_down = False
         self._heartbeat: asyncio.Task | None = None
+        self._reload_lock = asyncio.Lock()
 
-    def _load_game(self) -> Any:
-        path = self.cfg.get("game", "module")
-        try:
-            return load_game(path)
-        except ConfigError:
-            if path != DEFAULT_GAME or importlib.util.find_spec("game_modules") is not None:
-                raise
-        log.warning("game_modules/ is not beside gridserver.py: running the built-in demo game "
-                    "(set [game] module to your own)")
-        return BuiltinDemo()
 
     @property
     def ticks(self) -> TickEngine:
@@ -3948,12 +4049,20 @@ class Server:
         await self.in_world(self.world.load, zones, entities, marks)
         log.info("loaded %d zones and %d entities", len(zones), len(entities))
         if self.game is None:
-            self.game = self._load_game()
+            loaded = startup_game(self.cfg)
+            self.loaded = loaded if isinstance(loaded, LoadedGame) else None
+            self.game = loaded.game if isinstance(loaded, LoadedGame) else loaded
         settings = self.cfg.section(self.cfg.get("game", "module"))
-        framework = FrameworkAPI(self.world, settings, section=self.cfg.get("game", "module"),
-                                 tick_interval=self.cfg.get("tick", "interval"),
-                                 create_zone=self._create_zone_blocking, usernames=self.hub.usernames)
-        await self.loop.run_in_executor(None, self.game.on_init, framework)
+        self.framework = framework = FrameworkAPI(self.world, settings, section=self.cfg.get("game", "module"),
+                                                  tick_interval=self.cfg.get("tick", "interval"),
+                                                  create_zone=self._create_zone_blocking, usernames=self.hub.usernames)
+        game = self.loaded or LoadedGame(getattr(self.game, "__name__", type(self.game).__name__), self.game,
+                                         types.ModuleType("game"), None, "")
+        try:
+            await self.loop.run_in_executor(None, init_game, game, framework)
+        except GameModuleError:
+            await self.store.close()
+            raise
         if self.cfg.get("journal", "mode") == "replay":
             await self._replay_journal()
             self.journal = Journal(self.store, self.metrics, self._journal_committed,
@@ -4088,6 +4197,43 @@ class Server:
                 engine.send_frames(zs.zone.id, done[-1][1])
             entities: list[dict] = await self.in_world(self.world.zone_entities_json, zs)
             return entities
+
+    async def reload_game(self) -> LoadedGame:
+        """Load the game module's code again and switch to it between two ticks.
+
+        The new code is imported from its source file as a new module and initialised
+        (``on_init(framework)``, then ``on_reload(previous)`` with the old module or instance)
+        in a worker thread while no tick runs. When any of that fails, the old code keeps
+        running and ``GridError("module_error")`` carries the file and line; debug players
+        hear of it. Otherwise the world is saved (so a crash never replays ticks of the old
+        code through the new), the engine calls the new code from the next tick on, and
+        every subscribed player gets ``module_reloaded``.
+        """
+        if self.loaded is None or self.framework is None:
+            raise GridError("module_not_reloadable", "The game was not loaded from [game] module (it was handed "
+                                                     "to create_app as an object, or is the built-in demo).")
+        engine, old, framework = self.ticks, self.loaded, self.framework
+        async with self._reload_lock, engine.exclusive():
+            def load() -> LoadedGame:
+                new = load_game_module(old.path, fresh=True)
+                init_game(new, framework, previous=old.game)
+                return new
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(None, load)
+            except GameModuleError as exc:
+                message = str(exc).removeprefix(f"game module {old.path!r}: ")
+                log.error("reload refused, the running code stays: %s", exc)
+                self.metrics.module_reload_failures_total += 1
+                self.hub.tell_debug_players({"type": "error", "code": "module_error",
+                                             "message": f"reload refused: {message}"})
+                raise GridError("module_error", message) from None
+            await self.persister.flush(between_ticks=True)
+            sys.modules[new.module.__name__] = new.module
+            self.loaded, self.game, engine.game = new, new.game, new.game
+            self.metrics.module_reloads_total += 1
+        log.info("game module %s reloaded: version %s (was %s)", new.path, new.version, old.version)
+        self.hub.broadcast({"type": "module_reloaded", "version": new.version})
+        return new
 
     def _journal_committed(self) -> None:
         if self.engine is not None:
@@ -4556,6 +4702,15 @@ async def debug_connections(request: web.Request) -> web.Response:
         for c in srv.hub.conns.values()]})
 
 
+async def debug_reload(request: web.Request) -> web.Response:
+    """``POST /api/debug/module/reload``: the game module's code loaded again at the next tick
+    boundary (``Server.reload_game``): ``{"module", "version"}``; ``422 module_error``."""
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    loaded = await srv.reload_game()
+    return _json_response({"module": loaded.path, "version": loaded.version})
+
+
 async def healthz(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     ok = srv.store.healthy and srv.persister.outage_since is None
@@ -4768,8 +4923,24 @@ async def _lifecycle(app: web.Application) -> Any:
     await srv.close()
 
 
+def startup_game(cfg: Config) -> LoadedGame | BuiltinDemo:
+    """The game ``[game] module`` names, imported (``GameModuleError`` when it cannot be); the
+    built-in demo when the default is named and ``game_modules/`` is not beside this file."""
+    path = cfg.get("game", "module")
+    try:
+        return load_game_module(path)
+    except GameModuleError:
+        if path != DEFAULT_GAME or importlib.util.find_spec("game_modules") is not None:
+            raise
+    log.warning("game_modules/ is not beside gridserver.py: running the built-in demo game "
+                "(set [game] module to your own)")
+    return BuiltinDemo()
+
+
 def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
-    """The aiohttp application. ``game`` (an object) replaces the module named in the config."""
+    """The aiohttp application. ``game``: a ``LoadedGame`` (``startup_game``), or any game
+    object, which replaces the module named in the config (and cannot be reloaded); None:
+    the configured module is loaded at start-up."""
     cfg = cfg or Config.load()
     app = web.Application(middlewares=[_errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024,
                           handler_args={"keepalive_timeout": cfg.get("server", "client_timeout")})
@@ -4791,6 +4962,7 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
         web.get("/api/debug/connections", debug_connections),
         web.get("/api/debug/zones/{zone_id}/history", debug_history),
         web.post("/api/debug/zones/{zone_id}/rewind", debug_rewind),
+        web.post("/api/debug/module/reload", debug_reload),
         web.get("/healthz", healthz),
         web.get("/metrics", metrics),
         web.get("/ws", websocket),
@@ -4861,20 +5033,61 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
-async def _serve(cfg: Config) -> int:
+async def _watch_game(srv: Server, every: float = 0.5) -> None:
+    """``gridserver --reload``: load the game module again whenever its source file changes
+    (polled: no dependency, any file system)."""
+    def stamp(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    loaded = srv.loaded
+    if loaded is None or not loaded.file:
+        log.warning("--reload: the game was not loaded from a file; nothing to watch")
+        return
+    path = loaded.file
+    log.info("--reload: watching %s", path)
+    seen = stamp(path)
+    while True:
+        await asyncio.sleep(every)
+        now = stamp(path)
+        if now == seen or now is None:
+            continue
+        await asyncio.sleep(every / 2)  # let the editor finish writing
+        seen = stamp(path)
+        try:
+            await srv.reload_game()
+        except GridError:
+            pass  # refused: logged, and the running code stays
+        except Exception:  # noqa: BLE001 - the watcher goes on
+            log.exception("--reload: the reload failed")
+
+
+async def _serve(cfg: Config, reload: bool = False) -> int:
     _quiet_accept_errors(asyncio.get_running_loop())
     try:
         _check_aiohttp()
+        game = startup_game(cfg)  # before anything touches the disk or the database
     except ConfigError as exc:
         print(f"gridserver: {exc}", file=sys.stderr)
         return 2
-    app = create_app(cfg)
+    app = create_app(cfg, game)
     runner = _AppRunner(app, access_log=log if cfg.get("debug", "access_log") else None,
                         access_log_class=_AccessLogger,
                         shutdown_timeout=cfg.get("server", "shutdown_timeout"))
+    dsn = cfg.get("database", "dsn")
+    new_file = dsn[len("sqlite:///"):] or "gridserver.db" if dsn.startswith("sqlite:///") else None
+    if new_file is not None and os.path.exists(new_file):
+        new_file = None
     try:
         await runner.setup()
     except (DatabaseUnavailable, ConfigError) as exc:
+        if isinstance(exc, GameModuleError) and new_file is not None:  # on_init failed: leave no new file
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.remove(new_file + suffix)
         print(f"gridserver: {exc}", file=sys.stderr)
         return 2
     host, port = cfg.get("server", "host"), cfg.get("server", "port")
@@ -4893,7 +5106,10 @@ async def _serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.ensure_future(_watch_game(app[SERVER])) if reload else None
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("stopping: final flush, then closing connections")
     await runner.cleanup()
     return 0
@@ -4963,6 +5179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", metavar="PATH", help="INI file (default: config.ini when present)")
     parser.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
     parser.add_argument("--print-schema", action="store_true", help="print the PostgreSQL schema and exit")
+    parser.add_argument("--reload", action="store_true",
+                        help="load the game module again whenever its file changes (players stay connected)")
     parser.add_argument("--zone", metavar="ID", help="replay: the zone's id")
     parser.add_argument("--from", dest="first", type=int, metavar="N", help="replay: the first tick printed")
     parser.add_argument("--to", dest="last", type=int, metavar="M", help="replay: the last tick printed")
@@ -4981,9 +5199,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.get("debug", "log_level").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_open_file_limit()
-    for folder in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):  # game modules import from here
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
+    # Game modules import from the config file's folder, then the working directory, then
+    # this file's folder (inserted in reverse, each at the front).
+    config_dir = os.path.dirname(os.path.abspath(args.config)) if args.config else os.getcwd()
+    for folder in (os.path.dirname(os.path.abspath(__file__)), os.getcwd(), config_dir):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
     if args.command == "replay":
         if args.zone is None or args.first is None or args.last is None or args.first > args.last:
             parser.error("replay needs --zone ID --from N --to M (N at most M)")
@@ -4991,7 +5213,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in cfg.unused_sections:
         log.warning("config section [%s] is not used: it is neither a gridserver section nor the game module's", name)
     try:
-        return asyncio.run(_serve(cfg))
+        return asyncio.run(_serve(cfg, reload=args.reload))
     except KeyboardInterrupt:
         return 130
 

@@ -56,6 +56,9 @@ _MOVES = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
 _hooks: dict = {}      # zone_id -> _HookWork of the zone tick under way (join/leave hooks -> on_tick)
 _positions: dict = {}  # zone_id -> (the tick's state, {player_id str: (x, y)}) for get_player_state
 _views: dict = {}      # zone_id -> {id(entity): (entity, metadata, state entry)}: entries reused while unchanged
+#: The shape of the state entries ``_views`` holds: change it when ``_state_entry`` changes,
+#: and a hot reload starts the views afresh instead of reusing entries of the old shape.
+VIEW_FORMAT = 1
 
 
 class _HookWork:
@@ -96,6 +99,23 @@ def on_init(framework):
         size = _settings["lobby_size"]
         framework.create_zone("lobby", size, size, {"game": "walkers"})
         framework.logger.info("walkers: created the zone 'lobby' (%dx%d)", size, size)
+
+
+def on_reload(previous):
+    """A hot reload (``POST /api/debug/module/reload``, ``gridserver --reload``): this code
+    replaces ``previous`` (the old module) between two ticks. What it kept per zone carries
+    over when its shape is the same, so the first tick after a reload does not build every
+    zone's state entries again."""
+    if getattr(previous, "VIEW_FORMAT", None) == VIEW_FORMAT:
+        _views.update(previous._views)
+        _positions.update(previous._positions)
+    _fw.logger.info("walkers: reloaded; the views of %d zone(s) carried over", len(_views))
+
+
+def on_zone_deleted(zone_id):
+    """The zone is gone: so is what was kept for it."""
+    for cache in (_hooks, _positions, _views):
+        cache.pop(zone_id, None)
 
 
 def _kind(e) -> str:
