@@ -5312,7 +5312,7 @@ const $ = id => document.getElementById(id);
 const G = window.gridserver = {token: sessionStorage.getItem("gridserver.token"), me: null, zones: [], zone: null,
   subscribed: null, resumed: false, tick: null, ticks: 0, lastTickAt: null, entities: [], source: null, ws: null,
   connected: false, attempt: 0, paused: null, selected: null, entityJson: null, connections: [], errors: [], scale: 0,
-  statusLog: [], timeline: null};
+  statusLog: [], timeline: null, zoneFailed: null};
 G.avatar = () => G.entities.find(e => e.mine) || null;
 
 function setStatus(text, cls) {
@@ -5454,7 +5454,7 @@ function onMessage(m) {
     else if (G.me && G.me.is_debug) debugState();
     else { G.entities = []; G.source = "no entities in the tick state"; draw(); }
   } else if (m.type === "subscribed") {
-    G.subscribed = m.zone_id;
+    G.subscribed = m.zone_id; G.zoneFailed = null;  // the server says at once if it is failing
     if (m.resumed) G.resumed = true;  // the answer to our own subscribe follows it
     const z = G.zones.find(z => z.id === m.zone_id);
     if (z && (!G.zone || G.zone.id !== z.id)) pick(z, false);
@@ -5462,6 +5462,12 @@ function onMessage(m) {
     if (G.me && G.me.is_debug) refreshDebug();
   } else if (m.type === "unsubscribed") {
     G.subscribed = null;
+  } else if (m.type === "zone_recovered") {
+    G.zoneFailed = null; draw();
+  } else if (m.type === "module_reloaded") {
+    setStatus("connected (game reloaded: version " + m.version + ")", "ok");
+  } else if (m.type === "error" && m.code === "zone_failed") {
+    G.zoneFailed = {zone_id: m.zone_id, message: m.message}; draw();
   } else if (m.type === "error") {
     showError(m.code + ": " + m.message);
     if (m.code === "zone_deleted") { G.zone = null; G.subscribed = null; G.entities = []; loadZones(); draw(); }
@@ -5558,9 +5564,28 @@ function draw() {
       ctx.fillText(e.label, lx, ly);
     }
   }
+  if (G.zoneFailed && G.zoneFailed.zone_id === z.id) failedBanner(ctx, cw, ch);
   const me = G.avatar();
   $("me").textContent = (G.me ? G.me.username : "") + (me ? " at (" + me.x + ", " + me.y + ")" +
     (me.data.score !== undefined ? ", score " + me.data.score : "") : z ? ", no avatar in this zone" : "");
+}
+
+function failedBanner(ctx, cw, ch) {  // over the grid while the zone's ticks fail
+  ctx.fillStyle = "rgba(120, 16, 24, 0.85)"; ctx.fillRect(0, 0, cw, ch);
+  ctx.fillStyle = "#ffffff"; ctx.textAlign = "left"; ctx.textBaseline = "top";
+  ctx.font = "bold 15px system-ui, sans-serif";
+  ctx.fillText("This zone's game is failing", 12, 12);
+  ctx.font = "12px ui-monospace, monospace";
+  const lines = [], width = cw - 24;
+  for (const para of G.zoneFailed.message.split("\n")) {
+    let line = "";
+    for (const word of para.split(" ")) {
+      const next = line ? line + " " + word : word;
+      if (ctx.measureText(next).width > width && line) { lines.push(line); line = word; } else line = next;
+    }
+    lines.push(line);
+  }
+  lines.slice(0, Math.max(1, Math.floor((ch - 44) / 16))).forEach((l, i) => ctx.fillText(l, 12, 38 + i * 16));
 }
 
 function hit(ev) {

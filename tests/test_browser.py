@@ -374,3 +374,35 @@ async def test_the_time_line_steps_a_zone_forward_and_back(tmp_path, start_serve
     shots = os.environ.get("GRIDSERVER_SCREENSHOTS")
     if shots:  # the README's picture: GRIDSERVER_SCREENSHOTS=tests pytest -k time_line
         await page.screenshot(path=os.path.join(shots, "timeline-screenshot.png"), full_page=True)
+
+
+class Breakable(gridserver.BuiltinDemo):
+    """The built-in demo, whose ticks raise while ``broken``."""
+
+    broken = False
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        if self.broken:
+            raise RuntimeError("the rules broke on purpose")
+        return super().on_tick(zone_id, entities, intents, tick_number)
+
+
+async def test_a_failing_zone_is_shown_over_its_grid_until_it_recovers(tmp_path, start_server, page):
+    game = Breakable()
+    running = await start_server(make_config(f"sqlite:///{tmp_path / 'db'}", server_debug=True), game)
+    await log_in(page, running.url, "br_" + uuid.uuid4().hex[:8], register=True)
+    await page.click("#zones button:has-text('lobby')")
+    spot = await avatar(page)
+    x, y = (spot["x"] + 3) % 24, spot["y"]  # a cell with nothing on it
+    assert await pixel(page, x, y) == BACKGROUND_RGB
+    game.broken = True
+    message = await until(page, "() => window.gridserver.zoneFailed && window.gridserver.zoneFailed.message")
+    assert "RuntimeError: the rules broke on purpose" in message  # a debug player reads the error
+    r, g_, b = await pixel(page, x, y)
+    assert r > 90 and g_ < 40 and b < 40, (r, g_, b)  # the grid is covered by the failure
+    game.broken = False
+    await until(page, "() => window.gridserver.zoneFailed === null")
+    await until(page, "([x, y]) => { const c = document.getElementById('grid'), s = window.gridserver.scale,"
+                      " d = window.devicePixelRatio || 1; const p = c.getContext('2d').getImageData("
+                      "Math.floor((x + .5) * s * d), Math.floor((y + .5) * s * d), 1, 1).data; return p[0] < 60; }",
+                [x, y])
