@@ -397,3 +397,55 @@ async def test_every_start_up_error_of_the_module_is_one_line_exit_2_and_nothing
     if case == "on_init_raises":
         assert "RuntimeError: no arena for you" in line
     assert not (tmp_path / "world.db").exists() and not list((tmp_path / "elsewhere").iterdir())
+
+
+class Recorder:
+    """A game that records the zones it was told were deleted."""
+
+    def __init__(self):
+        self.deleted: list = []
+
+    def on_init(self, framework):
+        self.fw = framework
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        from gridserver import TickResult
+        return TickResult(broadcast_state={"tick": tick_number})
+
+    def get_player_state(self, zone_id, player_id, full_state):
+        return full_state
+
+    def on_zone_deleted(self, zone_id):
+        assert self.fw.get_zone(zone_id) is None  # gone from the world when the hook runs
+        self.deleted.append(zone_id)
+
+
+async def test_a_deleted_zone_is_told_to_the_module(start_server, dsn):
+    from helpers import make_config
+    game = Recorder()
+    running = await start_server(make_config(dsn, server_debug=True), game)
+    p = await running.player()
+    kept, doomed = await running.zone(p["token"]), await running.zone(p["token"])
+    status, _ = await running.call("DELETE", f"/api/zones/{doomed['id']}", p["token"])
+    assert status == 204
+    assert [str(z) for z in game.deleted] == [doomed["id"]]
+    status, _ = await running.call("DELETE", f"/api/zones/{doomed['id']}", p["token"])
+    assert status == 404 and len(game.deleted) == 1 and kept["id"] not in map(str, game.deleted)
+
+
+def test_walkers_carries_its_views_over_a_reload_unless_their_shape_changed():
+    from test_games import WALKERS, Walkers, load_module
+    sim = Walkers(things=[(3, 3, 0, 0, {"kind": "item", "value": 1})])
+    sim.tick()
+    old = sim.game
+    assert old._views[sim.zone.id]  # the state entries it built
+    new = load_module(WALKERS)
+    new.on_init(old._fw)
+    new.on_reload(old)
+    assert new._views[sim.zone.id] is old._views[sim.zone.id] and new._positions == old._positions
+    changed = load_module(source=WALKERS.read_text().replace("VIEW_FORMAT = 1", "VIEW_FORMAT = 2"))
+    changed.on_init(old._fw)
+    changed.on_reload(old)
+    assert changed._views == {} and changed._positions == {}
+    new.on_zone_deleted(sim.zone.id)
+    assert sim.zone.id not in new._views and sim.zone.id not in new._positions
