@@ -58,6 +58,10 @@ threading lock.
   once, for different zones: module state shared between zones must be safe for that.
 * ``on_init`` runs once, in a worker thread, before the first tick; ``FrameworkAPI`` (its
   reads take ``World.lock``; ``create_zone`` waits for the loop) serves module code in both.
+  A hot reload (importing the new code, its ``on_init`` and ``on_reload``) and
+  ``on_zone_deleted`` run in a worker thread too, while the loop holds the ticks
+  (``TickEngine.exclusive``): no game thread runs module code meanwhile (but for a call
+  stuck past ``zone_timeout``).
 * The world thread (``gridserver-world``): adding, removing and restoring zones and the
   debug routes' reads of entities, under ``World.lock``, for the loop.
 * Database threads: the flush thread (``gridserver-flush``: the snapshot of changed
