@@ -540,6 +540,41 @@ def _holds_nul(value: Any) -> bool:
     return False
 
 
+#: The largest magnitude JSON can carry to every client as a number (an IEEE double).
+_DOUBLE_MAX = sys.float_info.max
+
+
+def _data_problem(data: dict, max_depth: int) -> str | None:
+    """Why an intent's ``data`` must be refused at the door (None: it may be queued).
+
+    Whatever is queued reaches the module and may be echoed into a zone's state, which must
+    serialize for every player: so no NaN or Infinity (which the parser accepts, as it does
+    ``1e999`` and 400-digit numbers, which become infinite), no integer beyond the double
+    range, and no nesting deeper than ``max_depth`` (``data`` itself is level 1).
+    """
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        value, depth = pop()
+        if isinstance(value, dict):
+            children: Iterable = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > max_depth:
+            return f"nests deeper than {max_depth} levels"
+        for child in children:
+            if isinstance(child, (dict, list)):
+                push((child, depth + 1))
+            elif isinstance(child, float):
+                if not math.isfinite(child):
+                    return "holds NaN, Infinity or a number too large for JSON"
+            elif isinstance(child, int) and not isinstance(child, bool) and abs(child) > _DOUBLE_MAX:
+                return "holds a number too large for JSON"
+    return None
+
+
 def _as_uuid(value: Any) -> UUID:
     """A UUID from a UUID or its string form (module results may use either)."""
     return value if isinstance(value, UUID) else UUID(str(value))
@@ -4662,41 +4697,6 @@ def _unpaired_surrogate(msg: dict) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-#: The largest magnitude JSON can carry to every client as a number (an IEEE double).
-_DOUBLE_MAX = sys.float_info.max
-
-
-def _data_problem(data: dict, max_depth: int) -> str | None:
-    """Why an intent's ``data`` must be refused at the door (None: it may be queued).
-
-    Whatever is queued reaches the module and may be echoed into a zone's state, which must
-    serialize for every player: so no NaN or Infinity (which the parser accepts, as it does
-    ``1e999`` and 400-digit numbers, which become infinite), no integer beyond the double
-    range, and no nesting deeper than ``max_depth`` (``data`` itself is level 1).
-    """
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    pop, push = stack.pop, stack.append
-    while stack:
-        value, depth = pop()
-        if isinstance(value, dict):
-            children: Iterable = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        if depth > max_depth:
-            return f"nests deeper than {max_depth} levels"
-        for child in children:
-            if isinstance(child, (dict, list)):
-                push((child, depth + 1))
-            elif isinstance(child, float):
-                if not math.isfinite(child):
-                    return "holds NaN, Infinity or a number too large for JSON"
-            elif isinstance(child, int) and not isinstance(child, bool) and abs(child) > _DOUBLE_MAX:
-                return "holds a number too large for JSON"
-    return None
 
 
 def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> None:
