@@ -168,6 +168,7 @@ __all__ = [
     "Intent",
     "TickResult",
     "Zone",
+    "ZoneSim",
     "json_dumps",
     "json_loads",
 ]
@@ -545,6 +546,41 @@ def _holds_nul(value: Any) -> bool:
         elif isinstance(v, (list, tuple)):
             stack.extend(v)
     return False
+
+
+#: The largest magnitude JSON can carry to every client as a number (an IEEE double).
+_DOUBLE_MAX = sys.float_info.max
+
+
+def _data_problem(data: dict, max_depth: int) -> str | None:
+    """Why an intent's ``data`` must be refused at the door (None: it may be queued).
+
+    Whatever is queued reaches the module and may be echoed into a zone's state, which must
+    serialize for every player: so no NaN or Infinity (which the parser accepts, as it does
+    ``1e999`` and 400-digit numbers, which become infinite), no integer beyond the double
+    range, and no nesting deeper than ``max_depth`` (``data`` itself is level 1).
+    """
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        value, depth = pop()
+        if isinstance(value, dict):
+            children: Iterable = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > max_depth:
+            return f"nests deeper than {max_depth} levels"
+        for child in children:
+            if isinstance(child, (dict, list)):
+                push((child, depth + 1))
+            elif isinstance(child, float):
+                if not math.isfinite(child):
+                    return "holds NaN, Infinity or a number too large for JSON"
+            elif isinstance(child, int) and not isinstance(child, bool) and abs(child) > _DOUBLE_MAX:
+                return "holds a number too large for JSON"
+    return None
 
 
 def _as_uuid(value: Any) -> UUID:
@@ -3999,6 +4035,260 @@ class BuiltinDemo:
         return full_state
 
 
+class ZoneSim:
+    """A game module run without a server, for its tests: one zone, ticked by hand::
+
+        sim = ZoneSim("game_modules.walkers", 8, 8, settings={"walls": 0, "items": 0})
+        sim.join(player_id)
+        sim.intent(player_id, {"move": "right"})
+        assert sim.tick() == 1 and sim.last_error is None
+        sim.state_for(player_id)     # what that player was sent, parsed
+
+    It runs the server's own pieces, not copies of them. The zone lives in a ``World``; joins
+    and leaves go to its inbox as the hub queues them (``_queue_event``: a join and a leave of
+    one player before a tick cancel out) and intents as the door takes them (a JSON object
+    that ``_data_problem`` passes, made read-only); ``tick`` is ``run_zone_tick``: the join and
+    leave hooks, ``on_tick``, ``World``'s checks and all-or-nothing apply, ``get_player_state``
+    for every player in the zone and the frames. The joins and leaves of a tick that applied
+    nothing go with the next tick that does (``_requeue_events``), as in the server.
+
+    Deterministic: each tick's seed is drawn from ``seed`` and tick n happens at ``START + n *
+    tick_interval`` (the ``created_at``/``updated_at`` it writes; intents are received at the
+    time of the tick before theirs), so two sims given the same game, seed and calls leave the
+    same world, ids included. ``on_init`` runs once, here, with a ``FrameworkAPI`` over the
+    sim's world (its ``random`` seeded from ``seed`` too); the sim's zone (``zone_id``) exists
+    before it, and zones it creates exist too but do not tick. The per-tick intent limits
+    (``[tick] max_intents_per_player``) are the server's, not the sim's.
+
+    ``game`` is a module, an object, a class (instantiated with no arguments) or a
+    ``"package.module"``/``"package.module:Name"`` path (``load_game``). A module is one object:
+    a second sim of it runs its ``on_init`` again, over the second sim's world, so keep to one
+    sim of a module at a time (a class gives each sim an instance of its own). With ``verify``
+    every tick runs twice from the same state and the two are compared, as the server's debug
+    mode does: a module that is not deterministic shows in ``last_error``.
+    """
+
+    #: When tick 0 happens (2024-01-01T00:00:00Z): tick n happens ``n * tick_interval`` later.
+    START = 1_704_067_200.0
+    #: How deep an intent's data may nest: the door's default (``[websocket] max_depth``).
+    MAX_DEPTH = int(next(o.default for o in OPTIONS if (o.section, o.key) == ("websocket", "max_depth")))
+
+    def __init__(self, game: Any, width: int = 32, height: int = 32, metadata: dict | None = None,
+                 settings: Mapping[str, Any] | None = None, *, seed: int = 0, tick_interval: float = 1.0,
+                 usernames: Mapping[UUID | str, str] | None = None, name: str = "sim", verify: bool = False):
+        section, self._game = _sim_game(game)
+        self._world = World()
+        self._seeds = random.Random(seed)               # each tick's seed
+        self._ids = random.Random(seed ^ _ID_SALT)      # the ids of zones and placed entities
+        self._interval = tick_interval
+        self._verify = verify
+        self._usernames = {_as_uuid(p): n for p, n in (usernames or {}).items()}
+        self._members: dict[UUID, None] = {}            # the players in the zone, in the order they joined
+        self._frames: dict[UUID, bytes] = {}            # each player's last frame
+        self._seq = itertools.count(1)
+        self._outcome: ZoneOutcome | None = None
+        self._zs = self._world.zones[self._create_zone(name, width, height, metadata or {}).id]
+        self._framework = FrameworkAPI(self._world, {k: str(v) for k, v in (settings or {}).items()},
+                                       section=section, tick_interval=tick_interval, create_zone=self._create_zone,
+                                       usernames=self._usernames)
+        self._framework._random.seed(self._seeds.getrandbits(63))
+        self._game.on_init(self._framework)
+
+    def _create_zone(self, name: str, width: int, height: int, metadata: dict) -> Zone:
+        """``FrameworkAPI.create_zone`` for the sim: the zone joins the sim's world, numbered on
+        from the sim's ticks; ValueError for a size that is no positive integer or a name taken."""
+        for value in (width, height):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"a zone's width and height must be positive integers, got {value!r}")
+        if self._world.zone_by_name(name) is not None:
+            raise ValueError(f"A zone named {name!r} exists already.")
+        first = self._zs.tick_number if self._world.zones else 0  # the sim's own zone comes first
+        when = _dt.datetime.fromtimestamp(self.START + first * self._interval, _dt.timezone.utc)
+        zone = Zone(self._new_id(), name, width, height, dict(metadata), when, when)
+        self._world.add_zone(zone, (), first)
+        return zone
+
+    def _new_id(self) -> UUID:
+        return uuid.UUID(int=self._ids.getrandbits(128), version=4)
+
+    # -- players -------------------------------------------------------------------------
+    def join(self, player_id: UUID | str, username: str | None = None) -> None:
+        """The player enters the zone (a subscribe): the module hears of it at the next tick,
+        and the player is sent a frame every tick from then on. ``username`` is what
+        ``framework.username`` answers for them. Joining while in the zone does nothing."""
+        player = _as_uuid(player_id)
+        if username is not None:
+            self._usernames[player] = username
+        if player not in self._members:
+            self._members[player] = None
+            _queue_event(self._zs, player, "join")
+
+    def leave(self, player_id: UUID | str) -> None:
+        """The player leaves the zone (an unsubscribe, or the end of the reconnect grace): the
+        module hears of it at the next tick and the player is sent no more frames. Leaving a
+        zone one is not in does nothing."""
+        player = _as_uuid(player_id)
+        if player in self._members:
+            del self._members[player]
+            _queue_event(self._zs, player, "leave")
+
+    def intent(self, player_id: UUID | str, data: dict) -> Intent:
+        """Queue an intent for the next tick, as the door takes a client's ``{"type": "intent",
+        "data": ...}``: ``data`` becomes what the module would get over the wire (JSON: tuples
+        become lists, keys strings, UUIDs text), read-only. ValueError for what the server
+        refuses (data that is not a JSON object, NaN or a number too large for JSON, unpaired
+        surrogates, nesting deeper than ``MAX_DEPTH``) and for a player who is not in the zone.
+        Returns the queued intent."""
+        player = _as_uuid(player_id)
+        if player not in self._members:
+            raise ValueError(f"player {player} is not in the zone: join first (the server takes intents only "
+                             f"from players in a zone)")
+        if not isinstance(data, dict):
+            raise ValueError(f"intent data must be a JSON object (a dict), not {type(data).__name__}")
+        try:
+            text = json_dumps(data)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"intent data is not JSON ({exc})") from None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("intent data holds an unpaired surrogate (not Unicode text)") from None
+        sent: dict = json_loads(text)
+        problem = _data_problem(sent, self.MAX_DEPTH)
+        if problem is not None:
+            raise ValueError(f"intent data {problem}")
+        intent = Intent(player, self._zs.zone.id, _freeze(sent), self.now, next(self._seq))
+        self._zs.intents.append(intent)
+        return intent
+
+    # -- ticks ---------------------------------------------------------------------------
+    def tick(self, n: int = 1) -> int:
+        """Run the zone's next ``n`` ticks; returns the number of the last. A lost tick raises
+        nothing: it shows in ``last_error`` (the next tick clears it)."""
+        for _ in range(n):
+            self._tick()
+        return self._zs.tick_number
+
+    def _tick(self) -> None:
+        zs = self._zs
+        intents, zs.intents = zs.intents, []
+        events = [(kind, player_id) for player_id, kind in zs.events.items()]
+        zs.events = {}
+        number = zs.tick_number + 1
+        at = self.START + number * self._interval
+        usernames = self._usernames
+        names = {p: usernames[p] for p in itertools.chain((i.player_id for i in intents), (p for _, p in events))
+                 if p in usernames}
+        inputs = ZoneInputs(number, intents, events, list(self._members), seed=self._seeds.getrandbits(63), at=at,
+                            verify=self._verify, names=names)
+        outcome = run_zone_tick(self._world, self._game, zs, inputs, lambda: at)
+        if outcome.error is not None and not outcome.applied:
+            _requeue_events(zs, events)  # as TickEngine._deliver does
+        self._frames.update(outcome.frames)
+        self._outcome = outcome
+
+    def place(self, *creates: EntityCreate) -> list[Entity]:
+        """Put entities in the zone, for a test's starting position: checked and applied as a
+        tick's creates are (``TickRejected`` names a broken rule), at the time of the last tick.
+        The module is not told. Returns the new entities, in order."""
+        created, _, _ = self._world.apply(self._zs.zone.id, TickResult(entity_creates=list(creates)), self.now,
+                                          self._new_id)
+        return created
+
+    # -- what a test looks at ------------------------------------------------------------
+    def state_for(self, player_id: UUID | str) -> dict:
+        """The ``state`` of the last frame the player was sent, parsed from the frame's bytes as
+        a client reads it (a new copy each call). KeyError for a player sent none yet."""
+        player = _as_uuid(player_id)
+        frame = self._frames.get(player)
+        if frame is None:
+            raise KeyError(f"player {player} has been sent no frame (a player gets one from each tick that "
+                           f"succeeds while they are in the zone)")
+        state: dict = _frame_message(frame)["state"]
+        return state
+
+    @property
+    def entities(self) -> list[Entity]:
+        """The sim's zone's entities, in id order (the same order for two sims that made the
+        same world)."""
+        with self._world.lock:
+            return sorted(self._zs.entities.values(), key=lambda e: e.id)
+
+    def entity(self, entity_id: UUID | str) -> Entity | None:
+        """The entity with this id, in any of the sim's zones (None: there is none)."""
+        return self._world.get_entity(_as_uuid(entity_id))
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last tick was lost (None: it was not, or no tick ran yet), as the zone's
+        ``last_error`` says it; with ``verify``, also how its two runs differed."""
+        outcome = self._outcome
+        if outcome is None:
+            return None
+        if outcome.error is None and outcome.mismatch is not None:
+            return f"nondeterministic: {outcome.mismatch}"
+        return outcome.error
+
+    @property
+    def last_outcome(self) -> ZoneOutcome | None:
+        """What the last tick's ``run_zone_tick`` returned (its frames, ``kind``, ``exception``)."""
+        return self._outcome
+
+    @property
+    def now(self) -> float:
+        """The time of the last tick (``START`` before the first), in seconds since the epoch."""
+        return self.START + self._zs.tick_number * self._interval
+
+    @property
+    def tick_number(self) -> int:
+        """The number of the last tick (0 before the first)."""
+        return self._zs.tick_number
+
+    @property
+    def zone_id(self) -> UUID:
+        """The id of the sim's zone, the one that ticks."""
+        return self._zs.zone.id
+
+    @property
+    def game(self) -> Any:
+        """The game module (or instance) the sim runs."""
+        return self._game
+
+    @property
+    def framework(self) -> FrameworkAPI:
+        """The ``FrameworkAPI`` the game was given."""
+        return self._framework
+
+    @property
+    def world(self) -> World:
+        """The sim's world: its zones and their entities."""
+        return self._world
+
+
+def _sim_game(game: Any) -> tuple[str, Any]:
+    """A ZoneSim's game and the name of its settings section, from what a test passed."""
+    if isinstance(game, str):
+        return game, load_game(game)
+    if isinstance(game, type):
+        section, game = f"{game.__module__}:{game.__qualname__}", game()
+    elif inspect.ismodule(game):
+        section = game.__name__
+    else:
+        section = f"{type(game).__module__}:{type(game).__qualname__}"
+    missing = [m for m in _REQUIRED_METHODS if not callable(getattr(game, m, None))]
+    if missing:
+        raise TypeError(f"{section} lacks {', '.join(missing)} (see GameLogicModule)")
+    return section, game
+
+
+def _frame_message(frame: bytes) -> dict:
+    """The JSON message in a server-to-client WebSocket text frame (``ws_text_frame``)."""
+    n = frame[1] & 0x7F
+    start = 2 if n < 126 else 4 if n == 126 else 10  # the header: 2 bytes, then 2 or 8 of length
+    message: dict = json_loads(frame[start:].decode("utf-8"))
+    return message
+
+
 # =============================================================================
 # Server state
 # =============================================================================
@@ -4821,41 +5111,6 @@ def _unpaired_surrogate(msg: dict) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-#: The largest magnitude JSON can carry to every client as a number (an IEEE double).
-_DOUBLE_MAX = sys.float_info.max
-
-
-def _data_problem(data: dict, max_depth: int) -> str | None:
-    """Why an intent's ``data`` must be refused at the door (None: it may be queued).
-
-    Whatever is queued reaches the module and may be echoed into a zone's state, which must
-    serialize for every player: so no NaN or Infinity (which the parser accepts, as it does
-    ``1e999`` and 400-digit numbers, which become infinite), no integer beyond the double
-    range, and no nesting deeper than ``max_depth`` (``data`` itself is level 1).
-    """
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    pop, push = stack.pop, stack.append
-    while stack:
-        value, depth = pop()
-        if isinstance(value, dict):
-            children: Iterable = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        if depth > max_depth:
-            return f"nests deeper than {max_depth} levels"
-        for child in children:
-            if isinstance(child, (dict, list)):
-                push((child, depth + 1))
-            elif isinstance(child, float):
-                if not math.isfinite(child):
-                    return "holds NaN, Infinity or a number too large for JSON"
-            elif isinstance(child, int) and not isinstance(child, bool) and abs(child) > _DOUBLE_MAX:
-                return "holds a number too large for JSON"
-    return None
 
 
 def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> None:
