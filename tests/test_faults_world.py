@@ -95,7 +95,8 @@ async def _send(port: int, token: str, zone_id: str, data: dict) -> None:
     ws = await RawWS.connect(port, token)
     try:
         await ws.send_json({"type": "subscribe", "zone_id": zone_id})
-        await drain_until(ws, "subscribed")
+        # (after a restart the player may first be put back where they were: "resumed")
+        await ws.until(lambda m: m["type"] == "subscribed" and not m.get("resumed"), timeout=10.0)
         await ws.send_json({"type": "intent", "data": data})
         assert await ws.pong_after() == []  # taken without an error
     finally:

@@ -246,7 +246,7 @@ def test_a_game_named_by_its_path_or_given_as_a_class():
     assert avatar.metadata["label"] == "alice" and demo.state_for(P)["entities"][0]["label"] == "alice"
     own = ZoneSim(Tokens)
     assert isinstance(own.game, Tokens) and own.game is not ZoneSim(Tokens).game  # an instance per sim
-    with pytest.raises(gridserver.ConfigError, match="cannot import"):
+    with pytest.raises(gridserver.GameModuleError, match="no module named .game_modules.no_such_game."):
         ZoneSim("game_modules.no_such_game")
     with pytest.raises(TypeError, match="lacks on_init, on_tick, get_player_state"):
         ZoneSim(object())
