@@ -868,6 +868,11 @@ class GameLogicModule(Protocol):
 _REQUIRED_METHODS = ("on_init", "on_tick", "get_player_state")
 
 
+def _missing_methods(game: Any) -> str:
+    """The required methods ``game`` lacks, comma-separated ("" when it has them all)."""
+    return ", ".join(m for m in _REQUIRED_METHODS if not callable(getattr(game, m, None)))
+
+
 # =============================================================================
 # Spatial index
 # =============================================================================
@@ -1553,6 +1558,22 @@ class ZoneOutcome:
     applied: bool = False
     exception: BaseException | None = None
     mismatch: str | None = None  # with ``verify``: how the second run differed from the first
+
+
+def take_inputs(zs: _ZoneState, subscribers: list[UUID], usernames: Mapping[UUID, str], seed: int, at: float,
+                verify: bool = False) -> ZoneInputs:
+    """Swap the zone's inbox (intents, their journal text, join and leave events) out as the
+    inputs of the zone's next tick, ``zs.tick_number + 1``; its per-tick limits start again.
+    ``names`` get the usernames of the players the tick carries."""
+    intents, zs.intents = zs.intents, []
+    journaled, zs.journaled = zs.journaled, []
+    zs.intent_counts, zs.limited = {}, set()
+    events = [(kind, player_id) for player_id, kind in zs.events.items()]
+    zs.events = {}
+    names = {p: usernames[p] for p in itertools.chain((i.player_id for i in intents), (p for _, p in events))
+             if p in usernames}
+    return ZoneInputs(zs.tick_number + 1, intents, events, subscribers, seed=seed, at=at, verify=verify,
+                      names=names, journaled=journaled)
 
 
 #: The zone tick under way in this thread: its random numbers (``FrameworkAPI.random``).
@@ -3423,8 +3444,6 @@ class TickEngine:
             error = outcome.error or "" if outcome is not None else "the zone's tick did not finish"
             kind = outcome.kind if outcome is not None else "exception"
             zs.errors += 1
-            zs.last_error = {"tick_number": job.inputs.tick_number, "kind": kind,
-                             "message": error[:2000], "at": _iso(_now())}
             self.metrics.zone_errors_total += 1
             if outcome is None or not outcome.applied:
                 _requeue_events(zs, job.inputs.events)  # joins and leaves go with the next good tick
@@ -3454,12 +3473,11 @@ class TickEngine:
         self._send(job)
 
     def _failed(self, zs: _ZoneState, tick: int, kind: str, error: str, exc: BaseException | None) -> None:
-        """A zone lost a tick. The first of a streak is logged with its traceback and told to
-        the zone's subscribers (``zone_failed``); later ones are counted, and logged at 1, 10,
-        100, 1000... in a row."""
+        """A zone lost a tick (it becomes its ``last_error``). The first of a streak is logged
+        with its traceback and told to the zone's subscribers (``zone_failed``); later ones
+        are counted, and logged at 10, 100, 1000... in a row."""
         zs.failing += 1
-        if kind == "stalled":
-            zs.last_error = {"tick_number": tick, "kind": kind, "message": error, "at": _iso(_now())}
+        zs.last_error = {"tick_number": tick, "kind": kind, "message": error[:2000], "at": _iso(_now())}
         what = {"invalid_result": "result rejected", "stalled": "stalled"}.get(kind, "module raised")
         if zs.failing == 1:
             log.error("zone %s tick %d: %s: %s", zs.zone.id, tick, what, error[:500], exc_info=exc)
@@ -3517,18 +3535,8 @@ class TickEngine:
         """Swap the zone's inbox out as the inputs of the zone's next tick (its limits start
         again). ``n`` is the engine's tick: a zone counts its own ticks, which follow the
         engine's except after a rewind or a skipped (stalled) tick."""
-        intents, zs.intents = zs.intents, []
-        journaled, zs.journaled = zs.journaled, []
-        zs.intent_counts, zs.limited = {}, set()
-        events = [(kind, player_id) for player_id, kind in zs.events.items()]
-        zs.events = {}
-        subscribers = list(self.hub.subscribers.get(zs.zone.id, ()))
-        usernames = self.hub.usernames
-        names = {p: usernames[p] for p in itertools.chain((i.player_id for i in intents), (p for _, p in events))
-                 if p in usernames}
-        return ZoneInputs(zs.tick_number + 1, intents, events, subscribers, seed=secrets.randbits(63), at=at,
-                          verify=self.verify_every > 0 and n % self.verify_every == 0, names=names,
-                          journaled=journaled)
+        return take_inputs(zs, list(self.hub.subscribers.get(zs.zone.id, ())), self.hub.usernames,
+                           secrets.randbits(63), at, self.verify_every > 0 and n % self.verify_every == 0)
 
     async def _run_tick(self, t0: float) -> int:
         self.tick_number += 1
@@ -3948,9 +3956,9 @@ def load_game_module(path: str, fresh: bool = False) -> LoadedGame:
                 game = game()
             except Exception as exc:  # noqa: BLE001
                 raise GameModuleError(f"{what}: {_where(exc)}") from None
-    missing = [m for m in _REQUIRED_METHODS if not callable(getattr(game, m, None))]
+    missing = _missing_methods(game)
     if missing:
-        raise GameModuleError(f"{what} lacks {', '.join(missing)} (see GameLogicModule)")
+        raise GameModuleError(f"{what} lacks {missing} (see GameLogicModule)")
     return LoadedGame(path, game, module, getattr(module, "__file__", None), _source_version(source))
 
 
@@ -3959,19 +3967,19 @@ def load_game(path: str) -> Any:
     return load_game_module(path).game
 
 
-def init_game(loaded: LoadedGame, framework: "FrameworkAPI", previous: Any = None) -> None:
+def init_game(game: Any, name: str, framework: "FrameworkAPI", previous: Any = None) -> None:
     """Call the game's ``on_init(framework)`` and, for a reload, its ``on_reload(previous)``;
-    an exception becomes ``GameModuleError`` naming the file and line."""
+    an exception becomes ``GameModuleError`` naming the game (``name``), file and line."""
     for hook, args in (("on_init", (framework,)), ("on_reload", (previous,))):
         if hook == "on_reload" and previous is None:
             continue
-        fn = getattr(loaded.game, hook, None)
+        fn = getattr(game, hook, None)
         if fn is None:
             continue
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001
-            raise GameModuleError(f"game module {loaded.path!r}: {hook}: {_where(exc)}") from None
+            raise GameModuleError(f"game module {name!r}: {hook}: {_where(exc)}") from None
 
 
 #: The game module named by default; when a lone copy of this file runs without the
@@ -4171,19 +4179,11 @@ class ZoneSim:
 
     def _tick(self) -> None:
         zs = self._zs
-        intents, zs.intents = zs.intents, []
-        events = [(kind, player_id) for player_id, kind in zs.events.items()]
-        zs.events = {}
-        number = zs.tick_number + 1
-        at = self.START + number * self._interval
-        usernames = self._usernames
-        names = {p: usernames[p] for p in itertools.chain((i.player_id for i in intents), (p for _, p in events))
-                 if p in usernames}
-        inputs = ZoneInputs(number, intents, events, list(self._members), seed=self._seeds.getrandbits(63), at=at,
-                            verify=self._verify, names=names)
+        at = self.START + (zs.tick_number + 1) * self._interval
+        inputs = take_inputs(zs, list(self._members), self._usernames, self._seeds.getrandbits(63), at, self._verify)
         outcome = run_zone_tick(self._world, self._game, zs, inputs, lambda: at)
         if outcome.error is not None and not outcome.applied:
-            _requeue_events(zs, events)  # as TickEngine._deliver does
+            _requeue_events(zs, inputs.events)  # as TickEngine._deliver does
         self._frames.update(outcome.frames)
         self._outcome = outcome
 
@@ -4275,9 +4275,9 @@ def _sim_game(game: Any) -> tuple[str, Any]:
         section = game.__name__
     else:
         section = f"{type(game).__module__}:{type(game).__qualname__}"
-    missing = [m for m in _REQUIRED_METHODS if not callable(getattr(game, m, None))]
+    missing = _missing_methods(game)
     if missing:
-        raise TypeError(f"{section} lacks {', '.join(missing)} (see GameLogicModule)")
+        raise TypeError(f"{section} lacks {missing} (see GameLogicModule)")
     return section, game
 
 
@@ -4350,10 +4350,9 @@ class Server:
         self.framework = framework = FrameworkAPI(self.world, settings, section=self.cfg.get("game", "module"),
                                                   tick_interval=self.cfg.get("tick", "interval"),
                                                   create_zone=self._create_zone_blocking, usernames=self.hub.usernames)
-        game = self.loaded or LoadedGame(getattr(self.game, "__name__", type(self.game).__name__), self.game,
-                                         types.ModuleType("game"), None, "")
+        name = self.loaded.path if self.loaded else getattr(self.game, "__name__", type(self.game).__name__)
         try:
-            await self.loop.run_in_executor(None, init_game, game, framework)
+            await self.loop.run_in_executor(None, init_game, self.game, name, framework)
         except GameModuleError:
             await self.store.close()
             raise
@@ -4510,7 +4509,7 @@ class Server:
         async with self._reload_lock, engine.exclusive():
             def load() -> LoadedGame:
                 new = load_game_module(old.path, fresh=True)
-                init_game(new, framework, previous=old.game)
+                init_game(new.game, new.path, framework, previous=old.game)
                 return new
             try:
                 new = await asyncio.get_running_loop().run_in_executor(None, load)
