@@ -40,7 +40,7 @@ Sections of this file, each calling only those above it (``grep -n '^# [A-Z]' gr
     HTTP handlers
     WebSocket handler
     App factory and CLI
-    Browser page
+    Browser client and page
 
 Threads. Each thread runs one kind of work and writes only what it owns; hand-offs go
 through queues and ``loop.call_soon_threadsafe``, and the event loop never waits on a
@@ -5224,6 +5224,7 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
         web.get("/healthz", healthz),
         web.get("/metrics", metrics),
         web.get("/ws", websocket),
+        web.get("/client.js", client_js),
         web.get("/", index),
     ])
     app.on_shutdown.append(_on_shutdown)
@@ -5477,20 +5478,282 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # =============================================================================
-# Browser page
+# Browser client and page
 # =============================================================================
 #
-# ``GET /`` serves one self-contained page: plain HTML, a canvas and the browser's own
-# websocket, no build step, nothing loaded from elsewhere. It logs in, lists zones,
-# draws the chosen zone on every tick, sends the example game's move intents from the arrow
-# keys / WASD, and, for debug players, pauses, resumes and steps the tick and shows an
-# entity's JSON and the connected players. It knows no game: it draws ``state.entities``
-# from the tick state when that is a list of objects with ``x`` and ``y`` (``w``/``h`` or
-# ``width``/``height``), otherwise the debug zone state's entities. An entity's ``color``
-# (any CSS colour) and ``label``, top level or in ``metadata``, are used when present;
-# colours otherwise follow a hash of ``kind``. Its state is ``window.gridserver``.
-# ``create_app`` routes ``GET /`` to ``index`` at the end of this section; the page is kept
-# last so that the code above reads without scrolling past it.
+# ``GET /client.js`` serves ``CLIENT_JS``, the JavaScript client (``GridClient``: an ES module,
+# no build step, no dependency) that browser games import; ``GET /`` serves ``PAGE_HTML``, one
+# self-contained page built on it: plain HTML, a canvas, nothing loaded from elsewhere. The
+# page logs in, lists zones with their live player counts, draws the chosen zone on every
+# tick (dimming the cells outside the tick state's optional ``view``), shows the rest of the
+# tick state (a score table) beside it, sends the example game's move intents from the arrow
+# keys / WASD, and, for debug players, pauses, resumes, steps and rewinds the tick and shows an
+# entity's JSON and the connected players. It knows no game: it draws ``state.entities`` from
+# the tick state when that is a list of objects with ``x`` and ``y`` (``w``/``h`` or
+# ``width``/``height``), otherwise the debug zone state's entities. An entity's ``color`` (any
+# CSS colour) and ``label``, top level or in ``metadata``, are used when present; colours
+# otherwise follow a hash of ``kind``. Its state is ``window.gridserver``. ``create_app``
+# routes both here; they are kept last so that the code above reads without scrolling past them.
+
+#: The JavaScript client, served as ``/client.js`` (README: "Writing a browser game").
+CLIENT_JS = r"""// gridserver's JavaScript client, served by the server itself at /client.js: an ES module with
+// no build step and no dependency, for browser games (the page at / is built on it).
+//
+//   import {GridClient} from "/client.js";
+//   const game = new GridClient();                  // this page's server, or new GridClient("http://host:8080")
+//   await game.login("alice", "correct horse");     // register(username, password) first for a new player
+//   game.on("tick", m => draw(m.state));            // every server message type, plus "open" and "close"
+//   await game.connect();                           // reconnects by itself, with backoff, and resumes
+//   await game.subscribe((await game.zones())[0].id);
+//   game.intent({move: "right"});
+//
+// REST errors reject with a GridError (status, code, message, retryAfter). See the README,
+// "Writing a browser game", for every verb and event.
+
+export class GridError extends Error {
+  constructor(status, code, message, retryAfter = null) {
+    super(message);
+    this.name = "GridError";
+    this.status = status;          // HTTP status; 0 when the server could not be reached
+    this.code = code;              // the envelope's "error" ("zone_not_found", "unreachable", ...)
+    this.retryAfter = retryAfter;  // seconds, from Retry-After (429)
+  }
+}
+
+const SESSION_ENDED = 4001, REPLACED = 4000;
+
+export class GridClient {
+  constructor(baseUrl, options = {}) {
+    const here = typeof location === "undefined" ? "" : location.origin;
+    this.baseUrl = String(baseUrl ?? here).replace(/\/+$/, "");
+    this.token = options.token ?? null;       // a session token from login(), or one kept from before
+    this.backoff = {first: 500, max: 10000, ...(options.backoff || {})};  // milliseconds
+    this.playerId = null;
+    this.zoneId = null;       // the zone the server has this player in ("subscribed")
+    this.wanted = null;       // the zone asked for: asked again after a reconnect that did not resume it
+    this.tick = null;         // the last "tick" message
+    this.connected = false;
+    this.resumed = false;     // the server put the player back in their zone on the last connect
+    this.attempt = 0;         // reconnect attempts since the socket was last open
+    this.socket = null;       // the WebSocket, while there is one
+    this._handlers = new Map();
+    this._timer = null;
+    this._stopped = true;
+  }
+
+  get state() { return this.tick ? this.tick.state : null; }
+
+  // Events: every server message by its type ("tick", "subscribed", "unsubscribed", "pong",
+  // "error", "zone_recovered", "module_reloaded", ...), "message" for all of them, "open"
+  // ({resumed: false, attempt}) and "close" ({code, reason, reconnecting, delay, ended}).
+  on(type, fn) {
+    if (!this._handlers.has(type)) this._handlers.set(type, new Set());
+    this._handlers.get(type).add(fn);
+    return () => this.off(type, fn);
+  }
+
+  off(type, fn) { const set = this._handlers.get(type); if (set) set.delete(fn); }
+
+  // The next event of this type (a Promise), rejected after timeoutMs.
+  next(type, timeoutMs = 10000) {
+    return new Promise((resolve, reject) => {
+      const off = this.on(type, m => { clearTimeout(timer); off(); resolve(m); });
+      const timer = setTimeout(() => { off(); reject(new Error(`no "${type}" within ${timeoutMs} ms`)); }, timeoutMs);
+    });
+  }
+
+  _emit(type, event) {
+    for (const fn of [...(this._handlers.get(type) || [])]) {
+      try { fn(event); } catch (err) { console.error(`gridserver: a "${type}" handler failed`, err); }
+    }
+  }
+
+  // REST: the parsed JSON answer (null for 204), or a GridError.
+  async request(method, path, body) {
+    const headers = {};
+    if (this.token) headers.Authorization = "Bearer " + this.token;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    let resp;
+    try {
+      resp = await fetch(this.baseUrl + path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
+    } catch (err) {
+      throw new GridError(0, "unreachable", `the server could not be reached (${err.message})`);
+    }
+    const text = await resp.text();
+    let data = null;
+    try { data = text ? JSON.parse(text) : null; } catch (err) { data = {message: text}; }
+    if (!resp.ok) {
+      const retry = Number(resp.headers.get("Retry-After"));
+      throw new GridError(resp.status, (data && data.error) || "http_" + resp.status,
+                          (data && data.message) || resp.status + " " + resp.statusText, retry > 0 ? retry : null);
+    }
+    return data;
+  }
+
+  register(username, password) { return this.request("POST", "/api/auth/register", {username, password}); }
+
+  async login(username, password) {
+    const answer = await this.request("POST", "/api/auth/login", {username, password});
+    this.token = answer.token;
+    this.playerId = answer.player_id;
+    return answer;
+  }
+
+  // Ends the session (all: every session of the player) and the connection; no reconnect.
+  async logout({all = false} = {}) {
+    this._stop();
+    try { await this.request("POST", "/api/auth/logout", all ? {all: true} : undefined); } finally {
+      this._shut(1000, "logged out");
+      this.token = null;
+    }
+  }
+
+  async me() { const me = await this.request("GET", "/api/auth/me"); this.playerId = me.id; return me; }
+  async zones() { return (await this.request("GET", "/api/zones")).zones; }
+  zone(zoneId) { return this.request("GET", "/api/zones/" + encodeURIComponent(zoneId)); }
+
+  // Opens the WebSocket; resolves once it is open. A drop reconnects with backoff (first ms,
+  // doubling to max, with jitter) until close() or logout(); a session that has ended
+  // rejects (before the first open) or emits "close" with ended: true.
+  connect() {
+    if (!this.token) return Promise.reject(new GridError(401, "unauthorized", "log in (or pass a token) before connect()"));
+    this._stopped = false;
+    if (this.connected) return Promise.resolve();
+    const opened = new Promise((resolve, reject) => {
+      const offOpen = this.on("open", () => { offOpen(); offClose(); resolve(); });
+      const offClose = this.on("close", ev => {
+        if (!ev.reconnecting) { offOpen(); offClose(); reject(new GridError(ev.code, ev.ended ? "session_ended" : "closed", ev.reason)); }
+      });
+    });
+    if (!this.socket && this._timer === null) this._open();
+    return opened;
+  }
+
+  _open() {
+    this._timer = null;
+    const url = (this.baseUrl || location.origin).replace(/^http/, "ws") + "/ws?token=" + encodeURIComponent(this.token);
+    const ws = this.socket = new WebSocket(url);
+    ws.onopen = () => {
+      this.connected = true;
+      this.resumed = false;
+      const attempt = this.attempt;
+      this.attempt = 0;
+      if (this.wanted) this._send({type: "subscribe", zone_id: this.wanted});  // a no-op when resumed
+      this._emit("open", {attempt});
+    };
+    ws.onmessage = ev => {
+      let m;
+      try { m = JSON.parse(ev.data); } catch (err) { return; }  // the server sends JSON only
+      if (m.type === "tick") this.tick = m;
+      else if (m.type === "subscribed") {
+        if (this.zoneId !== m.zone_id) this.tick = null;
+        this.zoneId = m.zone_id;
+        if (m.resumed) { this.resumed = true; if (!this.wanted) this.wanted = m.zone_id; }
+      } else if (m.type === "unsubscribed") { this.zoneId = null; this.tick = null; }
+      else if (m.type === "error" && m.code === "zone_deleted") { this.zoneId = this.wanted = null; this.tick = null; }
+      this._emit(m.type, m);
+      this._emit("message", m);
+    };
+    ws.onclose = ev => {
+      if (ws !== this.socket) return;
+      this.socket = null;
+      this.connected = false;
+      this.zoneId = null;
+      if (ev.code === SESSION_ENDED) return this._ended(ev.reason || "the session has ended");
+      if (this._stopped || ev.code === REPLACED) {
+        this._stop();
+        return this._emit("close", {code: ev.code, reason: ev.reason, reconnecting: false, ended: false});
+      }
+      this.attempt += 1;
+      const delay = Math.min(this.backoff.max, this.backoff.first * 2 ** Math.min(this.attempt - 1, 20))
+        * (0.75 + Math.random() / 2);
+      this._timer = setTimeout(() => this._retry(), delay);
+      this._emit("close", {code: ev.code, reason: ev.reason, reconnecting: true, delay, attempt: this.attempt, ended: false});
+    };
+  }
+
+  async _retry() {
+    this._timer = -1;  // a retry is under way
+    try { await this.me(); } catch (err) {
+      if (err.status === 401) return this._ended("the session has ended");
+    }
+    if (this._stopped) return;
+    this._open();
+  }
+
+  _ended(reason) {
+    this._stop();
+    this.token = null;
+    this._emit("close", {code: SESSION_ENDED, reason, reconnecting: false, ended: true});
+  }
+
+  _stop() {
+    this._stopped = true;
+    if (this._timer !== null && this._timer !== -1) clearTimeout(this._timer);
+    this._timer = null;
+  }
+
+  _shut(code, reason) {
+    const ws = this.socket;
+    if (ws) {
+      ws.close(code, reason);
+      ws.onclose({code, reason: reason || "", wasClean: true});  // at once, not when the server answers
+    }
+  }
+
+  // Closes the connection for good (no reconnect); "close" follows.
+  close() { this._stop(); this.wanted = null; this._shut(1000, "closed by the client"); }
+
+  _send(msg) {
+    if (!this.socket || this.socket.readyState !== 1) return false;
+    this.socket.send(JSON.stringify(msg));
+    return true;
+  }
+
+  // Joins a zone (leaving the current one); resolves with the "subscribed" answer, rejects on
+  // zone_not_found or rate_limited. While the client is (re)connecting it is asked for once the
+  // socket is open, and it is asked for again after every reconnect the server did not resume.
+  subscribe(zoneId) {
+    this.wanted = zoneId;
+    return this._ask({type: "subscribe", zone_id: zoneId}, "subscribed", m => m.zone_id === zoneId, true);
+  }
+
+  unsubscribe() {
+    this.wanted = null;
+    return this._ask({type: "unsubscribe"}, "unsubscribed", () => true);
+  }
+
+  // Queues an intent for the zone's next tick: true when it was sent (false while not connected;
+  // intents are never kept for a later connection: they would act on an older state).
+  intent(data) { return this._send({type: "intent", data}); }
+
+  // Resolves with the round trip in milliseconds.
+  async ping() {
+    const start = performance.now();
+    await this._ask({type: "ping"}, "pong", () => true);
+    return performance.now() - start;
+  }
+
+  _ask(msg, answer, matches, whenOpen = false, timeoutMs = 10000) {
+    return new Promise((resolve, reject) => {
+      const done = (fn, value) => { clearTimeout(timer); offAnswer(); offError(); offClose(); fn(value); };
+      const offAnswer = this.on(answer, m => { if (matches(m)) done(resolve, m); });
+      const offError = this.on("error", m => {
+        if (m.code === "zone_not_found" || (m.code === "rate_limited" && /subscribe/.test(m.message) && msg.type !== "ping")) {
+          done(reject, new GridError(0, m.code, m.message));
+        }
+      });
+      const offClose = this.on("close", ev => {
+        if (!(whenOpen && ev.reconnecting)) done(reject, new GridError(0, "closed", `the connection closed (${ev.code})`));
+      });
+      const timer = setTimeout(() => done(reject, new GridError(0, "timeout", `no "${answer}" within ${timeoutMs} ms`)), timeoutMs);
+      if (!this._send(msg) && !(whenOpen && !this._stopped)) {
+        done(reject, new GridError(0, "not_connected", "not connected: call connect() first"));
+      }
+    });
+  }
+}
+"""
 
 #: The page. Its inline script and style are allowed by their SHA-256 in the CSP header,
 #: so nothing else can run or style it; the hashes are computed from this text at import.
@@ -5513,12 +5776,16 @@ header { display: flex; gap: 12px; align-items: center; padding: 8px 14px; backg
 header h1 { font-size: 16px; margin: 0; }
 #status { margin-left: auto; cursor: default; }
 .ok { color: var(--ok); } .warn { color: var(--warn); } .bad { color: var(--bad); } .muted { color: var(--muted); }
-main { display: grid; grid-template-columns: 210px minmax(0, 1fr) 300px; gap: 12px; padding: 12px;
+main { display: grid; grid-template-columns: 220px minmax(0, 1fr) 320px; gap: 12px; padding: 12px;
   height: calc(100vh - 44px); }
-section, form { background: var(--panel); border: 1px solid var(--line); border-radius: 6px; padding: 10px;
-  overflow: auto; }
-h2 { font-size: 12px; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); margin: 12px 0 6px; }
-h2:first-child { margin-top: 0; }
+.side { display: flex; flex-direction: column; gap: 12px; min-height: 0; overflow: auto; }
+section, form, details { background: var(--panel); border: 1px solid var(--line); border-radius: 6px; padding: 10px; }
+section { overflow: auto; }
+h2, summary { font-size: 12px; font-weight: 600; text-transform: uppercase; letter-spacing: .06em;
+  color: var(--muted); margin: 0 0 8px; }
+summary { cursor: pointer; margin: 0; }
+details[open] > summary { margin-bottom: 8px; }
+h3 { font-size: 12px; font-weight: 600; color: var(--muted); margin: 12px 0 4px; }
 button { font: inherit; padding: 4px 10px; border: 1px solid var(--line); border-radius: 4px;
   background: var(--bg); color: var(--fg); cursor: pointer; }
 button:hover { border-color: var(--accent); }
@@ -5526,11 +5793,15 @@ button.on { background: var(--accent); border-color: var(--accent); color: #fff;
 input { font: inherit; width: 100%; padding: 6px; margin-bottom: 8px; border: 1px solid var(--line);
   border-radius: 4px; background: var(--bg); color: var(--fg); }
 #login { max-width: 340px; margin: 60px auto; }
-#zones button { display: block; width: 100%; text-align: left; margin-bottom: 4px; }
+#zones button { display: flex; width: 100%; justify-content: space-between; gap: 8px; text-align: left; margin-bottom: 4px; }
+#zones .n { color: var(--muted); white-space: nowrap; }
+#zones button.on .n { color: #fff; }
 #stage { display: flex; flex-direction: column; }
 #wrap { flex: 1; min-height: 0; display: flex; align-items: center; justify-content: center; margin-top: 8px; }
 canvas { background: #0e1116; cursor: crosshair; }
 pre { margin: 0; font-size: 12px; white-space: pre-wrap; word-break: break-all; }
+table { border-collapse: collapse; font-size: 12px; width: 100%; }
+th, td { text-align: left; padding: 1px 6px 1px 0; border-bottom: 1px solid var(--line); }
 ul { margin: 0; padding-left: 18px; }
 #errors div { color: var(--bad); font-size: 12px; }
 [hidden] { display: none !important; }
@@ -5547,30 +5818,37 @@ ul { margin: 0; padding-left: 18px; }
 <p id="login-error" class="bad"></p>
 </form>
 <main id="app" hidden>
-<section><h2>Zones</h2><div id="zones"></div><button id="reload-zones">Refresh</button>
-<h2>Keys</h2><p class="muted">Arrows or WASD send <code>{"move": "up|down|left|right"}</code>.
-Click an entity to see it.</p></section>
+<div class="side">
+<section><h2>Zones</h2><div id="zones"></div><button id="reload-zones">Refresh</button></section>
+<section><h2>Keys</h2><p class="muted">Arrows or WASD send <code>{"move": "up|down|left|right"}</code>.
+Click an entity to see it; hover to read its label.</p></section>
+</div>
 <section id="stage"><div><b id="zone-name">pick a zone</b> · tick <b id="tick">–</b> · <span id="since">–</span>
 since the last tick · <span id="count">0</span> entities <span id="source" class="muted"></span></div>
 <div id="wrap"><canvas id="grid" width="300" height="300"></canvas></div></section>
-<section><h2>Me</h2><div id="me"></div>
-<div id="debug" hidden><h2>Debug</h2><button id="pause">Pause</button> <button id="resume">Resume</button>
-<button id="step">Step</button> <span id="paused" class="muted"></span>
-<h2>Time line</h2><button id="back" title="the zone as it was one tick earlier">&#9664; Back</button>
+<div class="side">
+<section><h2>Me</h2><div id="me"></div></section>
+<details id="state-panel" open><summary>Game state</summary><div id="state" class="muted">no tick yet</div></details>
+<section><h2>Entity</h2><pre id="entity" class="muted">click an entity on the grid</pre></section>
+<details id="debug" open hidden><summary>Debug</summary>
+<button id="pause">Pause</button> <button id="resume">Resume</button> <button id="step">Step</button>
+<span id="paused" class="muted"></span>
+<h3>Time line</h3><button id="back" title="the zone as it was one tick earlier">&#9664; Back</button>
 <button id="forward" title="pause, then one more tick">Forward &#9654;</button>
 <span id="timeline" class="muted">step the zone back and forth</span>
 <pre id="inputs" class="muted"></pre>
-<h2>Connected players</h2><ul id="connections"></ul></div>
-<h2>Entity</h2><pre id="entity" class="muted">click an entity on the grid</pre>
-<h2>Errors</h2><div id="errors"></div></section>
+<h3>Connected players</h3><ul id="connections"></ul></details>
+<section><h2>Errors</h2><div id="errors"></div></section>
+</div>
 </main>
-<script>
-"use strict";
+<script type="module">
+import {GridClient} from "/client.js";
 const $ = id => document.getElementById(id);
-const G = window.gridserver = {token: sessionStorage.getItem("gridserver.token"), me: null, zones: [], zone: null,
-  subscribed: null, resumed: false, tick: null, ticks: 0, lastTickAt: null, entities: [], source: null, ws: null,
-  connected: false, attempt: 0, paused: null, selected: null, entityJson: null, connections: [], errors: [], scale: 0,
-  statusLog: [], timeline: null, zoneFailed: null};
+const client = new GridClient(location.origin, {token: sessionStorage.getItem("gridserver.token")});
+const G = window.gridserver = {client, me: null, zones: [], zone: null, subscribed: null, resumed: false,
+  tick: null, ticks: 0, lastTickAt: null, entities: [], view: null, extra: {}, source: null, connected: false,
+  paused: null, selected: null, hovered: null, entityJson: null, connections: [], errors: [], scale: 0,
+  labels: [], statusLog: [], timeline: null, zoneFailed: null};
 G.avatar = () => G.entities.find(e => e.mine) || null;
 
 function setStatus(text, cls) {
@@ -5586,36 +5864,19 @@ function showError(text) {
   while ($("errors").children.length > 8) $("errors").lastChild.remove();
 }
 
-async function api(method, path, body) {
-  const headers = {};
-  if (G.token) headers.Authorization = "Bearer " + G.token;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const resp = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
-  const text = await resp.text();
-  let data = null;
-  try { data = text ? JSON.parse(text) : null; } catch (e) { data = {message: text}; }
-  if (!resp.ok) {
-    const err = new Error((data && data.message) || resp.status + " " + resp.statusText);
-    err.status = resp.status; err.code = data && data.error;
-    throw err;
-  }
-  return data;
-}
-
 async function login(register) {
   const username = $("username").value, password = $("password").value;
   $("login-error").textContent = "";
   try {
-    if (register) await api("POST", "/api/auth/register", {username, password});
-    const r = await api("POST", "/api/auth/login", {username, password});
-    G.token = r.token;
-    sessionStorage.setItem("gridserver.token", r.token);
+    if (register) await client.register(username, password);
+    await client.login(username, password);
+    sessionStorage.setItem("gridserver.token", client.token);
     await start();
   } catch (e) { $("login-error").textContent = e.message; }
 }
 
 async function start() {
-  try { G.me = await api("GET", "/api/auth/me"); } catch (e) {
+  try { G.me = await client.me(); } catch (e) {
     if (e.status === 401) return toLogin("Your session has ended: log in again.");
     setStatus("server unreachable (" + e.message + "), retrying…", "bad");
     G.retryTimer = setTimeout(start, 2000);
@@ -5624,15 +5885,17 @@ async function start() {
   $("login").hidden = true; $("app").hidden = false; $("logout").hidden = false; $("debug").hidden = !G.me.is_debug;
   $("who").textContent = G.me.username + (G.me.is_debug ? " (debug)" : "");
   await loadZones();
+  G.zonesTimer = setInterval(loadZones, 3000);  // live player counts
   connect();
   if (G.me.is_debug) { refreshDebug(); G.debugTimer = setInterval(refreshDebug, 3000); }
 }
 
 function toLogin(message) {
-  clearTimeout(G.retryTimer); clearInterval(G.debugTimer);
-  if (G.ws) { G.ws.onclose = null; G.ws.close(); }
-  Object.assign(G, {token: null, me: null, ws: null, connected: false, zone: null, subscribed: null, tick: null,
-    lastTickAt: null, entities: [], attempt: 0});
+  clearTimeout(G.retryTimer); clearInterval(G.debugTimer); clearInterval(G.zonesTimer);
+  client.close();
+  client.token = null;
+  Object.assign(G, {me: null, connected: false, zone: null, subscribed: null, tick: null, lastTickAt: null,
+    entities: [], view: null, extra: {}});
   sessionStorage.removeItem("gridserver.token");
   $("app").hidden = true; $("logout").hidden = true; $("login").hidden = false; $("who").textContent = "";
   $("login-error").textContent = message || "";
@@ -5640,97 +5903,85 @@ function toLogin(message) {
 }
 
 async function loadZones() {
-  try { G.zones = (await api("GET", "/api/zones")).zones; } catch (e) { return showError("zones: " + e.message); }
-  const box = $("zones");
-  box.textContent = G.zones.length ? "" : "no zones yet";
-  for (const z of G.zones) {
-    const b = document.createElement("button");
-    b.textContent = z.name + " (" + z.width + "×" + z.height + ", " + z.subscriber_count + " in)";
-    b.dataset.zone = z.id;
-    b.className = G.zone && G.zone.id === z.id ? "on" : "";
-    b.addEventListener("click", () => pick(z, true));
-    box.append(b);
+  try { G.zones = await client.zones(); } catch (e) {
+    if (e.status === 401) return;  // the socket's close says so
+    return showError("zones: " + e.message);
   }
+  const box = $("zones"), have = new Map([...box.children].map(b => [b.dataset.zone, b]));
+  if (!G.zones.length) box.textContent = "no zones yet";
+  else if (box.firstChild && box.firstChild.nodeType === Node.TEXT_NODE) box.textContent = "";
+  G.zones.forEach((z, i) => {
+    let b = have.get(z.id);
+    if (!b) {
+      b = document.createElement("button");
+      b.dataset.zone = z.id;
+      b.append(document.createElement("span"), document.createElement("span"));
+      b.lastChild.className = "n";
+      b.addEventListener("click", () => pick(G.zones.find(y => y.id === z.id) || z, true));
+    }
+    have.delete(z.id);
+    b.firstChild.textContent = z.name + " · " + z.width + "×" + z.height;
+    b.lastChild.textContent = z.subscriber_count + (z.subscriber_count === 1 ? " player" : " players");
+    b.className = G.zone && G.zone.id === z.id ? "on" : "";
+    if (box.children[i] !== b) box.insertBefore(b, box.children[i] || null);
+  });
+  for (const gone of have.values()) gone.remove();
 }
 
 function pick(z, subscribe) {
   if (!G.zone || G.zone.id !== z.id) {
-    Object.assign(G, {entities: [], tick: null, lastTickAt: null, selected: null, source: null});
+    Object.assign(G, {entities: [], view: null, extra: {}, tick: null, lastTickAt: null, selected: null, source: null});
+    showState();
   }
   G.zone = z;
   for (const b of $("zones").children) b.className = b.dataset.zone === z.id ? "on" : "";
   $("zone-name").textContent = z.name;
-  if (subscribe && G.connected) send({type: "subscribe", zone_id: z.id});
+  if (subscribe) client.subscribe(z.id).then(loadZones, e => showError("subscribe: " + e.message));
   draw();
 }
 
-function send(msg) {
-  if (!G.ws || G.ws.readyState !== WebSocket.OPEN) { showError("not connected: " + msg.type + " not sent"); return; }
-  G.ws.send(JSON.stringify(msg));
-}
-
 function connect() {
-  clearTimeout(G.retryTimer);
-  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-  const ws = G.ws = new WebSocket(scheme + location.host + "/ws?token=" + encodeURIComponent(G.token));
-  setStatus(G.attempt ? "reconnecting… (attempt " + G.attempt + ")" : "connecting…", "warn");
-  ws.onopen = () => {
-    G.connected = true; G.attempt = 0;
-    setStatus("connected", "ok");
-    if (G.zone) ws.send(JSON.stringify({type: "subscribe", zone_id: G.zone.id}));  // a no-op when resumed
-  };
-  ws.onmessage = ev => {
-    let m;
-    try { m = JSON.parse(ev.data); } catch (e) { return showError("a frame from the server is not JSON"); }
-    onMessage(m);
-  };
-  ws.onclose = ev => {
-    if (ws !== G.ws) return;
-    G.connected = false; G.subscribed = null; G.resumed = false;
-    if (ev.code === 4001) return toLogin("Session ended (logged out or expired): log in again.");
-    if (ev.code === 4000) return setStatus("replaced by a newer connection (another tab?): click to reconnect", "bad");
-    G.attempt += 1;
-    const delay = Math.min(10000, 500 * 2 ** Math.min(G.attempt - 1, 5)) * (0.75 + Math.random() / 2);
-    setStatus("reconnecting… in " + (delay / 1000).toFixed(1) + " s (attempt " + G.attempt + ")", "warn");
-    G.retryTimer = setTimeout(retry, delay);
-  };
+  setStatus("connecting…", "warn");
+  client.connect().catch(() => {});  // what happens is told by the "open" and "close" events
 }
 
-async function retry() {
-  try { await api("GET", "/api/auth/me"); } catch (e) {
-    if (e.status === 401) return toLogin("Your session has ended: log in again.");
+client.on("open", () => { G.connected = true; setStatus("connected", "ok"); });  // the client subscribes again
+client.on("close", ev => {
+  G.connected = false; G.subscribed = null; G.resumed = false;
+  if (ev.ended) return toLogin("Session ended (logged out or expired): log in again.");
+  if (ev.code === 4000) return setStatus("replaced by a newer connection (another tab?): click to reconnect", "bad");
+  if (ev.reconnecting) setStatus("reconnecting… in " + (ev.delay / 1000).toFixed(1) + " s (attempt " + ev.attempt + ")", "warn");
+});
+client.on("tick", m => {
+  if (!G.zone || m.zone_id !== G.zone.id) return;
+  G.tick = m.tick_number; G.ticks += 1; G.lastTickAt = performance.now();
+  G.view = viewOf(m.state);
+  G.extra = extraOf(m.state);
+  showState();
+  const list = entitiesOf(m.state);
+  if (list) { G.entities = list; G.source = "tick state"; draw(); }
+  else if (G.me && G.me.is_debug) debugState();
+  else { G.entities = []; G.source = "no entities in the tick state"; draw(); }
+});
+client.on("subscribed", m => {
+  G.subscribed = m.zone_id; G.zoneFailed = null;  // the server says at once if it is failing
+  if (m.resumed) G.resumed = true;  // the answer to our own subscribe follows it
+  const z = G.zones.find(z => z.id === m.zone_id);
+  if (z && (!G.zone || G.zone.id !== z.id)) pick(z, false);
+  if (m.resumed) setStatus("connected (resumed " + (z ? z.name : m.zone_id) + ")", "ok");
+  if (G.me && G.me.is_debug) refreshDebug();
+});
+client.on("unsubscribed", () => { G.subscribed = null; });
+client.on("zone_recovered", () => { G.zoneFailed = null; draw(); });
+client.on("module_reloaded", m => setStatus("connected (game reloaded: version " + m.version + ")", "ok"));
+client.on("error", m => {
+  if (m.code === "zone_failed") { G.zoneFailed = {zone_id: m.zone_id, message: m.message}; draw(); return; }
+  showError(m.code + ": " + m.message);
+  if (m.code === "zone_deleted") {
+    Object.assign(G, {zone: null, subscribed: null, entities: [], view: null, extra: {}});
+    showState(); loadZones(); draw();
   }
-  connect();
-}
-
-function onMessage(m) {
-  if (m.type === "tick") {
-    if (!G.zone || m.zone_id !== G.zone.id) return;
-    G.tick = m.tick_number; G.ticks += 1; G.lastTickAt = performance.now();
-    const list = entitiesOf(m.state);
-    if (list) { G.entities = list; G.source = "tick state"; draw(); }
-    else if (G.me && G.me.is_debug) debugState();
-    else { G.entities = []; G.source = "no entities in the tick state"; draw(); }
-  } else if (m.type === "subscribed") {
-    G.subscribed = m.zone_id; G.zoneFailed = null;  // the server says at once if it is failing
-    if (m.resumed) G.resumed = true;  // the answer to our own subscribe follows it
-    const z = G.zones.find(z => z.id === m.zone_id);
-    if (z && (!G.zone || G.zone.id !== z.id)) pick(z, false);
-    if (m.resumed) setStatus("connected (resumed " + (z ? z.name : m.zone_id) + ")", "ok");
-    if (G.me && G.me.is_debug) refreshDebug();
-  } else if (m.type === "unsubscribed") {
-    G.subscribed = null;
-  } else if (m.type === "zone_recovered") {
-    G.zoneFailed = null; draw();
-  } else if (m.type === "module_reloaded") {
-    setStatus("connected (game reloaded: version " + m.version + ")", "ok");
-  } else if (m.type === "error" && m.code === "zone_failed") {
-    G.zoneFailed = {zone_id: m.zone_id, message: m.message}; draw();
-  } else if (m.type === "error") {
-    showError(m.code + ": " + m.message);
-    if (m.code === "zone_deleted") { G.zone = null; G.subscribed = null; G.entities = []; loadZones(); draw(); }
-  }
-}
+});
 
 function entitiesOf(state) {
   const list = state && Array.isArray(state.entities) ? state.entities : null;
@@ -5742,6 +5993,50 @@ function entitiesOf(state) {
     out.push(n);
   }
   return out;
+}
+
+// The optional "view" of a tick state: the cells this player sees, a rectangle {x, y, w, h}
+// or a list of them; null when the state has none (everything is seen).
+function viewOf(state) {
+  const v = state && state.view;
+  if (v === undefined || v === null) return null;
+  const rects = Array.isArray(v) ? v : [v];
+  return rects.filter(r => r && [r.x, r.y, r.w, r.h].every(Number.isFinite));
+}
+
+function extraOf(state) {  // the tick state but its entities and view: scores, settings...
+  if (!state || typeof state !== "object" || Array.isArray(state)) return {value: state};
+  const out = {};
+  for (const [k, v] of Object.entries(state)) if (k !== "view" && !(k === "entities" && Array.isArray(v))) out[k] = v;
+  return out;
+}
+
+function showState() {
+  const box = $("state"), keys = Object.keys(G.extra);
+  box.textContent = "";
+  box.className = keys.length ? "" : "muted";
+  if (!keys.length) { box.textContent = G.tick == null ? "no tick yet" : "nothing but entities"; return; }
+  for (const k of keys) {
+    const v = G.extra[k], h = document.createElement("h3");
+    h.textContent = k;
+    box.append(h, table(v) || Object.assign(document.createElement("pre"), {textContent: JSON.stringify(v, null, 1).slice(0, 4000)}));
+  }
+}
+
+function table(rows) {  // a list of flat objects (a score table) as a table; null otherwise
+  if (!Array.isArray(rows) || !rows.length || rows.length > 200) return null;
+  const cols = [];
+  for (const r of rows) {
+    if (!r || typeof r !== "object" || Array.isArray(r)) return null;
+    for (const [k, v] of Object.entries(r)) {
+      if (v !== null && typeof v === "object") return null;
+      if (!cols.includes(k)) cols.push(k);
+    }
+  }
+  const t = document.createElement("table"), head = t.insertRow();
+  for (const c of cols) head.append(Object.assign(document.createElement("th"), {textContent: c}));
+  for (const r of rows) { const tr = t.insertRow(); for (const c of cols) tr.insertCell().textContent = r[c] ?? ""; }
+  return t;
 }
 
 function normalize(e) {
@@ -5759,7 +6054,7 @@ async function debugState() {
   if (G.loadingState || !G.zone) return;
   G.loadingState = true;
   try {
-    const s = await api("GET", "/api/debug/zones/" + G.zone.id + "/state");
+    const s = await client.request("GET", "/api/debug/zones/" + G.zone.id + "/state");
     G.entities = s.entities.map(normalize).filter(Boolean); G.source = "debug state"; draw();
   } catch (e) { showError("debug state: " + e.message); } finally { G.loadingState = false; }
 }
@@ -5771,6 +6066,8 @@ function colorOf(e) {
   return "hsl(" + (h % 360) + ", 65%, 55%)";
 }
 const isPoint = e => e.w <= 0 && e.h <= 0;
+const SHORT = 8;  // characters of a label drawn for an entity that is neither yours, selected nor hovered
+const shorten = t => t.length > SHORT ? t.slice(0, SHORT - 1) + "…" : t;
 
 function draw() {
   const c = $("grid"), ctx = c.getContext("2d"), z = G.zone, wrap = $("wrap");
@@ -5786,6 +6083,7 @@ function draw() {
   ctx.fillStyle = "#0e1116"; ctx.fillRect(0, 0, cw, ch);
   $("count").textContent = G.entities.length;
   $("source").textContent = G.source ? "(" + G.source + ")" : "";
+  G.labels = [];
   if (!z) return;
   if (s >= 6) {
     ctx.strokeStyle = "#1d232d"; ctx.lineWidth = 1; ctx.beginPath();
@@ -5794,9 +6092,6 @@ function draw() {
     ctx.stroke();
   }
   const order = G.entities.slice().sort((a, b) => isPoint(a) - isPoint(b) || b.w * b.h - a.w * a.h || a.mine - b.mine);
-  const fs = Math.max(9, Math.min(13, s * 0.6));
-  ctx.font = fs + "px system-ui, sans-serif";
-  ctx.textAlign = "center"; ctx.textBaseline = "bottom";
   for (const e of order) {
     ctx.fillStyle = colorOf(e);
     if (isPoint(e)) {  // a 0x0 entity: a diamond in the cell at (x, y)
@@ -5814,18 +6109,46 @@ function draw() {
       ctx.strokeRect(x0 - 2, y0 - 2, (isPoint(e) ? 2 * pad : Math.max(1, e.w * s)) + 4, (isPoint(e) ? 2 * pad : Math.max(1, e.h * s)) + 4);
       ctx.setLineDash([]);
     }
-    if (e.label && s >= 10) {  // above the entity (below it on the top row), kept inside the canvas
-      const half = ctx.measureText(e.label).width / 2 + 2;
-      const lx = Math.max(half, Math.min(cw - half, (e.x + Math.max(e.w, 1) / 2) * s));
-      const ly = e.y * s - 2 >= fs ? e.y * s - 2 : (e.y + Math.max(e.h, 1)) * s + fs + 2;
-      ctx.fillStyle = e.mine ? "#ffffff" : "#c9d1e0";
-      ctx.fillText(e.label, lx, ly);
-    }
   }
+  if (G.view) fog(ctx, s, cw, ch, dpr);
+  labels(ctx, order, s, cw, ch);
   if (G.zoneFailed && G.zoneFailed.zone_id === z.id) failedBanner(ctx, cw, ch);
   const me = G.avatar();
   $("me").textContent = (G.me ? G.me.username : "") + (me ? " at (" + me.x + ", " + me.y + ")" +
     (me.data.score !== undefined ? ", score " + me.data.score : "") : z ? ", no avatar in this zone" : "");
+}
+
+// Cells outside the view are dimmed: what is there is not seen (it may be there all the same).
+function fog(ctx, s, cw, ch, dpr) {
+  const shade = G.shade || (G.shade = document.createElement("canvas"));
+  shade.width = Math.round(cw * dpr); shade.height = Math.round(ch * dpr);
+  const sc = shade.getContext("2d");
+  sc.setTransform(dpr, 0, 0, dpr, 0, 0);
+  sc.fillStyle = "rgba(0, 0, 0, 0.6)"; sc.fillRect(0, 0, cw, ch);
+  for (const r of G.view) sc.clearRect(r.x * s, r.y * s, r.w * s, r.h * s);
+  ctx.save(); ctx.setTransform(1, 0, 0, 1, 0, 0); ctx.drawImage(shade, 0, 0); ctx.restore();
+}
+
+// Labels never overlap: yours first, then the selected and the hovered entity's (in full),
+// then the others' (shortened) wherever there is room above or below them.
+function labels(ctx, order, s, cw, ch) {
+  const fs = Math.max(10, Math.min(13, s * 0.6)), rank = e => e.mine ? 0 : e.id === G.selected ? 1 : e.id === G.hovered ? 2 : 3;
+  ctx.font = fs + "px system-ui, sans-serif";
+  ctx.textAlign = "center"; ctx.textBaseline = "middle";
+  const todo = order.filter(e => e.label && (rank(e) < 3 || s >= 10)).sort((a, b) => rank(a) - rank(b));
+  for (const e of todo) {
+    const text = rank(e) < 3 ? e.label : shorten(e.label), w = ctx.measureText(text).width + 6, h = fs + 4;
+    const mid = (e.x + Math.max(e.w, 1) / 2) * s, x = Math.max(0, Math.min(cw - w, mid - w / 2));
+    for (const y of [e.y * s - h - 1, (e.y + Math.max(e.h, 1)) * s + 1]) {
+      const box = {x, y, w, h, text, id: e.id};
+      if (y < 0 || y + h > ch || G.labels.some(b => b.x < x + w && x < b.x + b.w && b.y < y + h && y < b.y + b.h)) continue;
+      G.labels.push(box);
+      ctx.fillStyle = "rgba(14, 17, 22, 0.75)"; ctx.fillRect(x, y, w, h);
+      ctx.fillStyle = e.mine ? "#ffffff" : rank(e) < 3 ? "#ffd0e4" : "#c9d1e0";
+      ctx.fillText(text, x + w / 2, y + h / 2 + 0.5);
+      break;
+    }
+  }
 }
 
 function failedBanner(ctx, cw, ch) {  // over the grid while the zone's ticks fail
@@ -5859,16 +6182,16 @@ async function inspect(e) {
   if (!e) { $("entity").textContent = "nothing there"; return; }
   if (!(G.me.is_debug && e.id)) { $("entity").textContent = JSON.stringify(e.data, null, 2); return; }
   try {
-    G.entityJson = await api("GET", "/api/debug/entities/" + encodeURIComponent(e.id));
+    G.entityJson = await client.request("GET", "/api/debug/entities/" + encodeURIComponent(e.id));
     $("entity").textContent = JSON.stringify(G.entityJson, null, 2);
   } catch (err) { $("entity").textContent = JSON.stringify(e.data, null, 2); showError("entity: " + err.message); }
 }
 
 async function refreshDebug() {
   try {
-    const [health, conns] = await Promise.all([api("GET", "/healthz").catch(() => null),
-                                               api("GET", "/api/debug/connections")]);
-    if (health) { G.paused = health.paused; showPaused(health.tick_number); }
+    const [health, conns] = await Promise.all([client.request("GET", "/healthz").catch(() => null),
+                                               client.request("GET", "/api/debug/connections")]);
+    if (health) { G.paused = health.paused; showPaused(); }
     G.connections = conns.connections;
     const ul = $("connections");
     ul.textContent = "";
@@ -5880,8 +6203,8 @@ async function refreshDebug() {
   } catch (e) { showError("connections: " + e.message); }
 }
 
-function showPaused(tick) {
-  $("paused").textContent = G.paused == null ? "" : (G.paused ? "paused" : "running") + " at tick " + tick;
+function showPaused() {  // the tick number is the header's: one source, the zone's tick messages
+  $("paused").textContent = G.paused == null ? "" : G.paused ? "paused" : "running";
   $("pause").className = G.paused ? "on" : "";
 }
 
@@ -5890,16 +6213,14 @@ async function timeline(dir) {
   try {
     let n;
     if (dir < 0) {
-      const r = await api("POST", "/api/debug/zones/" + G.subscribed + "/rewind", {tick_number: G.tick - 1});
-      n = r.tick_number;
+      n = (await client.request("POST", "/api/debug/zones/" + G.subscribed + "/rewind", {tick_number: G.tick - 1})).tick_number;
     } else {
-      if (!G.paused) await api("POST", "/api/debug/tick/pause");
-      showPaused((await api("POST", "/api/debug/tick/step")).tick_number);
-      n = (await api("GET", "/api/debug/zones/" + G.subscribed + "/state")).zone_tick_number;
+      if (!G.paused) await client.request("POST", "/api/debug/tick/pause");
+      await client.request("POST", "/api/debug/tick/step");
+      n = (await client.request("GET", "/api/debug/zones/" + G.subscribed + "/state")).zone_tick_number;
     }
-    G.paused = true;
-    if (dir < 0) showPaused(n);
-    const h = await api("GET", "/api/debug/zones/" + G.subscribed + "/history?from=" + n + "&to=" + n);
+    G.paused = true; showPaused();
+    const h = await client.request("GET", "/api/debug/zones/" + G.subscribed + "/history?from=" + n + "&to=" + n);
     const t = h.ticks.find(t => t.tick_number === n);
     const who = id => { const c = G.connections.find(c => c.player_id === id); return c ? c.username : id.slice(0, 8); };
     G.timeline = {tick: n, inputs: t || null};
@@ -5912,9 +6233,9 @@ async function timeline(dir) {
 
 async function control(what) {
   try {
-    const r = await api("POST", "/api/debug/tick/" + what);
-    if ("paused" in r) G.paused = r.paused;
-    showPaused(r.tick_number);
+    const r = await client.request("POST", "/api/debug/tick/" + what);
+    G.paused = "paused" in r ? r.paused : true;
+    showPaused();
   } catch (e) { showError(what + ": " + e.message); }
 }
 
@@ -5925,18 +6246,23 @@ document.addEventListener("keydown", ev => {
   if (!dir || !G.me || ev.target.tagName === "INPUT" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
   ev.preventDefault();
   if (!G.subscribed) return showError("pick a zone first: moves go to the zone you are in");
-  send({type: "intent", data: {move: dir}});
+  if (!client.intent({move: dir})) showError("not connected: the move was not sent");
 });
 $("login").addEventListener("submit", ev => { ev.preventDefault(); login(false); });
 $("do-register").addEventListener("click", () => login(true));
 $("logout").addEventListener("click", async () => {
-  if (G.ws) G.ws.onclose = null;
-  try { await api("POST", "/api/auth/logout"); } catch (e) { /* the session is gone either way */ }
+  try { await client.logout(); } catch (e) { /* the session is gone either way */ }
   toLogin("Logged out.");
 });
 $("reload-zones").addEventListener("click", loadZones);
-$("status").addEventListener("click", () => { if (G.token && !G.connected) { G.attempt = Math.max(G.attempt, 1); connect(); } });
+$("status").addEventListener("click", () => { if (G.me && !G.connected && !client.socket) connect(); });
 $("grid").addEventListener("click", ev => { if (G.zone && G.scale) inspect(hit(ev)); });
+$("grid").addEventListener("mousemove", ev => {
+  const e = G.zone && G.scale ? hit(ev) : null, id = e ? e.id : null;
+  $("grid").title = e && e.label ? e.label : "";
+  if (id !== G.hovered) { G.hovered = id; draw(); }
+});
+$("grid").addEventListener("mouseleave", () => { if (G.hovered) { G.hovered = null; draw(); } });
 for (const what of ["pause", "resume", "step"]) $(what).addEventListener("click", () => control(what));
 $("back").addEventListener("click", () => timeline(-1));
 $("forward").addEventListener("click", () => timeline(1));
@@ -5945,7 +6271,7 @@ setInterval(() => {
   $("tick").textContent = G.tick ?? "–";
   $("since").textContent = G.lastTickAt == null ? "–" : ((performance.now() - G.lastTickAt) / 1000).toFixed(1) + " s";
 }, 100);
-if (G.token) start(); else toLogin("");
+if (client.token) start(); else toLogin("");
 </script>
 </body>
 </html>
@@ -5954,24 +6280,31 @@ if (G.token) start(); else toLogin("");
 
 def _csp_source(tag: str) -> str:
     """The CSP source that allows exactly the page's inline ``<tag>`` block: its SHA-256."""
-    match = re.search(rf"<{tag}>(.*?)</{tag}>", PAGE_HTML, re.S)
+    match = re.search(rf"<{tag}[^>]*>(.*?)</{tag}>", PAGE_HTML, re.S)
     if match is None:  # only an edit of the page can cause this
         raise RuntimeError(f"the page has no <{tag}> block")
     return "'sha256-" + base64.b64encode(hashlib.sha256(match.group(1).encode("utf-8")).digest()).decode() + "'"
 
 
-_PAGE_CSP = ("default-src 'none'; script-src {script}; style-src {style}; img-src data:; connect-src 'self'{ws}; "
+_PAGE_CSP = ("default-src 'none'; script-src 'self' {script}; style-src {style}; img-src data:; connect-src 'self'{ws}; "
              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _PAGE_CSP = _PAGE_CSP.replace("{script}", _csp_source("script")).replace("{style}", _csp_source("style"))
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
+async def client_js(request: web.Request) -> web.Response:
+    """``GET /client.js``: ``GridClient``, for this page and for any page that imports it
+    (``Access-Control-Allow-Origin: *``: it is the same public file for everyone)."""
+    return web.Response(text=CLIENT_JS, content_type="text/javascript", charset="utf-8", headers={
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*"})
+
+
 async def index(request: web.Request) -> web.Response:
     """``GET /``: the page, with a Content-Security-Policy that allows only what it contains.
 
-    Scripts and styles run only when their hash matches the page's own blocks (no inline
-    handlers, nothing from other origins); fetches and the WebSocket go only to this
-    server. ``ws://`` and ``wss://`` of the request's host are named as well as ``'self'``
+    Scripts and styles run only when their hash matches the page's own blocks, or come from
+    this server (``/client.js``): no inline handlers, nothing from other origins; fetches and
+    the WebSocket go only to this server. ``ws://`` and ``wss://`` of the request's host are named as well as ``'self'``
     for browsers that do not yet count WebSocket URLs as ``'self'``.
     """
     host = request.headers.get("Host", "")

@@ -11,8 +11,10 @@
 * Every entity's metadata has a ``color`` (and avatars a ``label``), copied into the tick
   state, which is how the page served at ``/`` knows how to draw them.
 * Fog of war: with ``fog_radius`` > 0 a player sees only entities within that many cells of
-  their avatar (``get_player_state``); with 0 everyone sees the whole zone, and the server
-  serializes the state once per zone.
+  their avatar (``get_player_state``), and the state's ``view`` names those cells (the page
+  dims the others); with 0 everyone sees the whole zone, and the server serializes the state
+  once per zone.
+* The state's ``scores`` is the zone's best ten (name and score), seen through the fog too.
 
 Deterministic, so the server can replay journaled ticks after a crash through a freshly
 started module, from a world saved ticks earlier:
@@ -290,7 +292,7 @@ def on_tick(zone_id, entities, intents, tick_number):
     for c in creates:
         state.append(_state_entry(c.id, c.x, c.y, c.width, c.height, c.metadata, None))
     cells = {owner: pos[eid] for owner, eid in first.items()}  # where each player's avatar is in the state
-    broadcast = {"tick": tick_number, "entities": state}
+    broadcast = {"tick": tick_number, "entities": state, "scores": _scores(state)}
     _positions[zone_id] = (broadcast, cells)
     return TickResult(entity_creates=creates, entity_updates=updates, entity_deletes=deletes,
                       broadcast_state=broadcast)
@@ -319,6 +321,12 @@ def _state_entry(eid, x: int, y: int, w: int, h: int, meta, score) -> dict:
     return item
 
 
+def _scores(state: list) -> list:
+    """The score table: the best ten avatars, highest score first (ties by name, then id)."""
+    best = sorted((-e["score"], e.get("name") or "", e["id"]) for e in state if e["kind"] == "avatar")[:10]
+    return [{"name": name, "score": -score} for score, name, _ in best]
+
+
 def _look(metadata) -> dict:
     """``color`` and ``label`` from an entity's metadata, for the state: the browser page draws with them."""
     return {k: metadata[k] for k in ("color", "label") if k in metadata}
@@ -336,10 +344,15 @@ def get_player_state(zone_id, player_id, full_state):
         found = min(((e["id"], e["x"], e["y"]) for e in full_state.get("entities", ())
                      if e.get("kind") == "avatar" and e.get("player_id") == key), default=None)
         here = None if found is None else found[1:]
+    scores = full_state.get("scores", [])
     if here is None:
-        return {"tick": full_state.get("tick"), "entities": [], "fog_radius": radius}
+        return {"tick": full_state.get("tick"), "entities": [], "scores": scores, "fog_radius": radius, "view": []}
     x0, y0 = here
     visible = [e for e in full_state["entities"]
                if e["x"] - radius <= x0 and x0 < e["x"] + max(e["w"], 1) + radius
                and e["y"] - radius <= y0 and y0 < e["y"] + max(e["h"], 1) + radius]
-    return {"tick": full_state.get("tick"), "entities": visible, "fog_radius": radius}
+    # "view": the cells this player sees (the page dims the others); an entity is visible when
+    # it overlaps them
+    view = {"x": x0 - radius, "y": y0 - radius, "w": 2 * radius + 1, "h": 2 * radius + 1}
+    return {"tick": full_state.get("tick"), "entities": visible, "scores": scores, "fog_radius": radius,
+            "view": view}

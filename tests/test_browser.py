@@ -167,7 +167,7 @@ async def test_play_and_debug_in_chromium(tmp_path, start_server, page):
     await wait_for(lambda: (lambda e: e is not None and (e.x, e.y) == (a["x"], a["y"]))(server_avatar(running, me)))
 
     # An error from the server is shown, not swallowed.
-    await page.evaluate("() => window.gridserver.ws.send('not json')")
+    await page.evaluate("() => window.gridserver.client.socket.send('not json')")
     await until(page, "() => document.getElementById('errors').textContent.includes('bad_message')")
 
     # Pause: the tick stops, on the server and on the page.
@@ -190,7 +190,9 @@ async def test_play_and_debug_in_chromium(tmp_path, start_server, page):
     await page.click("#step")
     await until(page, "(t) => window.gridserver.tick === t", paused_at + 1)
     await until(page, "(x) => window.gridserver.avatar().x === x", before["x"] + step)
-    await until(page, "(t) => document.getElementById('paused').textContent === 'paused at tick ' + t", paused_at + 1)
+    # One tick number on the page: the header's, from the zone's tick messages.
+    await until(page, "(t) => document.getElementById('tick').textContent === String(t)", paused_at + 1)
+    assert await page.inner_text("#paused") == "paused"
     await asyncio.sleep(0.6)
     assert engine.tick_number == paused_at + 1 and await g(page, "gridserver.tick") == paused_at + 1
 
@@ -320,15 +322,24 @@ async def test_page_is_self_contained(tmp_path, start_server):
     # The CSP allows exactly the page's own script and style, and connections to itself only.
     directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
     assert directives["default-src"] == "'none'"
-    for tag in ("script", "style"):
-        body = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.S).group(1)
+    for tag, allowed in (("script", "'self' "), ("style", "")):
+        body = re.search(rf"<{tag}[^>]*>(.*?)</{tag}>", html, re.S).group(1)
         digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
-        assert directives[f"{tag}-src"] == f"'sha256-{digest}'"
+        assert directives[f"{tag}-src"] == f"{allowed}'sha256-{digest}'"
         assert html.count(f"<{tag}") == 1
+    # 'self' in script-src is for the one module the page imports: the client, from this server.
+    script = re.search(r"<script[^>]*>(.*?)</script>", html, re.S).group(1)
+    assert re.findall(r"^import .*$|import\(", script, re.M) == ['import {GridClient} from "/client.js";']
+    async with running.http.get(running.url + "/client.js") as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        client = await resp.text()
+    assert client == gridserver.CLIENT_JS and "export class GridClient" in client
+    assert not re.search(r"^\s*import\b|import\(|https?://(?!host)", client, re.M)  # no dependency, nothing from elsewhere
     assert directives["connect-src"].split()[0] == "'self'"
     assert all(src.startswith(("'self'", "ws://127.0.0.1:", "wss://127.0.0.1:"))
                for src in directives["connect-src"].split())
-    markup = re.sub(r"<(script|style)>.*?</\1>", "", html, flags=re.S)
+    markup = re.sub(r"<(script|style)[^>]*>.*?</\1>", "", html, flags=re.S)
     assert not re.search(r"<[^>]*\s(on[a-z]+|style)\s*=", markup, re.I)  # no inline handlers or styles
 
 

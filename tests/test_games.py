@@ -249,7 +249,8 @@ def test_fog_of_war_shows_each_player_what_is_near_their_avatar():
     again = w.game.get_player_state(w.zone.id, P, json.loads(json.dumps(state)))
     assert again == w.frames[str(P)]["state"]
     # A player with no avatar sees nothing; with no fog everyone shares the zone's state.
-    assert w.game.get_player_state(w.zone.id, R, state) == {"tick": 1, "entities": [], "fog_radius": 2}
+    assert w.game.get_player_state(w.zone.id, R, state) == {"tick": 1, "entities": [], "scores": state["scores"],
+                                                            "fog_radius": 2, "view": []}
     clear = Walkers(20, 4, things, fog_radius=0)
     outcome = clear.tick(events=[("join", P), ("join", Q)])
     assert len(clear.seen(P)) == 4 and dict(outcome.frames)[P] is dict(outcome.frames)[Q]

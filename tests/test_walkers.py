@@ -143,6 +143,29 @@ def test_fog_of_war_shows_each_player_only_what_is_near():
     assert {e["id"] for e in alice_sees["entities"] if e["kind"] == "wall"} == {str(near_wall.id)}
     assert [e["name"] for e in alice_sees["entities"] if e["kind"] == "avatar"] == ["alice"]
     assert [e["name"] for e in sim.state_for(BOB)["entities"]] == ["bob"]  # no wall near Bob
+    # "view" names the cells each player sees: every entity seen overlaps it, none unseen does
+    assert alice_sees["view"] == {"x": -1, "y": -1, "w": 5, "h": 5}
+    assert sim.state_for(BOB)["view"] == {"x": 13, "y": -1, "w": 5, "h": 5}
+    v = alice_sees["view"]
+    for e in sim.entities:
+        overlaps = e.x < v["x"] + v["w"] and v["x"] < e.x + max(e.width, 1) and \
+            e.y < v["y"] + v["h"] and v["y"] < e.y + max(e.height, 1)
+        assert overlaps == (str(e.id) in {s["id"] for s in alice_sees["entities"]}), e
+
+
+def test_the_score_table_ranks_the_best_ten_and_is_seen_through_the_fog():
+    sim = walkers(30, 4, fog_radius=1)
+    players = [uuid.UUID(int=i + 1) for i in range(12)]
+    for i, p in enumerate(players):
+        a = avatar(f"p{i:02d}", p, 2 * i, 1)
+        a.metadata["score"] = i % 5
+        sim.place(a)
+        sim.join(p)
+    sim.tick()
+    want = sorted(((i % 5, f"p{i:02d}") for i in range(12)), key=lambda t: (-t[0], t[1]))[:10]
+    first, last = sim.state_for(players[0]), sim.state_for(players[-1])
+    assert first["scores"] == [{"name": n, "score": s} for s, n in want]
+    assert last["scores"] == first["scores"] and len(first["entities"]) == 1  # the fog hides the others
 
 
 def test_without_fog_everyone_sees_the_whole_zone():
