@@ -1,0 +1,178 @@
+"""``/client.js`` (``GridClient``) imported by a game's own page in a real headless Chromium, and
+a game played through it against a real server: REST, the socket, every event, errors,
+reconnect with resume, a replaced connection, logout and a session ended elsewhere.
+
+The game page is not one of the server's: the browser is handed it at
+``<server>/game.html`` (Playwright's ``page.route``), as a game served from the same origin
+would be. It only imports the client; each step below runs in that page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from helpers import wait_for
+from test_browser import PASSWORD, page, until, walkers_config  # noqa: F401 (page is a fixture)
+
+pytestmark = pytest.mark.slow
+
+GAME_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>a game</title></head><body>
+<script type="module">
+import {GridClient, GridError} from "/client.js";
+const c = window.c = new GridClient();
+window.GridError = GridError;
+window.log = [];
+for (const type of ["open", "close", "message"]) c.on(type, ev => window.log.push([type, ev]));
+window.seen = type => window.log.filter(([t, ev]) => t === type || (t === "message" && ev.type === type)).map(e => e[1]);
+window.fails = async p => { try { await p; return null; } catch (e) { return {name: e.name, status: e.status, code: e.code, message: e.message}; } };
+window.ready = true;
+</script></body></html>"""
+
+
+async def open_game(page, running, origin: str | None = None) -> None:
+    origin = origin or running.url
+    await page.route(origin + "/game.html", lambda route: route.fulfill(body=GAME_HTML, content_type="text/html"))
+    await page.goto(origin + "/game.html")
+    await until(page, "() => window.ready")
+
+
+def server_avatar(running, player_id: str):
+    world = running.srv.world
+    with world.lock:
+        for entity_id in world.entity_zone:
+            e = world.get_entity(entity_id)
+            if e is not None and e.metadata.get("player_id") == player_id:
+                return e
+    return None
+
+
+async def test_a_game_plays_through_gridclient(tmp_path, start_server, page):
+    running = await start_server(walkers_config(tmp_path, server_debug=False))
+    await open_game(page, running)
+    name = "js_" + uuid.uuid4().hex[:8]
+
+    # REST: register, login, errors as GridError with the server's code and status.
+    player = await page.evaluate("async ([u, p]) => await c.register(u, p)", [name, PASSWORD])
+    assert player["username"] == name
+    taken = await page.evaluate("async ([u, p]) => await fails(c.register(u, p))", [name, PASSWORD])
+    assert taken == {"name": "GridError", "status": 409, "code": "username_taken", "message": taken["message"]}
+    wrong = await page.evaluate("async (u) => await fails(c.login(u, 'not the password'))", name)
+    assert (wrong["status"], wrong["code"]) == (401, "invalid_credentials")
+    early = await page.evaluate("async () => await fails(c.subscribe('x'))")
+    assert early["code"] == "not_connected"
+    login = await page.evaluate("async ([u, p]) => await c.login(u, p)", [name, PASSWORD])
+    assert login["player_id"] == player["id"] and await page.evaluate("() => c.token") == login["token"]
+    me = await page.evaluate("async () => await c.me()")
+    assert me["username"] == name and me["is_debug"] is False
+    zones = await page.evaluate("async () => await c.zones()")
+    lobby = next(z for z in zones if z["name"] == "lobby")
+    assert (await page.evaluate("async (id) => await c.zone(id)", lobby["id"]))["id"] == lobby["id"]
+    missing = await page.evaluate("async () => await fails(c.zone('00000000-0000-0000-0000-000000000000'))")
+    assert (missing["status"], missing["code"]) == (404, "zone_not_found")
+
+    # The socket: connect, subscribe (the promise is the server's answer), ticks with the avatar.
+    await page.evaluate("async () => await c.connect()")
+    assert await page.evaluate("() => c.connected && seen('open').length === 1")
+    answer = await page.evaluate("async (id) => await c.subscribe(id)", lobby["id"])
+    assert answer == {"type": "subscribed", "zone_id": lobby["id"]}
+    tick = await page.evaluate("""async (pid) => {
+        for (;;) {
+            const t = await c.next("tick");
+            if (t.state.entities.some(e => e.player_id === pid)) return t;
+        }}""", player["id"])
+    assert tick["zone_id"] == lobby["id"] and tick["tick_number"] >= 1 and "sent_at" in tick
+    assert await page.evaluate("() => c.state === c.tick.state && c.zoneId") == lobby["id"]
+
+    # An intent acts: the avatar moves on the server, and the next ticks show it.
+    before = server_avatar(running, player["id"])
+    step = 1 if before.x < 19 else -1
+    assert await page.evaluate("(dx) => c.intent({dx, dy: 0})", step) is True
+    await wait_for(lambda: server_avatar(running, player["id"]).x == before.x + step, what="the move")
+    await until(page, """([pid, x]) => c.state && c.state.entities.some(e => e.player_id === pid && e.x === x)""",
+                [player["id"], before.x + step])
+
+    # ping answers with the round trip; errors arrive as "error" events; a bad zone rejects.
+    assert await page.evaluate("async () => await c.ping()") >= 0
+    await page.evaluate("() => c.socket.send(JSON.stringify({type: 'dance'}))")
+    error = await until(page, "() => seen('error').find(e => e.code === 'unknown_type')")
+    assert "dance" in error["message"]
+    bad = await page.evaluate("async () => await fails(c.subscribe('00000000-0000-0000-0000-000000000000'))")
+    assert bad["code"] == "zone_not_found"
+    assert await page.evaluate("async (id) => (await c.subscribe(id)).zone_id", lobby["id"]) == lobby["id"]
+
+    # The connection drops: "close" says it reconnects (backoff from 0.5 s, with jitter), it
+    # comes back and the server resumes the zone: the same avatar, ticks again.
+    avatar_id = str(server_avatar(running, player["id"]).id)
+    ticks = await page.evaluate("() => seen('tick').length")
+    running.srv.hub.conns[uuid.UUID(player["id"])].abort()
+    drop = await until(page, "() => seen('close')[0]")
+    assert drop["reconnecting"] is True and drop["attempt"] == 1 and 375 <= drop["delay"] <= 625
+    await until(page, "() => seen('open').length === 2 && c.resumed")
+    assert await page.evaluate("() => seen('subscribed').some(m => m.resumed === true)")
+    await until(page, "(n) => seen('tick').length > n + 3", ticks)
+    assert str(server_avatar(running, player["id"]).id) == avatar_id
+
+    # Another connection of the same player replaces this one (4000): the client does not fight it.
+    other = await running.http.ws_connect(running.ws_url(login["token"]))
+    replaced = await until(page, "() => seen('close').find(e => e.code === 4000)")
+    assert replaced["reconnecting"] is False and replaced["ended"] is False
+    await asyncio.sleep(1.5)  # three times the first backoff: no reconnect happened
+    assert await page.evaluate("() => c.socket === null && seen('open').length === 2")
+    assert not other.closed
+    # connect() again takes the player back (the other socket is the one replaced now).
+    await page.evaluate("async () => await c.connect()")
+    closed = await other.receive()
+    assert other.close_code == 4000, closed
+
+    # logout(): the session ends on the server, the socket closes, nothing reconnects.
+    await page.evaluate("async () => await c.logout()")
+    assert await page.evaluate("() => c.token === null && c.socket === null && !c.connected")
+    status, _ = await running.call("GET", "/api/auth/me", login["token"])
+    assert status == 401
+    last = await page.evaluate("() => seen('close').at(-1)")
+    assert last["reconnecting"] is False and last["code"] == 1000
+
+
+async def test_a_session_ended_elsewhere_stops_the_client(tmp_path, start_server, page):
+    """Logout everywhere from another device: the socket closes with 4001, "close" says
+    ``ended``, the token is dropped and nothing reconnects; connect() then refuses at once."""
+    running = await start_server(walkers_config(tmp_path, server_debug=False))
+    player = await running.player()
+    await open_game(page, running)
+    await page.evaluate("async ([u, p]) => { await c.login(u, p); await c.connect(); }", [player["username"], PASSWORD])
+    await wait_for(lambda: uuid.UUID(player["id"]) in running.srv.hub.conns, what="the page's socket")
+    status, _ = await running.call("POST", "/api/auth/logout", player["token"], json={"all": True})
+    assert status == 204
+    ended = await until(page, "() => seen('close').find(e => e.ended)")
+    assert ended["code"] == 4001 and ended["reconnecting"] is False
+    await asyncio.sleep(1.5)
+    assert await page.evaluate("() => c.token === null && c.socket === null && seen('open').length === 1")
+    refused = await page.evaluate("async () => await fails(c.connect())")
+    assert (refused["status"], refused["code"]) == (401, "unauthorized")
+
+
+async def test_a_dead_server_is_retried_with_growing_delays(tmp_path, start_server, tcp_proxy, page):
+    """While the server cannot be reached each attempt waits about twice as long as the one
+    before; a ``subscribe`` asked meanwhile is sent once the socket is open again."""
+    running = await start_server(walkers_config(tmp_path, server_debug=False))
+    player = await running.player()
+    lobby = next(z for z in running.srv.world.zones.values() if z.zone.name == "lobby")
+    proxy = await tcp_proxy("127.0.0.1", running.server.port)
+    await open_game(page, running, f"http://127.0.0.1:{proxy.port}")
+    await page.evaluate("async ([u, p]) => { await c.login(u, p); await c.connect(); }", [player["username"], PASSWORD])
+    proxy.cut()  # the open socket is aborted, new connections are closed at once
+    pending = asyncio.ensure_future(page.evaluate("async (id) => await c.subscribe(id)", str(lobby.zone.id)))
+    closes = await until(page, "() => seen('close').length >= 3 && seen('close')", timeout=20)
+    assert [c["attempt"] for c in closes[:3]] == [1, 2, 3] and all(c["reconnecting"] for c in closes[:3])
+    delays = [c["delay"] for c in closes[:3]]
+    assert 375 <= delays[0] <= 625 and 750 <= delays[1] <= 1250 and 1500 <= delays[2] <= 2500, delays
+    assert not pending.done()
+    proxy.restore()
+    answer = await asyncio.wait_for(pending, 20)
+    assert answer == {"type": "subscribed", "zone_id": str(lobby.zone.id)}
+    assert await page.evaluate("() => c.connected && c.attempt === 0 && c.zoneId") == str(lobby.zone.id)
+    await wait_for(lambda: running.srv.hub.conns.get(uuid.UUID(player["id"])) is not None
+                   and running.srv.hub.conns[uuid.UUID(player["id"])].zone_id == lobby.zone.id, what="subscribed")
