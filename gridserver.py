@@ -5436,13 +5436,13 @@ CLIENT_MESSAGES: list[_Message] = [
     _Message("subscribe", {"type": "subscribe", "zone_id": _EXAMPLE_ZONE},
              "leave the current zone (if any) and join this one; no tick of the old zone arrives after the "
              "answer. Errors: `zone_not_found`, `rate_limited`, `bad_message`", "subscribed"),
-    _Message("unsubscribe", {"type": "unsubscribe"}, "leave the current zone. Error: `rate_limited`",
-             "unsubscribed"),
     _Message("intent", {"type": "intent", "data": {"move": "up"}},
              "`data` is any JSON object, opaque to the server: queued for the zone, stamped with the player, the "
              "zone, the receive time and a sequence number, and handed to the game module at the zone's next tick "
              "in arrival order. No answer of its own; errors: `not_subscribed`, `rate_limited`, `bad_message`",
              "tick"),
+    _Message("unsubscribe", {"type": "unsubscribe"}, "leave the current zone. Error: `rate_limited`",
+             "unsubscribed"),
     _Message("ping", {"type": "ping"}, "an application-level ping (WebSocket pings are answered too)", "pong"),
 ]
 
@@ -5473,16 +5473,17 @@ def _markdown_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _protocol_markdown() -> str:
+def _protocol_markdown(part: str = "all") -> str:
     """The README's protocol tables (``gridserver --print-protocol``), written from ``ROUTES``,
-    ``ERRORS``, the message tables and ``CLOSE_CODES``."""
+    ``ERRORS``, the message tables and ``CLOSE_CODES``. ``part``: ``"rest"`` (routes, bodies,
+    answers, error codes), ``"websocket"`` (messages, close codes) or ``"all"`` (both)."""
     who = {"anyone": "anyone", "token": "token", "debug": "debug player"}
     out = ["#### Routes", "",
            "`token`: a session token in `Authorization: Bearer <token>`. `debug player`: the same, of a "
            "debug player; these routes exist only with `[server] debug = true` (otherwise `404 not_found`). "
            "Every route may also answer " + ", ".join(f"`{c}`" for c in _ANY_ROUTE_ERRORS) + "; every `token` "
            "and `debug player` route `unauthorized` and `database_unavailable`, and every `debug player` route "
-           "`forbidden`.", "",
+           "`forbidden`. `GET` routes answer `HEAD` too.", "",
            "| method | path | who | what it does | answer | errors |", "| --- | --- | --- | --- | --- | --- |"]
     for r in ROUTES:
         if r.content_type == "websocket":
@@ -5515,6 +5516,7 @@ def _protocol_markdown() -> str:
     for e in ERRORS:
         out.append(f"| `{e.code}` | {e.status or '-'} | {'yes' if e.websocket else '-'} | "
                    f"{_markdown_cell(e.meaning)} |")
+    rest, out = out, []
     for title, messages, answers in (("Client to server", CLIENT_MESSAGES, True),
                                      ("Server to client", SERVER_MESSAGES, False)):
         out += ["", f"#### {title}", "", "| type | example | meaning |" + (" answer |" if answers else ""),
@@ -5524,7 +5526,8 @@ def _protocol_markdown() -> str:
             out.append(row + (f" `{m.answer}` |" if answers else ""))
     out += ["", "#### Close codes", "", "| code | meaning |", "| --- | --- |"]
     out += [f"| {code} | {_markdown_cell(meaning)} |" for code, meaning in CLOSE_CODES]
-    return "\n".join(out) + "\n"
+    parts = {"rest": "\n".join(rest) + "\n", "websocket": "\n".join(out[1:]) + "\n"}
+    return parts[part] if part in parts else parts["rest"] + "\n" + parts["websocket"]
 
 
 def _shape(schema: dict) -> str:
@@ -5659,7 +5662,9 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     app = web.Application(middlewares=[_errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024,
                           handler_args={"keepalive_timeout": cfg.get("server", "client_timeout")})
     app[SERVER] = Server(cfg, game)
-    app.router.add_routes([web.route(r.method, r.path, _route_handler(r)) for r in ROUTES])
+    # GET routes answer HEAD too (web.get), as aiohttp's do
+    app.router.add_routes([web.get(r.path, _route_handler(r)) if r.method == "GET"
+                           else web.route(r.method, r.path, _route_handler(r)) for r in ROUTES])
     app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_lifecycle)
     return app
