@@ -5257,6 +5257,7 @@ class _Field:
     type: str  # "string", "integer", "boolean", "object", "uuid"
     required: bool
     help: str
+    limits: tuple[tuple[str, Any], ...] = ()  # JSON schema keywords: (("minimum", 1),)
 
 
 @dataclass(frozen=True)
@@ -5278,8 +5279,10 @@ class _Route:
 _ZONE_ID = _Field("zone_id", "uuid", True, "a zone's id")
 _ENTITY_ID = _Field("entity_id", "uuid", True, "an entity's id")
 _CREDENTIALS = (
-    _Field("username", "string", True, "3 to 32 of `A-Z a-z 0-9 _ . -`, case-sensitive"),
-    _Field("password", "string", True, "at least `[auth] min_password_length` characters, at most 72 bytes in UTF-8"),
+    _Field("username", "string", True, "3 to 32 of `A-Z a-z 0-9 _ . -`, case-sensitive",
+           (("pattern", "^[A-Za-z0-9_.-]{3,32}$"),)),
+    _Field("password", "string", True, "at least `[auth] min_password_length` characters, at most 72 bytes in UTF-8",
+           (("minLength", 1), ("maxLength", 72))),
 )
 
 #: Every HTTP route, declared once: ``create_app`` routes exactly these, and the README's
@@ -5298,9 +5301,9 @@ ROUTES: list[_Route] = [
     _Route("GET", "/api/auth/me", "me", "token", "the caller's account", 200, "me"),
     _Route("GET", "/api/zones", "list_zones", "token", "every zone, oldest first", 200, "zone_list"),
     _Route("POST", "/api/zones", "create_zone", "debug", "create a zone", 201, "zone", ("zone_name_taken",),
-           (_Field("name", "string", True, "1 to 64 characters, unique"),
-            _Field("width", "integer", True, "1 to `[server] max_zone_size`"),
-            _Field("height", "integer", True, "1 to `[server] max_zone_size`"),
+           (_Field("name", "string", True, "1 to 64 characters, unique", (("minLength", 1), ("maxLength", 64))),
+            _Field("width", "integer", True, "1 to `[server] max_zone_size`", (("minimum", 1),)),
+            _Field("height", "integer", True, "1 to `[server] max_zone_size`", (("minimum", 1),)),
             _Field("metadata", "object", False, "any JSON object (default `{}`), nested at most 100 levels"))),
     _Route("GET", "/api/zones/{zone_id}", "get_zone", "token", "one zone", 200, "zone", ("zone_not_found",)),
     _Route("DELETE", "/api/zones/{zone_id}", "delete_zone", "debug",
@@ -5408,8 +5411,8 @@ _SCHEMAS: dict[str, dict] = {
         tick_number={"type": "integer"}, seed={"type": "integer"}, at=_TIME,
         intents={"type": "array", "items": _object(player_id=_UUID, seq={"type": "integer"},
                                                     data={"type": "object"})},
-        events={"type": "array", "items": {"type": "array", "prefixItems": [{"enum": ["join", "leave"]}, _UUID],
-                                           "minItems": 2, "maxItems": 2}})}),
+        events={"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2,
+                                           "maxItems": 2, "description": '["join" or "leave", player_id]'}})}),
     "rewind": _object(tick_number={"type": "integer"}, entities={"type": "array", "items": _ref("entity")}),
     "reload": _object(module={"type": "string"}, version={"type": "string"}),
     "health": _object(status={"enum": ["ok", "degraded"]}, database={"enum": ["ok", "down"]},
@@ -5569,7 +5572,8 @@ def openapi_document(debug: bool) -> dict:
         if r.body:
             op["requestBody"] = {"required": r.body_required, "content": {"application/json": {"schema": {
                 "type": "object", "required": [f.name for f in r.body if f.required],
-                "properties": {f.name: {**_JSON_TYPES[f.type], "description": f.help} for f in r.body}}}}}
+                "properties": {f.name: {**_JSON_TYPES[f.type], **dict(f.limits), "description": f.help}
+                               for f in r.body}}}}}
         responses: dict[str, Any] = {}
         ok: dict[str, Any] = {"description": r.summary.replace("`", "")}
         if r.answer is not None:
