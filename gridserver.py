@@ -5024,9 +5024,12 @@ def _tick_query(request: web.Request, name: str, default: int) -> int:
     if text is None:
         return default
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise GridError("bad_request", f"The query parameter '{name}' must be a tick number.") from None
+        value = -1
+    if not 0 <= value < 2 ** 63:  # a database integer: larger ones would fail in the driver
+        raise GridError("bad_request", f"The query parameter '{name}' must be a tick number (0 or more).")
+    return value
 
 
 async def debug_history(request: web.Request) -> web.Response:
@@ -5059,6 +5062,8 @@ async def debug_rewind(request: web.Request) -> web.Response:
     zs = srv.zone_or_404(request.match_info["zone_id"])
     body = await _read_object(request, srv.max_body, srv.client_timeout)
     n = _field(body, "tick_number", int)
+    if n < 0:  # (a huge negative one would fail in the database driver)
+        raise GridError("bad_request", "The field 'tick_number' must be a tick number (0 or more).")
     return _json_response({"tick_number": n, "entities": await srv.rewind(zs, n)})
 
 
@@ -5323,13 +5328,14 @@ ROUTES: list[_Route] = [
     _Route("GET", "/api/debug/zones/{zone_id}/history", "debug_history", "debug",
            "a zone's journaled inputs (intents, join and leave events) of ticks `from`..`to`", 200, "history",
            ("zone_not_found", "journal_off"),
-           query=(_Field("from", "integer", False, "the first tick (default: 99 before `to`)"),
+           query=(_Field("from", "integer", False, "the first tick (default: 99 before `to`)", (("minimum", 0),)),
                   _Field("to", "integer", False, "the last tick, at most 10,000 after `from` (default: the "
-                                                   "zone's last tick)"))),
+                                                   "zone's last tick)", (("minimum", 0),)))),
     _Route("POST", "/api/debug/zones/{zone_id}/rewind", "debug_rewind", "debug",
            "pause the tick and put the zone back as it was at the end of its tick `tick_number`", 200, "rewind",
            ("zone_not_found", "journal_off", "out_of_history", "zone_busy"),
-           (_Field("tick_number", "integer", True, "a tick of this zone, before its current one, still kept"),)),
+           (_Field("tick_number", "integer", True, "a tick of this zone, before its current one, still kept",
+                   (("minimum", 0),)),)),
     _Route("POST", "/api/debug/module/reload", "debug_reload", "debug",
            "load the game module's code again at the next tick boundary (hot reload)", 200, "reload",
            ("module_error", "module_not_reloadable")),
@@ -5566,7 +5572,7 @@ def openapi_document(debug: bool) -> dict:
         params = [{"name": name, "in": "path", "required": True, "schema": _UUID}
                   for name in re.findall(r"\{(\w+)\}", r.path)]
         params += [{"name": f.name, "in": "query", "required": f.required, "description": f.help,
-                    "schema": _JSON_TYPES[f.type]} for f in r.query]
+                    "schema": {**_JSON_TYPES[f.type], **dict(f.limits)}} for f in r.query]
         if params:
             op["parameters"] = params
         if r.body:
