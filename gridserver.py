@@ -468,7 +468,7 @@ ERRORS: list[_ErrorCode] = [
     _ErrorCode("not_found", 404, False, "no such path (every `/api/debug` path while debug mode is off)"),
     _ErrorCode("zone_not_found", 404, True, "no zone has this id (a malformed id too)"),
     _ErrorCode("entity_not_found", 404, False, "no entity has this id (a malformed id too)"),
-    _ErrorCode("method_not_allowed", 405, False, "the path exists, but not with this method"),
+    _ErrorCode("method_not_allowed", 405, False, "the path exists, but not with this method; `Allow` names those it has"),
     _ErrorCode("username_taken", 409, False, "another player has this username"),
     _ErrorCode("zone_name_taken", 409, False, "another zone has this name"),
     _ErrorCode("not_paused", 409, False, "a step while the tick is running: pause it first"),
@@ -753,7 +753,9 @@ _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 417: "expectat
 def _http_error_response(exc: web.HTTPException) -> web.Response:
     """An aiohttp HTTP error (routing, size limits, expectations) as the contract's envelope."""
     status = 400 if exc.status == 413 else exc.status
-    return _error_response(status, _HTTP_ERROR_CODES.get(exc.status, "bad_request"), exc.reason or "Bad request.")
+    allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # a 405 must say (RFC 9110)
+    return _error_response(status, _HTTP_ERROR_CODES.get(exc.status, "bad_request"), exc.reason or "Bad request.",
+                           allow)
 
 
 # =============================================================================

@@ -206,3 +206,21 @@ async def test_a_resumed_subscription_is_announced_as_documented(start_server, t
         tick = await receive_type(ws, "tick")
         assert set(tick) == set(next(m for m in gridserver.SERVER_MESSAGES if m.type == "tick").example)
     assert uuid.UUID(tick["zone_id"]) and isinstance(tick["sent_at"], float)
+
+
+async def test_a_method_the_table_does_not_list_is_405_with_the_allowed_ones(start_server, tmp_path):
+    """Every path of ROUTES, called with a method the table does not list for it: 405
+    ``method_not_allowed`` in the envelope, and ``Allow`` naming the table's methods (RFC 9110)."""
+    running = await start_server(make_config(f"sqlite:///{tmp_path / 'db'}", server_debug=True))
+    p = await running.player()
+    by_path: dict[str, set[str]] = {}
+    for r in gridserver.ROUTES:
+        by_path.setdefault(r.path, set()).add(r.method)
+    for path, methods in by_path.items():
+        allowed = methods | ({"HEAD"} if "GET" in methods else set())
+        concrete = path.replace("{zone_id}", str(uuid.uuid4())).replace("{entity_id}", str(uuid.uuid4()))
+        for method in sorted({"GET", "POST", "PUT", "PATCH", "DELETE"} - methods):
+            status, body = await running.call(method, concrete, p["token"])
+            assert status == 405 and body["error"] == "method_not_allowed" and body["message"], (method, path, body)
+            async with running.http.request(method, running.url + concrete) as resp:
+                assert set(resp.headers["Allow"].split(",")) == allowed, (method, path, resp.headers)
