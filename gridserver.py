@@ -468,7 +468,8 @@ ERRORS: list[_ErrorCode] = [
     _ErrorCode("not_found", 404, False, "no such path (every `/api/debug` path while debug mode is off)"),
     _ErrorCode("zone_not_found", 404, True, "no zone has this id (a malformed id too)"),
     _ErrorCode("entity_not_found", 404, False, "no entity has this id (a malformed id too)"),
-    _ErrorCode("method_not_allowed", 405, False, "the path exists, but not with this method; `Allow` names those it has"),
+    _ErrorCode("method_not_allowed", 405, False,
+               "the path exists, but not with this method; `Allow` names those it has"),
     _ErrorCode("username_taken", 409, False, "another player has this username"),
     _ErrorCode("zone_name_taken", 409, False, "another zone has this name"),
     _ErrorCode("not_paused", 409, False, "a step while the tick is running: pause it first"),
@@ -5264,7 +5265,13 @@ class _Field:
     type: str  # "string", "integer", "boolean", "object", "uuid"
     required: bool
     help: str
-    limits: tuple[tuple[str, Any], ...] = ()  # JSON schema keywords: (("minimum", 1),)
+    limits: tuple[tuple[str, Any], ...] = ()  # JSON schema keywords: (("minimum", 1),); a value may be a _Setting
+
+
+class _Setting(NamedTuple):
+    """A limit that is a configuration value, filled in from the server's configuration."""
+    section: str
+    key: str
 
 
 @dataclass(frozen=True)
@@ -5285,21 +5292,21 @@ class _Route:
 
 _ZONE_ID = _Field("zone_id", "uuid", True, "a zone's id")
 _ENTITY_ID = _Field("entity_id", "uuid", True, "an entity's id")
-_CREDENTIALS = (
-    _Field("username", "string", True, "3 to 32 of `A-Z a-z 0-9 _ . -`, case-sensitive",
-           (("pattern", "^[A-Za-z0-9_.-]{3,32}$"),)),
-    _Field("password", "string", True, "at least `[auth] min_password_length` characters, at most 72 bytes in UTF-8",
-           (("minLength", 1), ("maxLength", 72))),
-)
+_USERNAME = _Field("username", "string", True, "3 to 32 of `A-Z a-z 0-9 _ . -`, case-sensitive",
+                   (("pattern", "^[A-Za-z0-9_.-]{3,32}$"),))
+_PASSWORD = "at least `[auth] min_password_length` characters, at most 72 bytes in UTF-8"
 
 #: Every HTTP route, declared once: ``create_app`` routes exactly these, and the README's
 #: route table and ``/api/openapi.json`` are written from them.
 ROUTES: list[_Route] = [
     _Route("POST", "/api/auth/register", "register", "anyone", "create an account", 201, "player",
-           ("username_taken", "too_many_attempts", "busy", "database_unavailable"), _CREDENTIALS),
+           ("username_taken", "too_many_attempts", "busy", "database_unavailable"),
+           (_USERNAME, _Field("password", "string", True, _PASSWORD,
+                              (("minLength", _Setting("auth", "min_password_length")), ("maxLength", 72))))),
     _Route("POST", "/api/auth/login", "login", "anyone",
            "log in: a session token for `Authorization: Bearer <token>` and `/ws?token=`", 200, "session",
-           ("invalid_credentials", "too_many_attempts", "busy", "database_unavailable"), _CREDENTIALS),
+           ("invalid_credentials", "too_many_attempts", "busy", "database_unavailable"),
+           (_USERNAME, _Field("password", "string", True, "the password"))),
     _Route("POST", "/api/auth/logout", "logout", "token",
            "end this session (its open WebSocket closes with 4001); `{\"all\": true}` ends every session of "
            "the player", 204, None, (),
@@ -5309,8 +5316,10 @@ ROUTES: list[_Route] = [
     _Route("GET", "/api/zones", "list_zones", "token", "every zone, oldest first", 200, "zone_list"),
     _Route("POST", "/api/zones", "create_zone", "debug", "create a zone", 201, "zone", ("zone_name_taken",),
            (_Field("name", "string", True, "1 to 64 characters, unique", (("minLength", 1), ("maxLength", 64))),
-            _Field("width", "integer", True, "1 to `[server] max_zone_size`", (("minimum", 1),)),
-            _Field("height", "integer", True, "1 to `[server] max_zone_size`", (("minimum", 1),)),
+            _Field("width", "integer", True, "1 to `[server] max_zone_size`, written without a decimal point",
+                   (("minimum", 1), ("maximum", _Setting("server", "max_zone_size")))),
+            _Field("height", "integer", True, "1 to `[server] max_zone_size`, written without a decimal point",
+                   (("minimum", 1), ("maximum", _Setting("server", "max_zone_size")))),
             _Field("metadata", "object", False, "any JSON object (default `{}`), nested at most 100 levels"))),
     _Route("GET", "/api/zones/{zone_id}", "get_zone", "token", "one zone", 200, "zone", ("zone_not_found",)),
     _Route("DELETE", "/api/zones/{zone_id}", "delete_zone", "debug",
@@ -5331,8 +5340,8 @@ ROUTES: list[_Route] = [
            "a zone's journaled inputs (intents, join and leave events) of ticks `from`..`to`", 200, "history",
            ("zone_not_found", "journal_off"),
            query=(_Field("from", "integer", False, "the first tick (default: 99 before `to`)", (("minimum", 0),)),
-                  _Field("to", "integer", False, "the last tick, at most 10,000 after `from` (default: the "
-                                                   "zone's last tick)", (("minimum", 0),)))),
+                  _Field("to", "integer", False, "the last tick, at least `from` and at most 10,000 after it "
+                                                   "(default: the zone's last tick)", (("minimum", 0),)))),
     _Route("POST", "/api/debug/zones/{zone_id}/rewind", "debug_rewind", "debug",
            "pause the tick and put the zone back as it was at the end of its tick `tick_number`", 200, "rewind",
            ("zone_not_found", "journal_off", "out_of_history", "zone_busy"),
@@ -5561,10 +5570,20 @@ _JSON_TYPES = {"uuid": _UUID, "string": {"type": "string"}, "integer": {"type": 
                "boolean": {"type": "boolean"}, "object": {"type": "object"}}
 
 
-def openapi_document(debug: bool) -> dict:
-    """The OpenAPI 3.1 document of the REST routes (``GET /api/openapi.json``), written from
-    ``ROUTES``, ``_SCHEMAS`` and ``ERRORS``. Debug routes are in it only when ``debug`` is true
-    (they do not exist otherwise); ``/ws`` is left out (OpenAPI cannot describe its messages)."""
+def openapi_document(cfg: Config) -> dict:
+    """The OpenAPI 3.1 document of the REST routes (``GET /api/openapi.json``) of a server
+    configured by ``cfg``, written from ``ROUTES``, ``_SCHEMAS`` and ``ERRORS``. Debug routes
+    are in it only when ``[server] debug`` is true (they do not exist otherwise); ``/ws`` is
+    left out (OpenAPI cannot describe its messages).
+
+    Constraints JSON Schema cannot say are in the descriptions: a tick range's ``from`` at
+    most ``to``, a password's 72 bytes, integers written without a decimal point (``5.0``
+    is refused, though JSON Schema counts it as an integer)."""
+    debug = cfg.get("server", "debug")
+
+    def schema_of(f: _Field) -> dict:
+        limits = {k: cfg.get(*v) if isinstance(v, _Setting) else v for k, v in f.limits}
+        return {**_JSON_TYPES[f.type], **limits, "description": f.help}
     paths: dict[str, dict] = {}
     for r in ROUTES:
         if r.content_type == "websocket" or (r.access == "debug" and not debug):
@@ -5574,14 +5593,13 @@ def openapi_document(debug: bool) -> dict:
         params = [{"name": name, "in": "path", "required": True, "schema": _UUID}
                   for name in re.findall(r"\{(\w+)\}", r.path)]
         params += [{"name": f.name, "in": "query", "required": f.required, "description": f.help,
-                    "schema": {**_JSON_TYPES[f.type], **dict(f.limits)}} for f in r.query]
+                    "schema": schema_of(f)} for f in r.query]
         if params:
             op["parameters"] = params
         if r.body:
             op["requestBody"] = {"required": r.body_required, "content": {"application/json": {"schema": {
                 "type": "object", "required": [f.name for f in r.body if f.required],
-                "properties": {f.name: {**_JSON_TYPES[f.type], **dict(f.limits), "description": f.help}
-                               for f in r.body}}}}}
+                "properties": {f.name: schema_of(f) for f in r.body}}}}}
         responses: dict[str, Any] = {}
         ok: dict[str, Any] = {"description": r.summary.replace("`", "")}
         if r.answer is not None:
@@ -5626,7 +5644,7 @@ def _package_version() -> str:
 
 async def openapi(request: web.Request) -> web.Response:
     """``GET /api/openapi.json``: ``openapi_document`` for this server (no token needed)."""
-    return _json_response(openapi_document(request.app[SERVER].debug))
+    return _json_response(openapi_document(request.app[SERVER].cfg))
 
 
 # =============================================================================

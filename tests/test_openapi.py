@@ -70,9 +70,17 @@ async def test_openapi_without_debug_leaves_the_debug_routes_out(start_server, t
 
 
 async def test_openapi_with_debug_describes_every_route(start_server, tmp_path):
-    running = await start_server(make_config(f"sqlite:///{tmp_path / 'db'}", server_debug=True))
+    running = await start_server(make_config(f"sqlite:///{tmp_path / 'db'}", server_debug=True,
+                                             auth_min_password_length=12, server_max_zone_size=100))
     doc = await fetch_document(running)
     check_document(doc, debug=True)
+    # limits that are settings are this server's
+    body = doc["paths"]["/api/auth/register"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["password"]["minLength"] == 12
+    body = doc["paths"]["/api/zones"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["width"]["maximum"] == body["properties"]["height"]["maximum"] == 100
+    status, answer = await running.call("POST", "/api/auth/register", json={"username": "elevenchars", "password": "x" * 11})
+    assert status == 400 and "12" in answer["message"]
     history = doc["paths"]["/api/debug/zones/{zone_id}/history"]["get"]
     assert {(p["name"], p["in"], p["schema"]["type"]) for p in history["parameters"]} == {
         ("zone_id", "path", "string"), ("from", "query", "integer"), ("to", "query", "integer")}
