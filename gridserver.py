@@ -485,8 +485,9 @@ ERRORS: list[_ErrorCode] = [
                "raised (file and line in the message); the old code keeps running. Over WebSocket: "
                "sent to debug players"),
     _ErrorCode("too_many_attempts", 429, False,
-               "too many failed logins for the username or from the address, or too many logins at once "
-               "from one address; `Retry-After` says how many seconds to wait"),
+               "too many failed logins for the username or from the address (`[auth] max_failed_logins`), or "
+               "more than an eighth of `[auth] max_pending_hashes` waiting from one address; `Retry-After` says "
+               "how many seconds to wait"),
     _ErrorCode("too_many_connections", 429, False,
                "the address holds `[server] max_connections_per_address` open connections already; the "
                "connection is closed"),

@@ -79,7 +79,8 @@ async def test_openapi_with_debug_describes_every_route(start_server, tmp_path):
     assert body["properties"]["password"]["minLength"] == 12
     body = doc["paths"]["/api/zones"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["width"]["maximum"] == body["properties"]["height"]["maximum"] == 100
-    status, answer = await running.call("POST", "/api/auth/register", json={"username": "elevenchars", "password": "x" * 11})
+    status, answer = await running.call("POST", "/api/auth/register",
+                                        json={"username": "elevenchars", "password": "x" * 11})
     assert status == 400 and "12" in answer["message"]
     history = doc["paths"]["/api/debug/zones/{zone_id}/history"]["get"]
     assert {(p["name"], p["in"], p["schema"]["type"]) for p in history["parameters"]} == {
