@@ -5253,11 +5253,11 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
 # Protocol: routes, messages and the OpenAPI document
 # =============================================================================
 #
-# The protocol is declared here once, as data: ``ROUTES`` (every HTTP route; ``create_app``
-# adds exactly these), ``CLIENT_MESSAGES`` and ``SERVER_MESSAGES`` (WebSocket), with
-# ``ERRORS`` and ``CLOSE_CODES`` from the wire helpers. ``gridserver --print-protocol``
-# writes the README's protocol tables from them, and ``GET /api/openapi.json`` the OpenAPI
-# 3.1 document: neither can drift from the code.
+# ``ROUTES`` (every HTTP route; ``create_app`` adds exactly these), ``CLIENT_MESSAGES`` and
+# ``SERVER_MESSAGES`` (WebSocket), with ``ERRORS`` and ``CLOSE_CODES`` from the wire helpers,
+# declare the protocol once, as data. ``gridserver --print-protocol`` writes the README's
+# protocol tables from them, and ``GET /api/openapi.json`` the OpenAPI 3.1 document: neither
+# can drift from the code.
 
 
 @dataclass(frozen=True)
@@ -5291,8 +5291,6 @@ class _Route:
     content_type: str = "application/json"  # of the answer; "websocket": the /ws upgrade
 
 
-_ZONE_ID = _Field("zone_id", "uuid", True, "a zone's id")
-_ENTITY_ID = _Field("entity_id", "uuid", True, "an entity's id")
 _USERNAME = _Field("username", "string", True, "3 to 32 of `A-Z a-z 0-9 _ . -`, case-sensitive",
                    (("pattern", "^[A-Za-z0-9_.-]{3,32}$"),))
 _PASSWORD = "at least `[auth] min_password_length` characters, at most 72 bytes in UTF-8"
