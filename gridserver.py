@@ -39,6 +39,7 @@ Sections of this file, each calling only those above it (``grep -n '^# [A-Z]' gr
     Compatibility with aiohttp internals
     HTTP handlers
     WebSocket handler
+    Protocol: routes, messages and the OpenAPI document
     App factory and CLI
     Browser client and page
 
@@ -444,16 +445,93 @@ class GridError(Exception):
         self.headers = headers
 
 
-#: The HTTP status of every error code, the one place where codes meet HTTP.
-HTTP_STATUS = {
-    "bad_request": 400, "unauthorized": 401, "invalid_credentials": 401, "forbidden": 403,
-    "not_found": 404, "zone_not_found": 404, "entity_not_found": 404, "method_not_allowed": 405,
-    "username_taken": 409, "zone_name_taken": 409, "not_paused": 409, "journal_off": 409,
-    "out_of_history": 409, "zone_busy": 409, "module_not_reloadable": 409, "expectation_failed": 417,
-    "module_error": 422,
-    "too_many_attempts": 429, "too_many_connections": 429, "internal_error": 500,
-    "busy": 503, "database_unavailable": 503,
-}
+@dataclass(frozen=True)
+class _ErrorCode:
+    code: str
+    status: int | None  # the HTTP status; None: only sent over WebSocket
+    websocket: bool  # also sent over WebSocket, in ``{"type": "error", "code": ...}``
+    meaning: str
+
+
+#: Every error code the server answers, declared once with its HTTP status and meaning. The
+#: README's error table and the OpenAPI document are written from this list
+#: (``gridserver --print-protocol``); ``HTTP_STATUS`` below is derived from it.
+ERRORS: list[_ErrorCode] = [
+    _ErrorCode("bad_request", 400, False,
+               "the body is not JSON, not an object, larger than `[server] max_body_size`, or late "
+               "(`[server] client_timeout`); a field or query parameter is missing or wrong (the message "
+               "names it); or the HTTP itself cannot be parsed"),
+    _ErrorCode("unauthorized", 401, False, "no session token, or one that is unknown, expired or logged out"),
+    _ErrorCode("invalid_credentials", 401, False,
+               "wrong username or password (the same answer for both, after the same work)"),
+    _ErrorCode("forbidden", 403, False, "a debug route called by a player who is not a debug player"),
+    _ErrorCode("not_found", 404, False, "no such path (every `/api/debug` path while debug mode is off)"),
+    _ErrorCode("zone_not_found", 404, True, "no zone has this id (a malformed id too)"),
+    _ErrorCode("entity_not_found", 404, False, "no entity has this id (a malformed id too)"),
+    _ErrorCode("method_not_allowed", 405, False,
+               "the path exists, but not with this method; `Allow` names those it has"),
+    _ErrorCode("username_taken", 409, False, "another player has this username"),
+    _ErrorCode("zone_name_taken", 409, False, "another zone has this name"),
+    _ErrorCode("not_paused", 409, False, "a step while the tick is running: pause it first"),
+    _ErrorCode("journal_off", 409, False, "history and rewind need `[journal] mode = replay`"),
+    _ErrorCode("out_of_history", 409, False,
+               "the tick asked for is no longer kept (`[journal] keep`) or not before the zone's tick"),
+    _ErrorCode("zone_busy", 409, False, "the zone's module call is still running; try again once it returns"),
+    _ErrorCode("module_not_reloadable", 409, False,
+               "the game was handed to `create_app` as an object, not loaded from `[game] module`"),
+    _ErrorCode("expectation_failed", 417, False, "an `Expect` header other than `100-continue`"),
+    _ErrorCode("module_error", 422, True,
+               "a hot reload was refused: the new code does not import or its `on_init`/`on_reload` "
+               "raised (file and line in the message); the old code keeps running. Over WebSocket: "
+               "sent to debug players"),
+    _ErrorCode("too_many_attempts", 429, False,
+               "too many failed logins for the username or from the address (`[auth] max_failed_logins`), or "
+               "more than an eighth of `[auth] max_pending_hashes` waiting from one address; `Retry-After` says "
+               "how many seconds to wait"),
+    _ErrorCode("too_many_connections", 429, False,
+               "the address holds `[server] max_connections_per_address` open connections already; the "
+               "connection is closed"),
+    _ErrorCode("internal_error", 500, False, "a bug in the server: logged, never a trace to the client"),
+    _ErrorCode("busy", 503, False,
+               "more than `[auth] max_pending_hashes` logins and registrations already wait for bcrypt; "
+               "retry in a few seconds"),
+    _ErrorCode("database_unavailable", 503, False, "the database did not answer in time; retry shortly"),
+    _ErrorCode("bad_message", None, True,
+               "not JSON, not an object, a binary frame, a missing or mistyped field, JSON nested deeper "
+               "than 1024 levels, a string with an unpaired surrogate escape such as `\\ud800`; for an "
+               "intent also `data` holding `NaN`, `Infinity`, a number outside the double range such as "
+               "`1e999`, or nesting deeper than `[websocket] max_depth`"),
+    _ErrorCode("unknown_type", None, True, "a message `type` the server does not know"),
+    _ErrorCode("message_too_large", None, True,
+               "a message over `[websocket] max_message_size` bytes (16 times that closes the socket, 1009)"),
+    _ErrorCode("not_subscribed", None, True, "an intent before any subscribe"),
+    _ErrorCode("rate_limited", None, True,
+               "an intent past `[tick] max_intents_per_player` for this player in this zone tick (whichever "
+               "connection sent it) or past `[tick] max_intents_per_zone`; a subscribe or unsubscribe past "
+               "`[websocket] max_subscribes_per_tick`. The message is dropped; the error is sent once per tick "
+               "and connection, and every drop is counted in `/metrics`"),
+    _ErrorCode("zone_deleted", None, True, "the zone you were subscribed to was deleted; you are unsubscribed"),
+    _ErrorCode("zone_failed", None, True,
+               "the zone's last tick was lost (module exception, rejected result, stall); carries `zone_id`. "
+               "Subscribers stay; `zone_recovered` follows when a tick succeeds again"),
+]
+
+#: The HTTP status of every REST error code, the one place where codes meet HTTP.
+HTTP_STATUS: dict[str, int] = {e.code: e.status for e in ERRORS if e.status is not None}
+
+#: WebSocket close codes the server uses, with their meaning.
+CLOSE_CODES: list[tuple[int, str]] = [
+    (1001, "the server is shutting down"),
+    (1002, "the client broke the WebSocket protocol (a reserved opcode, a control frame over 125 bytes, "
+           "a continuation with nothing to continue)"),
+    (1006, "not sent by the server: the connection was dropped without a close frame (a client that "
+           "stopped reading, see slow readers, or stayed silent through a heartbeat ping)"),
+    (1007, "a text frame that is not UTF-8"),
+    (1009, "a frame over 16 times `[websocket] max_message_size`"),
+    (4000, "replaced: the same player opened a newer connection"),
+    (4001, "the session ended (logout, `{\"all\": true}` logout elsewhere, expiry or a login past "
+           "`[auth] max_sessions`)"),
+]
 
 
 class DatabaseUnavailable(Exception):
@@ -677,7 +755,9 @@ _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 417: "expectat
 def _http_error_response(exc: web.HTTPException) -> web.Response:
     """An aiohttp HTTP error (routing, size limits, expectations) as the contract's envelope."""
     status = 400 if exc.status == 413 else exc.status
-    return _error_response(status, _HTTP_ERROR_CODES.get(exc.status, "bad_request"), exc.reason or "Bad request.")
+    allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # a 405 must say (RFC 9110)
+    return _error_response(status, _HTTP_ERROR_CODES.get(exc.status, "bad_request"), exc.reason or "Bad request.",
+                           allow)
 
 
 # =============================================================================
@@ -4948,9 +5028,12 @@ def _tick_query(request: web.Request, name: str, default: int) -> int:
     if text is None:
         return default
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise GridError("bad_request", f"The query parameter '{name}' must be a tick number.") from None
+        value = -1
+    if not 0 <= value < 2 ** 63:  # a database integer: larger ones would fail in the driver
+        raise GridError("bad_request", f"The query parameter '{name}' must be a tick number (0 or more).")
+    return value
 
 
 async def debug_history(request: web.Request) -> web.Response:
@@ -4983,6 +5066,8 @@ async def debug_rewind(request: web.Request) -> web.Response:
     zs = srv.zone_or_404(request.match_info["zone_id"])
     body = await _read_object(request, srv.max_body, srv.client_timeout)
     n = _field(body, "tick_number", int)
+    if n < 0:  # (a huge negative one would fail in the database driver)
+        raise GridError("bad_request", "The field 'tick_number' must be a tick number (0 or more).")
     return _json_response({"tick_number": n, "entities": await srv.rewind(zs, n)})
 
 
@@ -5165,6 +5250,405 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
 
 
 # =============================================================================
+# Protocol: routes, messages and the OpenAPI document
+# =============================================================================
+#
+# ``ROUTES`` (every HTTP route; ``create_app`` adds exactly these), ``CLIENT_MESSAGES`` and
+# ``SERVER_MESSAGES`` (WebSocket), with ``ERRORS`` and ``CLOSE_CODES`` from the wire helpers,
+# declare the protocol once, as data. ``gridserver --print-protocol`` writes the README's
+# protocol tables from them, and ``GET /api/openapi.json`` the OpenAPI 3.1 document: neither
+# can drift from the code.
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    type: str  # "string", "integer", "boolean", "object", "uuid"
+    required: bool
+    help: str
+    limits: tuple[tuple[str, Any], ...] = ()  # JSON schema keywords: (("minimum", 1),); a value may be a _Setting
+
+
+class _Setting(NamedTuple):
+    """A limit that is a configuration value, filled in from the server's configuration."""
+    section: str
+    key: str
+
+
+@dataclass(frozen=True)
+class _Route:
+    method: str
+    path: str
+    handler: str  # a function of this module, looked up when the app is built
+    access: str  # "anyone", "token" (a session token) or "debug" (a debug player, debug mode only)
+    summary: str
+    status: int = 200
+    answer: str | None = None  # a schema of _SCHEMAS; None: no body
+    errors: tuple[str, ...] = ()  # besides those every route or its access may answer
+    body: tuple[_Field, ...] = ()
+    body_required: bool = True
+    query: tuple[_Field, ...] = ()
+    content_type: str = "application/json"  # of the answer; "websocket": the /ws upgrade
+
+
+_USERNAME = _Field("username", "string", True, "3 to 32 of `A-Z a-z 0-9 _ . -`, case-sensitive",
+                   (("pattern", "^[A-Za-z0-9_.-]{3,32}$"),))
+_PASSWORD = "at least `[auth] min_password_length` characters, at most 72 bytes in UTF-8"
+
+#: Every HTTP route, declared once: ``create_app`` routes exactly these, and the README's
+#: route table and ``/api/openapi.json`` are written from them.
+ROUTES: list[_Route] = [
+    _Route("POST", "/api/auth/register", "register", "anyone", "create an account", 201, "player",
+           ("username_taken", "too_many_attempts", "busy", "database_unavailable"),
+           (_USERNAME, _Field("password", "string", True, _PASSWORD,
+                              (("minLength", _Setting("auth", "min_password_length")), ("maxLength", 72))))),
+    _Route("POST", "/api/auth/login", "login", "anyone",
+           "log in: a session token for `Authorization: Bearer <token>` and `/ws?token=`", 200, "session",
+           ("invalid_credentials", "too_many_attempts", "busy", "database_unavailable"),
+           (_USERNAME, _Field("password", "string", True, "the password"))),
+    _Route("POST", "/api/auth/logout", "logout", "token",
+           "end this session (its open WebSocket closes with 4001); `{\"all\": true}` ends every session of "
+           "the player", 204, None, (),
+           (_Field("all", "boolean", False, "true: end every session of the player, not only this one"),),
+           body_required=False),
+    _Route("GET", "/api/auth/me", "me", "token", "the caller's account", 200, "me"),
+    _Route("GET", "/api/zones", "list_zones", "token", "every zone, oldest first", 200, "zone_list"),
+    _Route("POST", "/api/zones", "create_zone", "debug", "create a zone", 201, "zone", ("zone_name_taken",),
+           (_Field("name", "string", True, "1 to 64 characters, unique", (("minLength", 1), ("maxLength", 64))),
+            _Field("width", "integer", True, "1 to `[server] max_zone_size`, written without a decimal point",
+                   (("minimum", 1), ("maximum", _Setting("server", "max_zone_size")))),
+            _Field("height", "integer", True, "1 to `[server] max_zone_size`, written without a decimal point",
+                   (("minimum", 1), ("maximum", _Setting("server", "max_zone_size")))),
+            _Field("metadata", "object", False, "any JSON object (default `{}`), nested at most 100 levels"))),
+    _Route("GET", "/api/zones/{zone_id}", "get_zone", "token", "one zone", 200, "zone", ("zone_not_found",)),
+    _Route("DELETE", "/api/zones/{zone_id}", "delete_zone", "debug",
+           "delete a zone and its entities; its subscribers get the error `zone_deleted` and are unsubscribed",
+           204, None, ("zone_not_found",)),
+    _Route("POST", "/api/debug/tick/pause", "debug_pause", "debug", "pause the tick", 200, "tick_status"),
+    _Route("POST", "/api/debug/tick/resume", "debug_resume", "debug", "resume the tick", 200, "tick_status"),
+    _Route("POST", "/api/debug/tick/step", "debug_step", "debug",
+           "run one full tick while paused (all zones processed, frames sent)", 200, "tick", ("not_paused",)),
+    _Route("GET", "/api/debug/zones/{zone_id}/state", "debug_zone_state", "debug",
+           "a zone with all its entities, its tick counters and its last error", 200, "zone_state",
+           ("zone_not_found",)),
+    _Route("GET", "/api/debug/entities/{entity_id}", "debug_entity", "debug", "one entity", 200, "entity",
+           ("entity_not_found",)),
+    _Route("GET", "/api/debug/connections", "debug_connections", "debug", "the open WebSocket connections",
+           200, "connections"),
+    _Route("GET", "/api/debug/zones/{zone_id}/history", "debug_history", "debug",
+           "a zone's journaled inputs (intents, join and leave events) of ticks `from`..`to`", 200, "history",
+           ("zone_not_found", "journal_off"),
+           query=(_Field("from", "integer", False, "the first tick (default: 99 before `to`)", (("minimum", 0),)),
+                  _Field("to", "integer", False, "the last tick, at least `from` and at most 10,000 after it "
+                                                   "(default: the zone's last tick)", (("minimum", 0),)))),
+    _Route("POST", "/api/debug/zones/{zone_id}/rewind", "debug_rewind", "debug",
+           "pause the tick and put the zone back as it was at the end of its tick `tick_number`", 200, "rewind",
+           ("zone_not_found", "journal_off", "out_of_history", "zone_busy"),
+           (_Field("tick_number", "integer", True, "a tick of this zone, before its current one, still kept",
+                   (("minimum", 0),)),)),
+    _Route("POST", "/api/debug/module/reload", "debug_reload", "debug",
+           "load the game module's code again at the next tick boundary (hot reload)", 200, "reload",
+           ("module_error", "module_not_reloadable")),
+    _Route("GET", "/api/openapi.json", "openapi", "anyone",
+           "this API as an OpenAPI 3.1 document (debug routes only in debug mode)", 200, "openapi"),
+    _Route("GET", "/healthz", "healthz", "anyone",
+           "health: `200` with `\"status\": \"ok\"`, `503` with `\"degraded\"` while the database is down",
+           200, "health"),
+    _Route("GET", "/metrics", "metrics", "anyone", "Prometheus text format", 200, "text",
+           content_type="text/plain"),
+    _Route("GET", "/ws", "websocket", "token",
+           "the WebSocket (token as `?token=` or `Authorization: Bearer`); a bad token is refused with 401 "
+           "before the upgrade", 101, None, content_type="websocket"),
+    _Route("GET", "/", "index", "anyone", "the browser page", 200, "text", content_type="text/html"),
+    _Route("GET", "/client.js", "client_js", "anyone", "the JavaScript client, GridClient (an ES module)", 200, "text",
+           content_type="text/javascript"),
+]
+
+#: Errors any route may answer, whatever it is.
+_ANY_ROUTE_ERRORS = ("bad_request", "expectation_failed", "too_many_connections", "internal_error")
+
+
+def _route_errors(route: _Route) -> list[str]:
+    """Every error code ``route`` may answer, in the order of ``ERRORS``."""
+    codes = set(route.errors) | set(_ANY_ROUTE_ERRORS)
+    if route.access in ("token", "debug"):
+        codes |= {"unauthorized", "database_unavailable"}
+    if route.access == "debug":
+        codes.add("forbidden")
+    return [e.code for e in ERRORS if e.code in codes]
+
+
+_UUID = {"type": "string", "format": "uuid"}
+_TIME = {"type": "string", "format": "date-time"}
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _object(required: bool = True, **properties: Any) -> dict:
+    """A JSON schema of an object with these properties (all required unless told)."""
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(properties)
+    return schema
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+#: The JSON schemas of the answers (components of the OpenAPI document).
+_SCHEMAS: dict[str, dict] = {
+    "error": _object(error={"type": "string", "enum": [e.code for e in ERRORS if e.status is not None]},
+                     message={"type": "string"}),
+    "player": _object(id=_UUID, username={"type": "string"}, created_at=_TIME),
+    "session": _object(token={"type": "string"}, player_id=_UUID, expires_at=_TIME_OR_NULL),
+    "me": _object(id=_UUID, username={"type": "string"}, created_at=_TIME, last_login=_TIME_OR_NULL,
+                  is_debug={"type": "boolean"}),
+    "zone": _object(id=_UUID, name={"type": "string"}, width={"type": "integer"}, height={"type": "integer"},
+                    metadata={"type": "object"}, created_at=_TIME, updated_at=_TIME,
+                    entity_count={"type": "integer"}, subscriber_count={"type": "integer"}),
+    "zone_list": _object(zones={"type": "array", "items": _ref("zone")}),
+    "entity": _object(id=_UUID, zone_id=_UUID, x={"type": "integer"}, y={"type": "integer"},
+                      width={"type": "integer"}, height={"type": "integer"}, metadata={"type": "object"},
+                      created_at=_TIME, updated_at=_TIME),
+    "tick_status": _object(paused={"type": "boolean"}, tick_number={"type": "integer"}),
+    "tick": _object(tick_number={"type": "integer"}),
+    "zone_error": {"type": ["object", "null"], "required": ["tick_number", "kind", "message", "at"],
+                   "properties": {"tick_number": {"type": "integer"},
+                                  "kind": {"enum": ["invalid_result", "exception", "stalled", "nondeterministic"]},
+                                  "message": {"type": "string"}, "at": _TIME}},
+    "zone_state": _object(zone=_ref("zone"), entities={"type": "array", "items": _ref("entity")},
+                          tick_number={"type": "integer"}, zone_tick_number={"type": "integer"},
+                          pending_intents={"type": "integer"}, last_error=_ref("zone_error"),
+                          errors={"type": "integer"}, ticks={"type": "integer"}, skipped_ticks={"type": "integer"},
+                          stalled_seconds={"type": "number"}, last_tick_ms={"type": "number"},
+                          members={"type": "array", "items": _UUID}),
+    "connections": _object(connections={"type": "array", "items": _object(
+        player_id=_UUID, username={"type": "string"}, zone_id={"type": ["string", "null"], "format": "uuid"},
+        connected_at=_TIME)}),
+    "history": _object(zone_id=_UUID, ticks={"type": "array", "items": _object(
+        tick_number={"type": "integer"}, seed={"type": "integer"}, at=_TIME,
+        intents={"type": "array", "items": _object(player_id=_UUID, seq={"type": "integer"},
+                                                    data={"type": "object"})},
+        events={"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2,
+                                           "maxItems": 2, "description": '["join" or "leave", player_id]'}})}),
+    "rewind": _object(tick_number={"type": "integer"}, entities={"type": "array", "items": _ref("entity")}),
+    "reload": _object(module={"type": "string"}, version={"type": "string"}),
+    "health": _object(status={"enum": ["ok", "degraded"]}, database={"enum": ["ok", "down"]},
+                      tick_number={"type": "integer"}, paused={"type": "boolean"}, zones_failing={"type": "integer"},
+                      failing_zones={"type": "array", "items": _UUID}),
+    "openapi": _object(openapi={"type": "string"}, info={"type": "object"}, paths={"type": "object"}),
+    "text": {"type": "string"},
+}
+
+
+@dataclass(frozen=True)
+class _Message:
+    type: str
+    example: dict
+    meaning: str
+    answer: str = ""  # client messages: the type of the server's answer
+
+
+_EXAMPLE_ZONE = "6f1c1a2e-0b7d-4c55-9a47-3e8f5d1b2c90"
+_EXAMPLE_PLAYER = "0d5e3f4a-8b21-4f6c-a1b2-9c7d6e5f4a3b"
+
+#: What a client may send over ``/ws``, with an example and the server's answer.
+CLIENT_MESSAGES: list[_Message] = [
+    _Message("subscribe", {"type": "subscribe", "zone_id": _EXAMPLE_ZONE},
+             "leave the current zone (if any) and join this one; no tick of the old zone arrives after the "
+             "answer. Errors: `zone_not_found`, `rate_limited`, `bad_message`", "subscribed"),
+    _Message("intent", {"type": "intent", "data": {"move": "up"}},
+             "`data` is any JSON object, opaque to the server: queued for the zone, stamped with the player, the "
+             "zone, the receive time and a sequence number, and handed to the game module at the zone's next tick "
+             "in arrival order. No answer of its own; errors: `not_subscribed`, `rate_limited`, `bad_message`",
+             "tick"),
+    _Message("unsubscribe", {"type": "unsubscribe"}, "leave the current zone. Error: `rate_limited`",
+             "unsubscribed"),
+    _Message("ping", {"type": "ping"}, "an application-level ping (WebSocket pings are answered too)", "pong"),
+]
+
+#: What the server sends over ``/ws``, with an example.
+SERVER_MESSAGES: list[_Message] = [
+    _Message("tick", {"type": "tick", "zone_id": _EXAMPLE_ZONE, "tick_number": 42, "sent_at": 1764400000.25,
+                      "state": {"entities": [{"id": _EXAMPLE_PLAYER, "x": 3, "y": 4}]}},
+             "after every tick of the subscribed zone: `state` is what the game module chose for this player; "
+             "`tick_number` is the zone's own count; `sent_at` is the server's time (seconds since the epoch) "
+             "when the frame was built, to measure latency"),
+    _Message("subscribed", {"type": "subscribed", "zone_id": _EXAMPLE_ZONE},
+             "the answer to `subscribe`; also `{\"type\": \"subscribed\", \"zone_id\": ..., \"resumed\": true}` "
+             "on connecting, when the player reconnects within `[websocket] reconnect_grace` and is put back in "
+             "their zone"),
+    _Message("unsubscribed", {"type": "unsubscribed"}, "the answer to `unsubscribe`"),
+    _Message("pong", {"type": "pong"}, "the answer to `ping`"),
+    _Message("error", {"type": "error", "code": "zone_not_found", "message": "No zone has the id 'x'."},
+             "a refused message or an event (see the error codes); never closes the connection. `zone_failed` "
+             "also carries `zone_id`"),
+    _Message("zone_recovered", {"type": "zone_recovered", "zone_id": _EXAMPLE_ZONE},
+             "the zone ticks again after `zone_failed`"),
+    _Message("module_reloaded", {"type": "module_reloaded", "version": "3f2a9c1d"},
+             "to every subscribed player: the game module's code was reloaded (`version` names it)"),
+]
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _protocol_markdown(part: str = "all") -> str:
+    """The README's protocol tables (``gridserver --print-protocol``), written from ``ROUTES``,
+    ``ERRORS``, the message tables and ``CLOSE_CODES``. ``part``: ``"rest"`` (routes, bodies,
+    answers, error codes), ``"websocket"`` (messages, close codes) or ``"all"`` (both)."""
+    who = {"anyone": "anyone", "token": "token", "debug": "debug player"}
+    out = ["#### Routes", "",
+           "`token`: a session token in `Authorization: Bearer <token>`. `debug player`: the same, of a "
+           "debug player; these routes exist only with `[server] debug = true` (otherwise `404 not_found`). "
+           "Every route may also answer " + ", ".join(f"`{c}`" for c in _ANY_ROUTE_ERRORS) + "; every `token` "
+           "and `debug player` route `unauthorized` and `database_unavailable`, and every `debug player` route "
+           "`forbidden`. `GET` routes answer `HEAD` too.", "",
+           "| method | path | who | what it does | answer | errors |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in ROUTES:
+        if r.content_type == "websocket":
+            answer = "`101` (upgrade)"
+        elif r.answer is None:
+            answer = f"`{r.status}`"
+        elif r.content_type != "application/json":
+            answer = f"`{r.status}` {r.content_type}"
+        else:
+            answer = f"`{r.status}` {r.answer}"
+        errors = ", ".join(f"`{c}`" for c in r.errors) or "-"
+        out.append(f"| {r.method} | `{r.path}` | {who[r.access]} | {_markdown_cell(r.summary)} | {answer} | "
+                   f"{errors} |")
+    out += ["", "Request bodies (JSON objects; fields the server does not know are ignored):", ""]
+    for r in ROUTES:
+        if r.body or r.query:
+            where = "query" if r.query else ("body, optional" if not r.body_required else "body")
+            fields = "; ".join(f"`{f.name}` ({f.type}{'' if f.required else ', optional'}): {f.help}"
+                               for f in r.body or r.query)
+            out.append(f"- `{r.method} {r.path}` ({where}): {fields}.")
+    out += ["", "Answers (`?`: may be null):", ""]
+    for name, schema in _SCHEMAS.items():
+        if name in ("error", "text", "openapi", "zone_error"):
+            continue
+        out.append(f"- {name}: `{_shape(schema)}`")
+    out += ["", "#### Error codes", "",
+            "Every REST error is `{\"error\": \"<code>\", \"message\": \"<one sentence>\"}` with the status below; "
+            "a WebSocket error is `{\"type\": \"error\", \"code\": \"<code>\", \"message\": \"<one sentence>\"}`.",
+            "", "| code | HTTP status | WebSocket | meaning |", "| --- | --- | --- | --- |"]
+    for e in ERRORS:
+        out.append(f"| `{e.code}` | {e.status or '-'} | {'yes' if e.websocket else '-'} | "
+                   f"{_markdown_cell(e.meaning)} |")
+    rest, out = out, []
+    for title, messages, answers in (("Client to server", CLIENT_MESSAGES, True),
+                                     ("Server to client", SERVER_MESSAGES, False)):
+        out += ["", f"#### {title}", "", "| type | example | meaning |" + (" answer |" if answers else ""),
+                "| --- | --- | --- |" + (" --- |" if answers else "")]
+        for m in messages:
+            row = f"| `{m.type}` | `{json_dumps(m.example)}` | {_markdown_cell(m.meaning)} |"
+            out.append(row + (f" `{m.answer}` |" if answers else ""))
+    out += ["", "#### Close codes", "", "| code | meaning |", "| --- | --- |"]
+    out += [f"| {code} | {_markdown_cell(meaning)} |" for code, meaning in CLOSE_CODES]
+    parts = {"rest": "\n".join(rest) + "\n", "websocket": "\n".join(out[1:]) + "\n"}
+    return parts[part] if part in parts else parts["rest"] + "\n" + parts["websocket"]
+
+
+def _shape(schema: dict) -> str:
+    """A schema as a short JSON-like shape: ``{"id", "zones": [zone]}``."""
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[1]
+    if schema.get("type") == "array":
+        return f"[{_shape(schema['items'])}]" if "items" in schema else "[...]"
+    if "properties" in schema:
+        parts = []
+        for name, sub in schema["properties"].items():
+            inner = sub if "$ref" in sub or sub.get("type") == "array" or "properties" in sub else None
+            nullable = isinstance(sub.get("type"), list) and "null" in sub["type"]
+            parts.append(f'"{name}"' + ("?" if nullable else "") + (f": {_shape(inner)}" if inner else ""))
+        return "{" + ", ".join(parts) + "}"
+    return "..."
+
+
+_JSON_TYPES = {"uuid": _UUID, "string": {"type": "string"}, "integer": {"type": "integer"},
+               "boolean": {"type": "boolean"}, "object": {"type": "object"}}
+
+
+def openapi_document(cfg: Config) -> dict:
+    """The OpenAPI 3.1 document of the REST routes (``GET /api/openapi.json``) of a server
+    configured by ``cfg``, written from ``ROUTES``, ``_SCHEMAS`` and ``ERRORS``. Debug routes
+    are in it only when ``[server] debug`` is true (they do not exist otherwise); ``/ws`` is
+    left out (OpenAPI cannot describe its messages).
+
+    Constraints JSON Schema cannot say are in the descriptions: a tick range's ``from`` at
+    most ``to``, a password's 72 bytes, integers written without a decimal point (``5.0``
+    is refused, though JSON Schema counts it as an integer)."""
+    debug = cfg.get("server", "debug")
+
+    def schema_of(f: _Field) -> dict:
+        limits = {k: cfg.get(*v) if isinstance(v, _Setting) else v for k, v in f.limits}
+        return {**_JSON_TYPES[f.type], **limits, "description": f.help}
+    paths: dict[str, dict] = {}
+    for r in ROUTES:
+        if r.content_type == "websocket" or (r.access == "debug" and not debug):
+            continue
+        op: dict[str, Any] = {"operationId": r.handler, "summary": r.summary.replace("`", ""),
+                              "tags": [r.access if r.access != "token" else "player"]}
+        params = [{"name": name, "in": "path", "required": True, "schema": _UUID}
+                  for name in re.findall(r"\{(\w+)\}", r.path)]
+        params += [{"name": f.name, "in": "query", "required": f.required, "description": f.help,
+                    "schema": schema_of(f)} for f in r.query]
+        if params:
+            op["parameters"] = params
+        if r.body:
+            op["requestBody"] = {"required": r.body_required, "content": {"application/json": {"schema": {
+                "type": "object", "required": [f.name for f in r.body if f.required],
+                "properties": {f.name: schema_of(f) for f in r.body}}}}}
+        responses: dict[str, Any] = {}
+        ok: dict[str, Any] = {"description": r.summary.replace("`", "")}
+        if r.answer is not None:
+            schema = _ref(r.answer)
+            ok["content"] = {r.content_type: {"schema": schema}}
+        responses[str(r.status)] = ok
+        if r.answer == "health":
+            responses["503"] = {"description": "the database is down", "content": {
+                "application/json": {"schema": _ref("health")}}}
+        by_status: dict[int, list[str]] = {}
+        for code in _route_errors(r):
+            by_status.setdefault(HTTP_STATUS[code], []).append(code)
+        for status, codes in sorted(by_status.items()):
+            responses.setdefault(str(status), {
+                "description": ", ".join(codes),
+                "content": {"application/json": {"schema": {"allOf": [_ref("error"), {"properties": {
+                    "error": {"enum": codes}}}]}}}})
+        op["responses"] = responses
+        if r.access != "anyone":
+            op["security"] = [{"bearer": []}]
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gridserver", "version": _package_version(),
+                 "description": "The REST routes of gridserver. The WebSocket `/ws` (`?token=` or "
+                                "`Authorization: Bearer`) is described in the README: OpenAPI cannot describe "
+                                "its messages."},
+        "paths": paths,
+        "components": {"schemas": _SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                      "description": "a token from POST /api/auth/login"}}},
+    }
+
+
+def _package_version() -> str:
+    try:
+        import importlib.metadata
+        return str(importlib.metadata.version("gridserver"))
+    except Exception:  # noqa: BLE001 - not installed: run from a copy of the file
+        return "unknown"
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """``GET /api/openapi.json``: ``openapi_document`` for this server (no token needed)."""
+    return _json_response(openapi_document(request.app[SERVER].cfg))
+
+
+# =============================================================================
 # App factory and CLI
 # =============================================================================
 
@@ -5195,6 +5679,12 @@ def startup_game(cfg: Config) -> LoadedGame | BuiltinDemo:
     return BuiltinDemo()
 
 
+def _route_handler(route: _Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler a route names (looked up by name: the browser page's is defined last)."""
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]] = globals()[route.handler]
+    return handler
+
+
 def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     """The aiohttp application. ``game``: a ``LoadedGame`` (``startup_game``), or any game
     object, which replaces the module named in the config (and cannot be reloaded); None:
@@ -5203,30 +5693,9 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     app = web.Application(middlewares=[_errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024,
                           handler_args={"keepalive_timeout": cfg.get("server", "client_timeout")})
     app[SERVER] = Server(cfg, game)
-    app.router.add_routes([
-        web.post("/api/auth/register", register),
-        web.post("/api/auth/login", login),
-        web.post("/api/auth/logout", logout),
-        web.get("/api/auth/me", me),
-        web.get("/api/zones", list_zones),
-        web.post("/api/zones", create_zone),
-        web.get("/api/zones/{zone_id}", get_zone),
-        web.delete("/api/zones/{zone_id}", delete_zone),
-        web.post("/api/debug/tick/pause", debug_pause),
-        web.post("/api/debug/tick/resume", debug_resume),
-        web.post("/api/debug/tick/step", debug_step),
-        web.get("/api/debug/zones/{zone_id}/state", debug_zone_state),
-        web.get("/api/debug/entities/{entity_id}", debug_entity),
-        web.get("/api/debug/connections", debug_connections),
-        web.get("/api/debug/zones/{zone_id}/history", debug_history),
-        web.post("/api/debug/zones/{zone_id}/rewind", debug_rewind),
-        web.post("/api/debug/module/reload", debug_reload),
-        web.get("/healthz", healthz),
-        web.get("/metrics", metrics),
-        web.get("/ws", websocket),
-        web.get("/client.js", client_js),
-        web.get("/", index),
-    ])
+    # GET routes answer HEAD too (web.get), as aiohttp's do
+    app.router.add_routes([web.get(r.path, _route_handler(r)) if r.method == "GET"
+                           else web.route(r.method, r.path, _route_handler(r)) for r in ROUTES])
     app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_lifecycle)
     return app
@@ -5438,6 +5907,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", metavar="PATH", help="INI file (default: config.ini when present)")
     parser.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
     parser.add_argument("--print-schema", action="store_true", help="print the PostgreSQL schema and exit")
+    parser.add_argument("--print-protocol", action="store_true",
+                        help="print the protocol tables (routes, errors, WebSocket messages) as in the README and exit")
     parser.add_argument("--reload", action="store_true",
                         help="load the game module again whenever its file changes (players stay connected)")
     parser.add_argument("--zone", metavar="ID", help="replay: the zone's id")
@@ -5449,6 +5920,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.print_schema:
         print(PG_SCHEMA.strip())
+        return 0
+    if args.print_protocol:
+        print(_protocol_markdown(), end="")
         return 0
     try:
         cfg = Config.load(args.config)

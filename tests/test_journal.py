@@ -194,3 +194,25 @@ async def test_with_debug_on_a_module_that_is_not_deterministic_is_named(start_s
     assert steady.srv.metrics.replay_mismatches_total == 0
     status, state = await steady.call("GET", f"/api/debug/zones/{zone['id']}/state", q["token"])
     assert state["last_error"] is None and len(state["entities"]) == 5
+
+
+async def test_tick_numbers_beyond_a_database_integer_are_bad_requests(start_server, dsn):
+    """Found by tests/test_fuzz.py: a rewind to tick -10**30, or a history from it, reached the
+    database driver, which cannot bind such an integer (500 internal_error)."""
+    running = await start_server(make_config(dsn, server_debug=True), Stepper())
+    p = await running.player()
+    zone = await running.zone(p["token"], width=20, height=4)
+    huge = 10 ** 30
+    for value in (-huge, -1):
+        status, body = await running.call("POST", f"/api/debug/zones/{zone['id']}/rewind", p["token"],
+                                          json={"tick_number": value})
+        assert status == 400 and body["error"] == "bad_request" and "tick_number" in body["message"], body
+    for query in (f"from={-huge}", f"to={huge}", f"from={huge}&to={huge + 5}", "to=-1", f"from={2 ** 63}"):
+        status, body = await running.call("GET", f"/api/debug/zones/{zone['id']}/history?{query}", p["token"])
+        assert status == 400 and body["error"] == "bad_request", (query, body)
+    status, body = await running.call("POST", f"/api/debug/zones/{zone['id']}/rewind", p["token"],
+                                      json={"tick_number": huge})
+    assert status == 409 and body["error"] == "out_of_history", body
+    status, body = await running.call("GET", f"/api/debug/zones/{zone['id']}/history?from=0&to={2 ** 63 - 1}",
+                                      p["token"])
+    assert status == 400 and "10,000" in body["message"], body
