@@ -5924,7 +5924,7 @@ class Client:
             self._settle("sub", zone, error=error)
         elif fence == "unsub" and self.zone_id is not None:
             self._settle("unsub", None, error=error)
-        elif fence == "resume":
+        elif fence == "resume" and not any(f[0] in ("sub", "unsub") for f in self._fences):  # none in flight
             if self._want is not None and self.zone_id != self._want:
                 await self._fenced({"type": "subscribe", "zone_id": self._want}, ("sub", self._want))
             elif self._want is None and self._left and self.zone_id is not None:
