@@ -421,12 +421,22 @@ async def test_the_readme_bot_logs_in_joins_the_lobby_and_walks(start_server, tm
     spec = importlib.util.spec_from_file_location("walk", tmp_path / "walk.py")
     walk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(walk)
-    before = running.srv.metrics.intents_accepted_total
-    await asyncio.wait_for(walk.main(running.url, "walker_bot", PASSWORD, ticks=12), scaled(30))  # registers
-    moved = running.srv.metrics.intents_accepted_total - before
-    assert moved >= 8
-    await asyncio.wait_for(walk.main(running.url, "walker_bot", PASSWORD, ticks=4), scaled(30))  # logs in
-    assert running.srv.metrics.intents_accepted_total - before >= moved + 2
+    async with await player(running) as admin:
+        (lobby,) = await admin.zones()
+
+        async def bot_cell() -> tuple[int, int]:
+            state = await admin.request("GET", f"/api/debug/zones/{lobby['id']}/state")
+            (me,) = [e for e in state["entities"] if e["metadata"].get("name") == "walker_bot"]
+            return me["x"], me["y"]
+
+        before = running.srv.metrics.intents_accepted_total
+        await asyncio.wait_for(walk.main(running.url, "walker_bot", PASSWORD, ticks=12), scaled(30))  # registers
+        moved = running.srv.metrics.intents_accepted_total - before
+        assert moved >= 8
+        cell = await bot_cell()  # its avatar stays for the reconnect grace
+        await asyncio.wait_for(walk.main(running.url, "walker_bot", PASSWORD, ticks=6), scaled(30))  # logs in
+        assert running.srv.metrics.intents_accepted_total - before >= moved + 4
+        assert await bot_cell() != cell
     with pytest.raises(ClientError) as err:
         await walk.main(running.url, "walker_bot", "a wrong password", ticks=1)
     assert err.value.code == "username_taken"  # not its password, and the name is taken
