@@ -5497,8 +5497,8 @@ class ClientError(Exception):
     ``status``: the HTTP status of a REST error; the close code when the socket ended for
     good; 0 for a refusal on the socket or a network failure. ``code``: the server's machine
     code, or the client's own (``unreachable``, ``disconnected``, ``session_ended``,
-    ``replaced``, ``closed``, ``not_connected``). ``message``: one sentence. ``retry_after``:
-    seconds, from a ``Retry-After`` header.
+    ``replaced``, ``closed``, ``not_connected``, ``client_failed``). ``message``: one
+    sentence. ``retry_after``: seconds, from a ``Retry-After`` header.
     """
 
     def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
@@ -5599,7 +5599,7 @@ class Client:
                 text = await resp.text()
                 status, retry = resp.status, resp.headers.get("Retry-After", "")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise ClientError(0, "unreachable", f"{method} {path} failed: {exc!r}") from exc
+            raise ClientError(0, "unreachable", f"{method} {path} failed: {exc or type(exc).__name__}") from exc
         try:
             body = json_loads(text) if text else None
         except ValueError:
@@ -5768,7 +5768,7 @@ class Client:
             code = {401: "unauthorized", 429: "too_many_connections"}.get(exc.status, "handshake_failed")
             raise ClientError(exc.status, code, f"The server refused the WebSocket: {exc.message}") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise ClientError(0, "unreachable", f"Cannot open {url}: {exc!r}") from exc
+            raise ClientError(0, "unreachable", f"Cannot open {url}: {exc or type(exc).__name__}") from exc
         self._ws = ws
         if reconnect:
             self.reconnects += 1
@@ -5779,6 +5779,15 @@ class Client:
 
     async def _run(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Read the socket; after a drop, reconnect with backoff, until it ends for good."""
+        try:
+            await self._read_and_reconnect(ws)
+        except Exception as exc:  # noqa: BLE001 - a bug here must end the client loudly, not hang it
+            _client_log.exception("the client's socket task failed")
+            if self._ws is not None:
+                await self._ws.close()
+            self._dropped(None, ClientError(0, "client_failed", f"The client failed: {exc!r}"))
+
+    async def _read_and_reconnect(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         attempt = 0
         while True:
             async for msg in ws:

@@ -16,7 +16,7 @@ import pytest
 
 import gridserver
 from gridserver import Client, ClientError
-from helpers import ROOT, TcpProxy, make_config, scaled, wait_for
+from helpers import ROOT, TcpProxy, make_config, scaled, stop_server, wait_for
 
 PASSWORD = "correct horse"
 
@@ -273,6 +273,25 @@ async def test_a_cut_connection_reconnects_and_resumes_the_zone(start_server, tm
             assert c.reconnects == 2 and game.leaves == []
     finally:
         await proxy.close()
+
+
+async def test_a_server_restart_closes_with_1001_and_the_client_comes_back(start_server, aiohttp_server, tmp_path):
+    cfg = config(tmp_path, websocket_reconnect_grace=30.0)
+    running = await start_server(cfg, Recorder())
+    port = running.server.port
+    async with await player(running) as c:
+        zone = await c.create_zone("arena", 8, 8)
+        await c.subscribe(zone["id"])
+        await c.next("tick")
+        await stop_server(running)  # graceful: the sockets close with 1001
+        closed = await c.next("close")
+        assert (closed["code"], closed["reconnecting"]) == (1001, True) and c.ended is None
+        await asyncio.sleep(0.2)  # refused attempts meanwhile
+        await aiohttp_server(gridserver.create_app(cfg, Recorder()), port=port)
+        resumed = await c.next("subscribed", where=lambda m: m.get("resumed"))
+        assert resumed["zone_id"] == zone["id"] and c.reconnects == 1
+        c.clear("tick")
+        assert (await c.next("tick"))["zone_id"] == zone["id"]
 
 
 async def test_after_the_grace_period_the_client_subscribes_again(start_server, tmp_path):
