@@ -271,6 +271,18 @@ async def test_a_cut_connection_reconnects_and_resumes_the_zone(start_server, tm
             assert (await c.next("close"))["reconnecting"] is True
             await c.next("subscribed", where=lambda m: m.get("resumed"))
             assert c.reconnects == 2 and game.leaves == []
+
+            # Unsubscribed while down: the zone the server resumes is left again.
+            proxy.cut()
+            await c.next("close")
+            leaving = asyncio.ensure_future(c.unsubscribe())
+            await asyncio.sleep(0.1)
+            assert not leaving.done()  # waits for the socket
+            proxy.restore()
+            await asyncio.wait_for(leaving, scaled(10))
+            assert c.zone_id is None and c.reconnects == 3
+            assert running.srv.hub.conns[uuid.UUID(c.player_id)].zone_id is None
+            await wait_for(lambda: game.leaves == [c.player_id], what="the game to see the player leave")
     finally:
         await proxy.close()
 
