@@ -5677,6 +5677,8 @@ class Client:
 
     async def unsubscribe(self) -> None:
         """Leave the zone; returns once the server answered ``unsubscribed``."""
+        if not self._live:
+            raise self.ended or ClientError(0, "not_connected", "Call connect() or subscribe() first.")
         self._want, self._left = None, True
         answer = self._waiter("unsub", None)
         await self._fenced({"type": "unsubscribe"}, ("unsub", None))
@@ -5788,7 +5790,7 @@ class Client:
             self._dropped(None, ClientError(0, "client_failed", f"The client failed: {exc!r}"))
 
     async def _read_and_reconnect(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        attempt = 0
+        attempt, opened = 0, time.monotonic()
         while True:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
@@ -5802,9 +5804,11 @@ class Client:
             self._dropped(ws.close_code, ending)
             if ending is not None:
                 return
+            first, most = self.reconnect_delay
+            if time.monotonic() - opened > most:
+                attempt = 0  # the socket held for a while: the backoff starts afresh
             while True:
-                first, most = self.reconnect_delay
-                await asyncio.sleep(min(most, first * 2 ** attempt) * random.uniform(0.5, 1.0))
+                await asyncio.sleep(min(most, first * 2 ** min(attempt, 30)) * random.uniform(0.5, 1.0))
                 attempt += 1
                 try:
                     ws = await self._open(reconnect=True)
@@ -5814,7 +5818,7 @@ class Client:
                         return
                     _client_log.info("reconnecting to %s: %s", self.base_url, exc.message)
                     continue
-                attempt = 0
+                opened = time.monotonic()
                 break
 
     @staticmethod

@@ -454,20 +454,30 @@ async def test_the_readme_bot_logs_in_joins_the_lobby_and_walks(start_server, tm
     spec.loader.exec_module(walk)
     async with await player(running) as admin:
         (lobby,) = await admin.zones()
+        cells: list[tuple[int, int]] = []  # where the bot's avatar was, as the debug route saw it
 
-        async def bot_cell() -> tuple[int, int]:
-            state = await admin.request("GET", f"/api/debug/zones/{lobby['id']}/state")
-            (me,) = [e for e in state["entities"] if e["metadata"].get("name") == "walker_bot"]
-            return me["x"], me["y"]
+        async def watch() -> None:
+            while True:
+                state = await admin.request("GET", f"/api/debug/zones/{lobby['id']}/state")
+                for e in state["entities"]:
+                    if e["metadata"].get("name") == "walker_bot" and (not cells or cells[-1] != (e["x"], e["y"])):
+                        cells.append((e["x"], e["y"]))
+                await asyncio.sleep(0.01)
 
-        before = running.srv.metrics.intents_accepted_total
-        await asyncio.wait_for(walk.main(running.url, "walker_bot", PASSWORD, ticks=12), scaled(30))  # registers
-        moved = running.srv.metrics.intents_accepted_total - before
-        assert moved >= 8
-        cell = await bot_cell()  # its avatar stays for the reconnect grace
-        await asyncio.wait_for(walk.main(running.url, "walker_bot", PASSWORD, ticks=6), scaled(30))  # logs in
-        assert running.srv.metrics.intents_accepted_total - before >= moved + 4
-        assert await bot_cell() != cell
+        watcher = asyncio.ensure_future(watch())
+        try:
+            before = running.srv.metrics.intents_accepted_total
+            await asyncio.wait_for(walk.main(running.url, "walker_bot", PASSWORD, ticks=12), scaled(30))  # registers
+            moved = running.srv.metrics.intents_accepted_total - before
+            assert moved >= 8 and len(set(cells)) >= 3, cells
+            seen = len(cells)  # its avatar stays for the reconnect grace, and the bot comes back to it
+            await asyncio.wait_for(walk.main(running.url, "walker_bot", PASSWORD, ticks=6), scaled(30))  # logs in
+            assert running.srv.metrics.intents_accepted_total - before >= moved + 4
+            await asyncio.sleep(0.1)
+            assert len(cells) > seen, cells  # it moved again
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
     with pytest.raises(ClientError) as err:
         await walk.main(running.url, "walker_bot", "a wrong password", ticks=1)
     assert err.value.code == "username_taken"  # not its password, and the name is taken
