@@ -5659,6 +5659,9 @@ class Client:
             return
         if not self.token:
             raise ClientError(401, "unauthorized", "Log in (or pass a token) before connecting.")
+        if self.player_id is None:  # given a token: who is it?
+            me = await self.me()
+            self.player_id, self.username = me["id"], me["username"]
         self.ended = None
         ws = await self._open(reconnect=False)
         self._live = True

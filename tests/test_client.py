@@ -421,6 +421,10 @@ async def test_close_stops_everything_and_leaves_no_task(start_server, tmp_path)
         await c.intent({})
     await c.close()  # twice is fine
     await wait_for(lambda: not running.srv.hub.conns, what="the server to see the close")
+    async with Client(running.url, token=c.token, session=running.http) as shared:  # a session it was given
+        await shared.connect()
+        assert (shared.player_id, shared.username) == (c.player_id, c.username)  # asked on connecting
+    assert not running.http.closed and client_tasks() == []
 
     # Closed while waiting to reconnect: nothing is left either.
     proxy = await TcpProxy("127.0.0.1", running.server.port).start()
