@@ -400,6 +400,28 @@ async def test_an_idle_client_survives_the_servers_heartbeat(start_server, tmp_p
         assert c.connected and c.reconnects == 0 and uuid.UUID(c.player_id) in running.srv.hub.conns
 
 
+async def test_a_silent_server_is_found_by_the_clients_heartbeat(start_server, tmp_path):
+    running = await start_server(config(tmp_path, websocket_reconnect_grace=30.0), Recorder())
+    proxy = await TcpProxy("127.0.0.1", running.server.port).start()
+    try:
+        async with await player(running) as admin:
+            zone = await admin.create_zone("arena", 8, 8)
+            c = Client(f"http://127.0.0.1:{proxy.port}", token=admin.token, timeout=scaled(10), heartbeat=0.2,
+                       reconnect_delay=(0.05, 0.2))
+            async with c:
+                await c.subscribe(zone["id"])
+                await c.next("tick")
+                proxy.stall()  # no byte passes, nothing is closed: only a ping can tell
+                closed = await c.next("close", timeout=scaled(5))
+                assert closed["reconnecting"] is True and closed["code"] != 4001
+                proxy.restore()
+                assert (await c.next("subscribed", where=lambda m: m.get("resumed")))["zone_id"] == zone["id"]
+                c.clear("tick")
+                assert (await c.next("tick"))["zone_id"] == zone["id"] and c.reconnects >= 1
+    finally:
+        await proxy.close()
+
+
 async def test_close_stops_everything_and_leaves_no_task(start_server, tmp_path):
     running = await start_server(config(tmp_path), Recorder())
     c = await player(running)
