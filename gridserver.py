@@ -41,6 +41,7 @@ Sections of this file, each calling only those above it (``grep -n '^# [A-Z]' gr
     WebSocket handler
     Protocol: routes, messages and the OpenAPI document
     App factory and CLI
+    Python client
     Browser client and page
 
 Threads. Each thread runs one kind of work and writes only what it owns; hand-offs go
@@ -5952,6 +5953,502 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # =============================================================================
+# Python client
+# =============================================================================
+#
+# ``Client`` speaks the contract from the other side, for bots, load tests and tests:
+# the REST calls as methods, and one WebSocket that it keeps open (reconnecting with
+# backoff and resuming the zone) until it is closed, logged out or replaced. Of the
+# server above it uses only the JSON helpers and the close codes.
+
+import aiohttp  # noqa: E402 - only the client needs aiohttp's client half
+
+_client_log = logging.getLogger("gridserver.client")
+
+
+class ClientError(Exception):
+    """Every refusal the client meets, as one exception.
+
+    ``status``: the HTTP status of a REST error; the close code when the socket ended for
+    good; 0 for a refusal on the socket or a network failure. ``code``: the server's machine
+    code, or the client's own (``unreachable``, ``disconnected``, ``session_ended``,
+    ``replaced``, ``closed``, ``not_connected``, ``client_failed``). ``message``: one
+    sentence. ``retry_after``: seconds, from a ``Retry-After`` header.
+    """
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+        super().__init__(f"{code}: {message}" + (f" (HTTP {status})" if status >= 400 else ""))
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+#: Codes of socket errors that can be the refusal of a subscribe or an unsubscribe.
+_REFUSALS = frozenset({"zone_not_found", "rate_limited", "bad_message"})
+
+_Handler = Callable[[dict], Any]
+
+
+class Client:
+    """An asyncio client of one server: ``async with Client("http://127.0.0.1:8080") as c``.
+
+    Every message from the server, and the client's own ``open`` and ``close`` events, goes
+    to the handlers of its type (``on``), into a buffer of its type that ``next`` takes from,
+    and, for ticks and answers, into ``tick``, ``state`` and ``zone_id``. Buffers are bounded:
+    ticks keep only the newest (a bot that falls behind skips ticks, as the server does for a
+    slow reader); every other type keeps its last ``buffer`` messages, dropping the oldest.
+
+    The socket stays open from ``connect`` until ``close``, ``logout``, the end of the session
+    (close code 4001) or another connection of the same player (4000, not fought): those end
+    it for good, and ``ended`` says why. Any other drop reconnects after an exponential
+    backoff with jitter (``reconnect_delay``: the first and the largest delay) and puts the
+    client back in the zone it wants: resumed by the server within its grace period, else
+    subscribed again. While it reconnects, ``intent`` returns False and ``zone_id`` is None.
+    The server's heartbeat pings are answered by aiohttp (autoping); the client pings a
+    silent server every ``heartbeat`` seconds and reconnects when no pong comes.
+    """
+
+    def __init__(self, base_url: str, *, token: str | None = None, session: aiohttp.ClientSession | None = None,
+                 timeout: float = 10.0, buffer: int = 100, heartbeat: float | None = 20.0,
+                 reconnect_delay: tuple[float, float] = (0.25, 10.0)):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.player_id: str | None = None
+        self.username: str | None = None
+        self.timeout = timeout  # seconds for a REST call, opening the socket, an answer, next()
+        self.buffer = buffer
+        self.heartbeat = heartbeat
+        self.reconnect_delay = reconnect_delay
+        self.tick: dict | None = None  # the last tick message, kept across reconnects
+        self.zone_id: str | None = None  # the zone the server says this socket is in
+        self.ended: ClientError | None = None  # why the socket ended for good (until connect())
+        self.reconnects = 0  # successful reconnections
+        self._http = session
+        self._own_http = session is None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._task: asyncio.Task | None = None
+        self._live = False  # from connect() until the socket ends for good
+        self._want: str | None = None  # the zone the user asked for
+        self._left = False  # the user unsubscribed: a zone the server resumes is left again
+        self._inbox: dict[str, collections.deque[dict]] = {}
+        self._arrived = asyncio.Event()
+        self._handlers: dict[str, list[_Handler]] = collections.defaultdict(list)
+        self._tasks: set[asyncio.Future] = set()
+        # Socket answers carry no request id, but the server answers in order: every subscribe,
+        # unsubscribe and ping is followed by a {"type": "ping"}, and at its pong the request has
+        # been answered, or refused (a rate limit past the first is refused without a word).
+        self._fences: collections.deque[tuple[str, Any]] = collections.deque()
+        self._refusal: dict | None = None
+        self._waiters: list[tuple[str, str | None, asyncio.Future]] = []  # ("sub"|"unsub", zone, future)
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def state(self) -> dict | None:
+        """The ``state`` of the last tick, or None."""
+        return self.tick.get("state") if self.tick else None
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed
+
+    # -- REST -----------------------------------------------------------------------------
+    async def request(self, method: str, path: str, json: Any = None) -> Any:
+        """One REST call with the client's token; the parsed JSON answer (None when empty).
+        An error status raises ``ClientError`` with the server's code, a network failure
+        ``ClientError`` ``unreachable``. For routes without a method here (``/api/debug/...``)."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        data = None
+        if json is not None:
+            data, headers["Content-Type"] = json_dumps(json), "application/json"
+        try:
+            async with self._http.request(method, self.base_url + path, data=data, headers=headers,
+                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                text = await resp.text()
+                status, retry = resp.status, resp.headers.get("Retry-After", "")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise ClientError(0, "unreachable", f"{method} {path} failed: {exc or type(exc).__name__}") from exc
+        try:
+            body = json_loads(text) if text else None
+        except ValueError:
+            body = text
+        if status >= 400:
+            error = body if isinstance(body, dict) else {}
+            raise ClientError(status, str(error.get("error", "http_error")), str(error.get("message", text[:200])),
+                              float(retry) if retry.replace(".", "", 1).isdigit() else None)
+        return body
+
+    async def register(self, username: str, password: str) -> dict:
+        """Create an account: ``{"id", "username", "created_at"}``. It does not log in."""
+        body = {"username": username, "password": password}
+        return typing.cast(dict, await self.request("POST", "/api/auth/register", body))
+
+    async def login(self, username: str, password: str) -> dict:
+        """Log in and keep the token: ``{"token", "player_id", "expires_at"}``."""
+        body = {"username": username, "password": password}
+        answer = typing.cast(dict, await self.request("POST", "/api/auth/login", body))
+        self.token, self.player_id, self.username = answer["token"], answer["player_id"], username
+        return answer
+
+    async def logout(self, all: bool = False) -> None:
+        """End the session (``all``: every session of the player) and, for good, the socket."""
+        try:
+            await self.request("POST", "/api/auth/logout", {"all": True} if all else None)
+        finally:
+            await self._stop(ClientError(CLOSE_SESSION_ENDED, "session_ended", "Logged out."))
+            self.token, self._want = None, None
+
+    async def me(self) -> dict:
+        """``{"id", "username", "created_at", "last_login", "is_debug"}``."""
+        return typing.cast(dict, await self.request("GET", "/api/auth/me"))
+
+    async def zones(self) -> list[dict]:
+        """Every zone, oldest first."""
+        return typing.cast(list, (await self.request("GET", "/api/zones"))["zones"])
+
+    async def zone(self, zone_id: str | UUID) -> dict:
+        return typing.cast(dict, await self.request("GET", f"/api/zones/{zone_id}"))
+
+    async def create_zone(self, name: str, width: int, height: int, metadata: dict | None = None) -> dict:
+        """A new zone (debug players, with debug mode on)."""
+        body = {"name": name, "width": width, "height": height, "metadata": metadata or {}}
+        return typing.cast(dict, await self.request("POST", "/api/zones", body))
+
+    async def delete_zone(self, zone_id: str | UUID) -> None:
+        """Delete a zone and its entities (debug players, with debug mode on)."""
+        await self.request("DELETE", f"/api/zones/{zone_id}")
+
+    # -- the socket -----------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Open the WebSocket (after ``login``, or with a ``token``) and keep it open; nothing
+        when it is already. ``ClientError`` when this first attempt fails (``unauthorized``,
+        ``unreachable``...)."""
+        if self._task is not None and not self._task.done():
+            return
+        if not self.token:
+            raise ClientError(401, "unauthorized", "Log in (or pass a token) before connecting.")
+        if self.player_id is None:  # given a token: who is it?
+            me = await self.me()
+            self.player_id, self.username = me["id"], me["username"]
+        self.ended = None
+        ws = await self._open(reconnect=False)
+        self._live = True
+        self._task = asyncio.ensure_future(self._run(ws))
+
+    async def subscribe(self, zone_id: str | UUID) -> dict:
+        """Join a zone, connecting first if needed; returns the ``subscribed`` answer.
+        ``ClientError`` when the server refuses (``zone_not_found``, ``rate_limited``...). A drop
+        on the way only delays the answer: the client subscribes again when it reconnects."""
+        zone = str(zone_id)
+        await self.connect()
+        self._want, self._left = zone, False
+        answer = self._waiter("sub", zone)
+        await self._fenced({"type": "subscribe", "zone_id": zone}, ("sub", zone))
+        return typing.cast(dict, await self._wait(answer, f"answer to subscribing to zone {zone}"))
+
+    async def unsubscribe(self) -> None:
+        """Leave the zone; returns once the server answered ``unsubscribed``."""
+        if not self._live:
+            raise self.ended or ClientError(0, "not_connected", "Call connect() or subscribe() first.")
+        self._want, self._left = None, True
+        answer = self._waiter("unsub", None)
+        await self._fenced({"type": "unsubscribe"}, ("unsub", None))
+        await self._wait(answer, "answer to unsubscribing")
+
+    async def intent(self, data: dict) -> bool:
+        """Send an intent to the zone; False when it was dropped because the socket is
+        reconnecting. The server's refusals (``rate_limited``...) arrive as ``error`` messages."""
+        if not self._live:
+            raise self.ended or ClientError(0, "not_connected", "Call connect() or subscribe() first.")
+        return await self._send({"type": "intent", "data": data})
+
+    async def ping(self) -> float:
+        """Send ``{"type": "ping"}``; the seconds until its ``pong``."""
+        pong = asyncio.get_running_loop().create_future()
+        if not await self._fenced(None, ("ping", (pong, time.monotonic()))):
+            raise self.ended or ClientError(0, "not_connected", "The socket is not open.")
+        return typing.cast(float, await self._wait(pong, "pong"))
+
+    def on(self, type: str, fn: _Handler) -> _Handler:
+        """Call ``fn(message)`` for each message of ``type``: a server message type, ``"open"``,
+        ``"close"``, or ``"*"`` for all. A coroutine function runs as a task of the client;
+        an exception in a handler is logged. Returns ``fn``."""
+        self._handlers[type].append(fn)
+        return fn
+
+    def off(self, type: str, fn: _Handler) -> None:
+        with contextlib.suppress(ValueError):
+            self._handlers[type].remove(fn)
+
+    async def next(self, type: str = "tick", *, timeout: float | None = None,
+                   where: Callable[[dict], bool] | None = None) -> dict:
+        """The oldest buffered message of ``type`` (for ticks, the newest tick), else the next
+        to arrive. With ``where``, messages it rejects are taken and dropped on the way.
+        ``TimeoutError`` after ``timeout`` seconds (default: the client's ``timeout``),
+        ``ClientError`` (``ended``) once the socket ended for good and the buffer is empty."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            box = self._inbox.get(type)
+            while box:
+                message = box.popleft()
+                if where is None or where(message):
+                    return message
+            if self.ended is not None and not self._live:
+                raise self.ended
+            left = deadline - time.monotonic()
+            if left <= 0:
+                matching = " matching the condition" if where else ""
+                raise TimeoutError(f"no {type!r} message{matching} within {limit:g} s ({self._describe()})")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+    def clear(self, type: str | None = None) -> None:
+        """Forget the buffered messages (of one type, or all): ``next`` waits for new ones."""
+        for name in [type] if type else list(self._inbox):
+            self._inbox.pop(name, None)
+
+    async def close(self) -> None:
+        """Close the socket and stop every task of the client (handlers' too); closes the HTTP
+        session unless it was given. ``ended`` becomes ``closed``."""
+        await self._stop(ClientError(0, "closed", "The client was closed."))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_http and self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # -- inside ---------------------------------------------------------------------------
+    def _describe(self) -> str:
+        if self.ended is not None and not self._live:
+            return f"the socket ended: {self.ended.code}"
+        if not self.connected:
+            return "reconnecting" if self._live else "not connected"
+        tick = f", last tick {self.tick.get('tick_number')}" if self.tick else ""
+        return f"connected, zone {self.zone_id}{tick}"
+
+    async def _open(self, reconnect: bool) -> aiohttp.ClientWebSocketResponse:
+        url = ("ws" + self.base_url[4:] if self.base_url.startswith("http") else self.base_url) + "/ws"
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        try:
+            ws = await asyncio.wait_for(self._http.ws_connect(
+                url, headers={"Authorization": f"Bearer {self.token}"}, heartbeat=self.heartbeat,
+                max_msg_size=64 * 1024 * 1024, timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout)), self.timeout)
+        except aiohttp.WSServerHandshakeError as exc:
+            code = {401: "unauthorized", 429: "too_many_connections"}.get(exc.status, "handshake_failed")
+            raise ClientError(exc.status, code, f"The server refused the WebSocket: {exc.message}") from exc
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise ClientError(0, "unreachable", f"Cannot open {url}: {exc or type(exc).__name__}") from exc
+        self._ws = ws
+        if reconnect:
+            self.reconnects += 1
+        self._emit({"type": "open", "reconnect": reconnect})
+        # A zone the server resumes is announced before this pong: then the client knows where it is.
+        await self._fenced(None, ("resume", None))
+        return ws
+
+    async def _run(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Read the socket; after a drop, reconnect with backoff, until it ends for good."""
+        try:
+            await self._read_and_reconnect(ws)
+        except Exception as exc:  # noqa: BLE001 - a bug here must end the client loudly, not hang it
+            _client_log.exception("the client's socket task failed")
+            if self._ws is not None:
+                await self._ws.close()
+            self._dropped(None, ClientError(0, "client_failed", f"The client failed: {exc!r}"))
+
+    async def _read_and_reconnect(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        attempt, opened = 0, time.monotonic()
+        while True:
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    try:
+                        message = json_loads(msg.data)
+                    except ValueError:
+                        continue
+                    if isinstance(message, dict):
+                        await self._dispatch(message)
+            ending = self.ended or self._ending(ws.close_code)
+            self._dropped(ws.close_code, ending)
+            if ending is not None:
+                return
+            first, most = self.reconnect_delay
+            if time.monotonic() - opened > most:
+                attempt = 0  # the socket held for a while: the backoff starts afresh
+            while True:
+                await asyncio.sleep(min(most, first * 2 ** min(attempt, 30)) * random.uniform(0.5, 1.0))
+                attempt += 1
+                try:
+                    ws = await self._open(reconnect=True)
+                except ClientError as exc:
+                    if exc.status == 401:  # the session ended while the socket was down
+                        self._dropped(None, ClientError(401, "session_ended", "The session ended."))
+                        return
+                    _client_log.info("reconnecting to %s: %s", self.base_url, exc.message)
+                    continue
+                opened = time.monotonic()
+                break
+
+    @staticmethod
+    def _ending(code: int | None) -> ClientError | None:
+        """The close codes after which the client does not reconnect."""
+        if code == CLOSE_SESSION_ENDED:
+            return ClientError(code, "session_ended", "The session ended (logged out, or it expired).")
+        if code == CLOSE_REPLACED:
+            return ClientError(code, "replaced", "Another connection of this player replaced this one.")
+        return None
+
+    def _dropped(self, code: int | None, ending: ClientError | None) -> None:
+        """The socket closed: forget what belonged to it; with ``ending``, for good."""
+        self._ws, self.zone_id, self._refusal = None, None, None
+        for kind, detail in self._fences:
+            if kind == "ping" and not detail[0].done():
+                detail[0].set_exception(ending or ClientError(0, "disconnected", "The socket dropped."))
+        self._fences.clear()
+        if ending is not None:
+            self.ended, self._live = ending, False
+            for _, _, future in self._waiters:
+                if not future.done():
+                    future.set_exception(ending)
+            self._waiters.clear()
+        self._emit({"type": "close", "code": code, "reconnecting": ending is None,
+                    "reason": None if ending is None else ending.code})
+
+    async def _stop(self, ending: ClientError) -> None:
+        """End the socket for good (``close``, ``logout``) and wait for the reading task."""
+        self.ended = self.ended or ending
+        ws, task = self._ws, self._task
+        if ws is not None:
+            await ws.close()  # the reader sees the close, and ends on ``ended``
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()  # or it was waiting to reconnect
+            await asyncio.gather(task, return_exceptions=True)
+        if self._live:
+            self._dropped(None, self.ended)
+
+    async def _send(self, message: dict) -> bool:
+        ws = self._ws
+        if ws is None or ws.closed:
+            return False
+        try:
+            await ws.send_str(json_dumps(message))
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+            return False
+        return True
+
+    async def _fenced(self, message: dict | None, fence: tuple[str, Any]) -> bool:
+        """Send ``message`` (if any) and the ping that marks its answer; False (and nothing
+        sent) when the socket is not open. A send that fails drops the socket, and the fence."""
+        if self._ws is None or self._ws.closed:
+            return False
+        self._fences.append(fence)
+        if message is None or await self._send(message):
+            await self._send({"type": "ping"})
+        return True
+
+    def _waiter(self, kind: str, zone: str | None) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((kind, zone, future))
+        return future
+
+    def _settle(self, kind: str, zone: str | None, result: Any = None, error: ClientError | None = None) -> None:
+        """Answer the waiters of ``kind`` (of ``zone``, for subscribes)."""
+        for entry in list(self._waiters):
+            if entry[0] == kind and (kind == "unsub" or entry[1] == zone):
+                self._waiters.remove(entry)
+                if entry[2].done():
+                    continue
+                if error is None:
+                    entry[2].set_result(result)
+                else:
+                    entry[2].set_exception(error)
+
+    async def _wait(self, future: asyncio.Future, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no {what} within {self.timeout:g} s ({self._describe()})") from None
+
+    async def _dispatch(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "tick":
+            self.tick = message
+        elif kind == "subscribed":
+            self.zone_id = message.get("zone_id")
+            if self._want is None and not self._left:
+                self._want = self.zone_id  # resumed from an earlier run: stay there
+            self._settle("sub", self.zone_id, message)
+        elif kind == "unsubscribed":
+            self.zone_id = None
+            self._settle("unsub", None)
+        elif kind == "error" and message.get("code") == "zone_deleted":
+            self.zone_id = self._want = None
+        elif kind == "error" and message.get("code") in _REFUSALS:
+            self._refusal = message
+        elif kind == "pong" and self._fences:
+            fence, detail = self._fences.popleft()
+            if fence != "ping":
+                await self._fence_passed(fence, detail)
+                return  # the client's own pong, not the user's
+            if not detail[0].done():
+                detail[0].set_result(time.monotonic() - detail[1])
+        self._emit(message)
+
+    async def _fence_passed(self, fence: str, zone: str | None) -> None:
+        """Everything the server answered to the request before this fence has arrived."""
+        refusal, self._refusal = self._refusal or {}, None
+        error = ClientError(0, str(refusal.get("code", "rate_limited")),
+                            str(refusal.get("message", "Refused: too many subscribes and unsubscribes this tick.")))
+        if fence == "sub" and self.zone_id != zone:
+            if self._want == zone:
+                self._want = self.zone_id  # where the server still has us
+            self._settle("sub", zone, error=error)
+        elif fence == "unsub" and self.zone_id is not None:
+            self._settle("unsub", None, error=error)
+        elif fence == "resume" and not any(f[0] in ("sub", "unsub") for f in self._fences):  # none in flight
+            if self._want is not None and self.zone_id != self._want:
+                await self._fenced({"type": "subscribe", "zone_id": self._want}, ("sub", self._want))
+            elif self._want is None and self._left and self.zone_id is not None:
+                await self._fenced({"type": "unsubscribe"}, ("unsub", None))
+            elif self.zone_id is None:
+                self._settle("unsub", None)
+
+    def _emit(self, message: dict) -> None:
+        """Buffer ``message`` for ``next``, wake ``next``, and call the handlers."""
+        kind = str(message.get("type"))
+        box = self._inbox.get(kind)
+        if box is None:
+            box = self._inbox[kind] = collections.deque(maxlen=1 if kind == "tick" else self.buffer)
+        box.append(message)
+        self._arrived.set()
+        self._arrived = asyncio.Event()
+        for fn in [*self._handlers.get(kind, ()), *self._handlers.get("*", ())]:
+            try:
+                result = fn(message)
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._handler_done)
+            except Exception:  # noqa: BLE001 - one handler's bug does not stop the client
+                _client_log.exception("client handler for %r failed", kind)
+
+    def _handler_done(self, task: asyncio.Future) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _client_log.error("client handler failed", exc_info=task.exception())
+
+
+# =============================================================================
 # Browser client and page
 # =============================================================================
 #
@@ -5964,8 +6461,8 @@ def main(argv: list[str] | None = None) -> int:
 # keys / WASD, and, for debug players, pauses, resumes, steps and rewinds the tick and shows an
 # entity's JSON and the connected players. It knows no game: it draws ``state.entities`` from
 # the tick state when that is a list of objects with ``x`` and ``y`` (``w``/``h`` or
-# ``width``/``height``), otherwise the debug zone state's entities. An entity's ``color`` (any
-# CSS colour) and ``label``, top level or in ``metadata``, are used when present; colours
+# ``width``/``height``), otherwise the debug zone state's entities. An entity's ``color``
+# (any CSS colour) and ``label``, top level or in ``metadata``, are used when present; colours
 # otherwise follow a hash of ``kind``. Its state is ``window.gridserver``. ``create_app``
 # routes both here; they are kept last so that the code above reads without scrolling past them.
 

@@ -33,9 +33,10 @@ def source() -> str:
 
 
 def python_source() -> str:
-    """gridserver.py without the JavaScript client and the page (they speak the protocol as clients)."""
+    """gridserver.py without its clients (Python, JavaScript, the page): they speak the protocol
+    from the other side."""
     text = source()
-    return text[:text.index("CLIENT_JS = r")]
+    return text[:text.index("# Python client\n")]
 
 
 # --------------------------------------------------------------------------- the README

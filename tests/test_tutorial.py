@@ -17,6 +17,7 @@ import time
 
 import aiohttp
 
+import gridserver
 from faultkit import Client, free_port
 from helpers import ROOT, scaled, wait_for
 
@@ -59,25 +60,15 @@ async def test_the_tutorial_game_passes_its_tests_runs_and_reloads(tmp_path):
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     await asyncio.sleep(0.1)
             player = await client.player()
-            zone_id = (await client.zones(player["token"]))["yard"]["id"]
-            ws = await http.ws_connect(client.ws_url(player["token"]))
-            await ws.send_json({"type": "subscribe", "zone_id": zone_id})
-            seen: list[dict] = []
-
-            async def until(predicate, what: str) -> None:
-                limit = time.monotonic() + scaled(15)
-                while not predicate():
-                    assert time.monotonic() < limit, f"no {what}: {seen[-3:]}"
-                    seen.append(await ws.receive_json(timeout=scaled(15)))
-
-            await until(lambda: any(m["type"] == "tick" and m["state"]["it"] == player["id"] for m in seen),
-                        "tick where the only player is it")
-            source = (folder / "tag.py").read_text()
-            (folder / "tag.py").write_text(source.replace('"yard", 12, 12', '"yard", 12, 12)  # bigger soon\n#('))
-            await until(lambda: any(m["type"] == "module_reloaded" for m in seen), "module_reloaded")
-            count = len(seen)
-            await until(lambda: sum(m["type"] == "tick" for m in seen[count:]) >= 3, "ticks after the reload")
-            await ws.close()
+            async with gridserver.Client(client.url, token=player["token"], timeout=scaled(15)) as c:
+                await c.subscribe((await client.zones(player["token"]))["yard"]["id"])
+                await c.next("tick", where=lambda m: m["state"]["it"] == player["id"])  # the only player is it
+                source = (folder / "tag.py").read_text()
+                (folder / "tag.py").write_text(source.replace('"yard", 12, 12', '"yard", 12, 12)  # bigger soon\n#('))
+                await c.next("module_reloaded")
+                c.clear("tick")
+                for _ in range(3):  # three ticks after the reload (each next waits for a new one)
+                    await c.next("tick")
         assert "reloaded: version" in log_path.read_text()
     finally:
         if proc.poll() is None:
