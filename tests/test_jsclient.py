@@ -39,6 +39,11 @@ async def open_game(page, running, origin: str | None = None) -> None:
     await until(page, "() => window.ready")
 
 
+async def read_until_closed(ws) -> list[str]:
+    """The types of the messages ``ws`` receives until it is closed."""
+    return [m.json()["type"] async for m in ws]
+
+
 def server_avatar(running, player_id: str):
     world = running.srv.world
     with world.lock:
@@ -87,12 +92,12 @@ async def test_a_game_plays_through_gridclient(tmp_path, start_server, page):
     assert await page.evaluate("() => c.state === c.tick.state && c.zoneId") == lobby["id"]
 
     # An intent acts: the avatar moves on the server, and the next ticks show it.
-    before = server_avatar(running, player["id"])
-    step = 1 if before.x < 19 else -1
+    x0 = server_avatar(running, player["id"]).x
+    step = 1 if x0 < 19 else -1
     assert await page.evaluate("(dx) => c.intent({dx, dy: 0})", step) is True
-    await wait_for(lambda: server_avatar(running, player["id"]).x == before.x + step, what="the move")
+    await wait_for(lambda: server_avatar(running, player["id"]).x == x0 + step, what="the move")
     await until(page, """([pid, x]) => c.state && c.state.entities.some(e => e.player_id === pid && e.x === x)""",
-                [player["id"], before.x + step])
+                [player["id"], x0 + step])
 
     # ping answers with the round trip; errors arrive as "error" events; a bad zone rejects.
     assert await page.evaluate("async () => await c.ping()") >= 0
@@ -117,15 +122,16 @@ async def test_a_game_plays_through_gridclient(tmp_path, start_server, page):
 
     # Another connection of the same player replaces this one (4000): the client does not fight it.
     other = await running.http.ws_connect(running.ws_url(login["token"]))
+    other_reads = asyncio.ensure_future(read_until_closed(other))
     replaced = await until(page, "() => seen('close').find(e => e.code === 4000)")
     assert replaced["reconnecting"] is False and replaced["ended"] is False
     await asyncio.sleep(1.5)  # three times the first backoff: no reconnect happened
     assert await page.evaluate("() => c.socket === null && seen('open').length === 2")
-    assert not other.closed
+    assert not other.closed and not other_reads.done()
     # connect() again takes the player back (the other socket is the one replaced now).
     await page.evaluate("async () => await c.connect()")
-    closed = await other.receive()
-    assert other.close_code == 4000, closed
+    kinds = await asyncio.wait_for(other_reads, 10)
+    assert other.close_code == 4000 and kinds[0] == "subscribed", (kinds, other.exception())
 
     # logout(): the session ends on the server, the socket closes, nothing reconnects.
     await page.evaluate("async () => await c.logout()")
@@ -133,7 +139,7 @@ async def test_a_game_plays_through_gridclient(tmp_path, start_server, page):
     status, _ = await running.call("GET", "/api/auth/me", login["token"])
     assert status == 401
     last = await page.evaluate("() => seen('close').at(-1)")
-    assert last["reconnecting"] is False and last["code"] == 1000
+    assert last["reconnecting"] is False and last["ended"] is True  # the server closed it: 4001
 
 
 async def test_a_session_ended_elsewhere_stops_the_client(tmp_path, start_server, page):
