@@ -217,6 +217,9 @@ OPTIONS: list[_Option] = [
             "seconds a client may take to send a request's headers or body, and an idle HTTP connection stays open", 0.1),
     _Option("server", "max_connections_per_address", "256", "int",
             "open connections (HTTP and WebSocket) one client address may hold; more are answered 429 and closed", 1),
+    _Option("server", "static_dir", "", "str",
+            "a folder of the game's own browser files (its page, scripts, images), served at /game/ "
+            "(/game/ is its index.html); relative to the config file's folder; empty: none"),
     _Option("database", "dsn", "sqlite:///gridserver.db", "str",
             "postgresql://user@host/db for PostgreSQL through aiopg; sqlite:///PATH for the embedded default"),
     _Option("database", "pool_min", "1", "int", "PostgreSQL pool: connections kept open", 0),
@@ -343,6 +346,9 @@ class Config:
             if opt.env in environ:
                 raw, where = environ[opt.env], f"environment {opt.env}"
             values[(opt.section, opt.key)] = _parse_option(opt, raw, where)
+        static = values[("server", "static_dir")]
+        if static and path is not None and not os.path.isabs(static):  # from the config file's folder
+            values[("server", "static_dir")] = os.path.join(os.path.dirname(os.path.abspath(path)), static)
         sections = {s: dict(parser[s]) for s in parser.sections() if s not in {o.section for o in OPTIONS}}
         module_section = values[("game", "module")]
         prefix = "GRIDSERVER_" + re.sub(r"[^A-Za-z0-9]", "_", module_section).upper() + "_"
@@ -395,6 +401,9 @@ def _check_config(cfg: Config) -> None:
         raise ConfigError(f"[server] debug = true with an empty [server] debug_players would make every player "
                           f"an admin on {cfg.get('server', 'host')!r}: name the debug players, or listen on "
                           f"a loopback address")
+    static = cfg.get("server", "static_dir")
+    if static and not os.path.isdir(static):
+        raise ConfigError(f"[server] static_dir: {static!r} is not a folder")
     if cfg.get("journal", "mode") not in ("replay", "off"):
         raise ConfigError(f"[journal] mode: expected replay or off, got {cfg.get('journal', 'mode')!r}")
     if not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", cfg.get("game", "module")):
@@ -5363,6 +5372,9 @@ ROUTES: list[_Route] = [
     _Route("GET", "/", "index", "anyone", "the browser page", 200, "text", content_type="text/html"),
     _Route("GET", "/client.js", "client_js", "anyone", "the JavaScript client, GridClient (an ES module)", 200, "text",
            content_type="text/javascript"),
+    _Route("GET", "/game/{path}", "game_file", "anyone",
+           "a file of `[server] static_dir`, the game's own page, scripts and images (`/game/`: its "
+           "`index.html`); `404` when it is not set", 200, "file", ("not_found",), content_type="*/*"),
 ]
 
 #: Errors any route may answer, whatever it is.
@@ -5439,6 +5451,7 @@ _SCHEMAS: dict[str, dict] = {
                       failing_zones={"type": "array", "items": _UUID}),
     "openapi": _object(openapi={"type": "string"}, info={"type": "object"}, paths={"type": "object"}),
     "text": {"type": "string"},
+    "file": {},
 }
 
 
@@ -5512,6 +5525,8 @@ def _protocol_markdown(part: str = "all") -> str:
             answer = "`101` (upgrade)"
         elif r.answer is None:
             answer = f"`{r.status}`"
+        elif r.content_type == "*/*":
+            answer = f"`{r.status}` the file (its type from its name)"
         elif r.content_type != "application/json":
             answer = f"`{r.status}` {r.content_type}"
         else:
@@ -5528,7 +5543,7 @@ def _protocol_markdown(part: str = "all") -> str:
             out.append(f"- `{r.method} {r.path}` ({where}): {fields}.")
     out += ["", "Answers (`?`: may be null):", ""]
     for name, schema in _SCHEMAS.items():
-        if name in ("error", "text", "openapi", "zone_error"):
+        if name in ("error", "text", "file", "openapi", "zone_error"):
             continue
         out.append(f"- {name}: `{_shape(schema)}`")
     out += ["", "#### Error codes", "",
@@ -5592,7 +5607,8 @@ def openapi_document(cfg: Config) -> dict:
             continue
         op: dict[str, Any] = {"operationId": r.handler, "summary": r.summary.replace("`", ""),
                               "tags": [r.access if r.access != "token" else "player"]}
-        params = [{"name": name, "in": "path", "required": True, "schema": _UUID}
+        params = [{"name": name, "in": "path", "required": True,
+                   "schema": {"type": "string", "description": "a file's path in the folder"} if name == "path" else _UUID}
                   for name in re.findall(r"\{(\w+)\}", r.path)]
         params += [{"name": f.name, "in": "query", "required": f.required, "description": f.help,
                     "schema": schema_of(f)} for f in r.query]
@@ -5680,6 +5696,12 @@ def startup_game(cfg: Config) -> LoadedGame | BuiltinDemo:
     return BuiltinDemo()
 
 
+def _router_path(path: str) -> str:
+    """A route's path as aiohttp routes it: a ``{path}`` at the end takes the rest of the URL
+    (slashes too)."""
+    return path[:-len("{path}")] + "{path:.*}" if path.endswith("{path}") else path
+
+
 def _route_handler(route: _Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The handler a route names (looked up by name: the browser page's is defined last)."""
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]] = globals()[route.handler]
@@ -5695,8 +5717,8 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
                           handler_args={"keepalive_timeout": cfg.get("server", "client_timeout")})
     app[SERVER] = Server(cfg, game)
     # GET routes answer HEAD too (web.get), as aiohttp's do
-    app.router.add_routes([web.get(r.path, _route_handler(r)) if r.method == "GET"
-                           else web.route(r.method, r.path, _route_handler(r)) for r in ROUTES])
+    app.router.add_routes([web.get(_router_path(r.path), _route_handler(r)) if r.method == "GET"
+                           else web.route(r.method, _router_path(r.path), _route_handler(r)) for r in ROUTES])
     app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_lifecycle)
     return app
@@ -6750,6 +6772,7 @@ header h1 { font-size: 16px; margin: 0; }
 main { display: grid; grid-template-columns: 220px minmax(0, 1fr) 320px; gap: 12px; padding: 12px;
   height: calc(100vh - 44px); }
 .side { display: flex; flex-direction: column; gap: 12px; min-height: 0; overflow: auto; }
+.side > * { flex-shrink: 0; }
 section, form, details { background: var(--panel); border: 1px solid var(--line); border-radius: 6px; padding: 10px; }
 section { overflow: auto; }
 h2, summary { font-size: 12px; font-weight: 600; text-transform: uppercase; letter-spacing: .06em;
@@ -7268,6 +7291,39 @@ async def client_js(request: web.Request) -> web.Response:
     (``Access-Control-Allow-Origin: *``: it is the same public file for everyone)."""
     return web.Response(text=CLIENT_JS, content_type="text/javascript", charset="utf-8", headers={
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*"})
+
+
+def _game_path(root: str, name: str) -> str | None:
+    """The file ``name`` names in ``root`` (``index.html`` for a folder), or None: nothing
+    outside ``root``, no hidden files (``.git``, ``.env``), no links out of it."""
+    parts = name.split("/")
+    if any(p.startswith(".") for p in parts) or "\\" in name or "\0" in name:
+        return None
+    path = os.path.realpath(os.path.join(root, *[p for p in parts if p]))
+    if os.path.isdir(path):
+        path = os.path.join(path, "index.html")
+    if os.path.commonpath([path, root]) != root or not os.path.isfile(path):
+        return None
+    return path
+
+
+async def game_file(request: web.Request) -> web.StreamResponse:
+    """``GET /game/{path}``: a file of ``[server] static_dir``, the game's own page, scripts
+    and images, so that a browser game is served from the server it talks to (one origin:
+    no CORS) and imports ``/client.js``. Its files bring their own security headers, if any."""
+    srv = request.app[SERVER]
+    static = srv.cfg.get("server", "static_dir")
+    if not static:
+        raise GridError("not_found", "No game files are served here ([server] static_dir is not set).")
+    name = request.match_info["path"]
+    root = os.path.realpath(static)
+    path = await asyncio.get_running_loop().run_in_executor(None, _game_path, root, name)
+    if path is None:
+        raise GridError("not_found", f"The game's files have no {name[:200]!r}.")
+    headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+    if path.endswith((".js", ".mjs")):  # RFC 9239; some systems' mimetypes say application/javascript
+        headers["Content-Type"] = "text/javascript"
+    return web.FileResponse(path, headers=headers)
 
 
 async def index(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -28,11 +29,8 @@ from helpers import make_config, scaled, wait_for
 
 CHROMIUM = os.environ.get("GRIDSERVER_TEST_CHROMIUM", "/usr/bin/chromium")
 REQUIRE_BROWSER = os.environ.get("GRIDSERVER_REQUIRE_BROWSER") == "1"
-# LocalNetworkAccessChecks: a page the test hands the browser itself (``page.route``, see
-# test_jsclient.py) has no address, so Chromium would count it as public and refuse its
-# sockets to 127.0.0.1; a page the server sends is not affected.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-features=LocalNetworkAccessChecks"]
+         "--disable-component-update", "--no-first-run"]
 AVATAR_RGB = (0x2F, 0x7E, 0xD8)     # walkers' avatar colour
 BACKGROUND_RGB = (0x0E, 0x11, 0x16)  # the page's empty cell
 PASSWORD = "correct horse"
@@ -77,10 +75,11 @@ async def page(tmp_path):
     assert not problems, problems
 
 
-def walkers_config(tmp_path, **overrides) -> gridserver.Config:
-    """Walkers without walls, items or fog, so every move succeeds."""
+def walkers_config(tmp_path, game: dict | None = None, **overrides) -> gridserver.Config:
+    """Walkers without walls, items or fog (unless ``game`` sets them), so every move succeeds."""
+    settings = {"fog_radius": 0, "walls": 0, "items": 0, "lobby_size": 20, **(game or {})}
     ini = tmp_path / "walkers.ini"
-    ini.write_text("[game_modules.walkers]\nfog_radius = 0\nwalls = 0\nitems = 0\nlobby_size = 20\n")
+    ini.write_text("[game_modules.walkers]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
     values = {"database_dsn": f"sqlite:///{tmp_path / 'db'}", "auth_bcrypt_rounds": 4, "tick_interval": 0.1,
               "persistence_interval": 0.5, "websocket_heartbeat": 5.0, "server_port": 0, "server_debug": True}
     values.update(overrides)
@@ -420,3 +419,106 @@ async def test_a_failing_zone_is_shown_over_its_grid_until_it_recovers(tmp_path,
                       " d = window.devicePixelRatio || 1; const p = c.getContext('2d').getImageData("
                       "Math.floor((x + .5) * s * d), Math.floor((y + .5) * s * d), 1, 1).data; return p[0] < 60; }",
                 [x, y])
+
+
+def screenshot_dir() -> str | None:
+    """Where the README's pictures go: ``GRIDSERVER_SCREENSHOTS=tests pytest tests/test_browser.py``."""
+    return os.environ.get("GRIDSERVER_SCREENSHOTS")
+
+
+def overlapping(boxes: list[dict]) -> list[tuple]:
+    return [(a["text"], b["text"]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]]
+
+
+async def test_the_page_shows_the_whole_game(tmp_path, start_server, page):
+    """Many players in a long, low zone: labels never overlap (yours in full, the others
+    shortened, a hovered one in full), the score table from the tick state beside the grid,
+    and the zone list's player counts follow players coming and going."""
+    running = await start_server(walkers_config(tmp_path))
+    me = "me_" + uuid.uuid4().hex[:6]
+    await log_in(page, running.url, me, register=True)
+    token = await g(page, "gridserver.client.token")
+    strip = await running.zone(token, "strip", 50, 6)
+    bots = contextlib.AsyncExitStack()
+    async with bots:
+        clients = []
+        for i in range(20):
+            c = await bots.enter_async_context(gridserver.Client(running.url))
+            name = f"walker_number_{i:02d}_" + uuid.uuid4().hex[:4]
+            await c.register(name, PASSWORD)
+            await c.login(name, PASSWORD)
+            await c.subscribe(strip["id"])
+            clients.append(c)
+        await page.click("#reload-zones")
+        await page.click("#zones button:has-text('strip')")
+        await until(page, "() => window.gridserver.entities.filter(e => e.kind === 'avatar').length === 21")
+        await until(page, "() => window.gridserver.avatar()")
+        assert await g(page, "gridserver.scale") >= 10  # the others' labels are drawn at this size
+        boxes = await g(page, "gridserver.labels")
+        assert boxes and not overlapping(boxes)
+        c = await page.evaluate("() => { const c = document.getElementById('grid'); return [c.clientWidth, c.clientHeight]; }")
+        assert all(0 <= b["x"] and b["x"] + b["w"] <= c[0] + 0.5 and 0 <= b["y"] and b["y"] + b["h"] <= c[1] + 0.5 for b in boxes)
+        mine = await g(page, "gridserver.avatar().id")
+        assert [b["text"] for b in boxes if b["id"] == mine] == [me]
+        others = [b["text"] for b in boxes if b["id"] != mine]
+        assert others and all(len(t) <= 8 and t.endswith("…") for t in others)
+        assert len(boxes) < 21  # crowded: some labels had no room and were left out
+
+        # Hovering an avatar shows its whole name (and the canvas's tooltip says it).
+        shown = {b["id"] for b in boxes}
+        target = await g(page, "gridserver.entities.find(e => e.kind === 'avatar' && !e.mine)")
+        box = await page.locator("#grid").bounding_box()
+        scale = await g(page, "gridserver.scale")
+        await page.mouse.move(box["x"] + (target["x"] + .5) * scale, box["y"] + (target["y"] + .5) * scale)
+        await until(page, "(id) => window.gridserver.hovered === id", target["id"])
+        hovered = await until(page, "(id) => window.gridserver.labels.find(b => b.id === id)", target["id"])
+        assert hovered["text"] == target["label"] and len(target["label"]) > 8
+        assert await page.get_attribute("#grid", "title") == target["label"]
+        assert not overlapping(await g(page, "gridserver.labels"))
+        del shown
+
+        # The score table: the tick state's "scores", not entities, in the game state panel.
+        await until(page, "() => document.querySelector('#state table')")
+        header = await page.eval_on_selector_all("#state table th", "els => els.map(e => e.textContent)")
+        assert header == ["name", "score"]
+        rows = await page.eval_on_selector_all("#state table tr", "rows => rows.slice(1).map(r => r.cells[0].textContent)")
+        assert len(rows) == 10 and rows == sorted(rows)  # all score 0: by name
+        assert "tick" in await page.inner_text("#state")
+
+        # Live player counts: the zone's button follows players leaving.
+        await until(page, "() => document.querySelector(\"#zones button[data-zone] .n\") &&"
+                          " [...document.querySelectorAll('#zones button')].some(b => b.textContent.includes('21 players'))")
+        for c in clients[:5]:
+            await c.close()
+        await until(page, "() => [...document.querySelectorAll('#zones button')].some(b => b.textContent.includes('strip')"
+                          " && b.textContent.includes('16 players'))", timeout=30)
+        if screenshot_dir():
+            await page.mouse.move(box["x"] + (target["x"] + .5) * scale, box["y"] + (target["y"] + .5) * scale)
+            await page.screenshot(path=os.path.join(screenshot_dir(), "page-screenshot.png"), full_page=True)
+
+
+async def test_the_fogged_view_is_dimmed(tmp_path, start_server, page):
+    """With fog, walkers' tick state names the cells the player sees ("view"): the page dims
+    every other cell, so what is not shown reads as unseen, not as empty."""
+    running = await start_server(walkers_config(tmp_path, {"fog_radius": 3, "items": 12, "walls": 3}))
+    await log_in(page, running.url, "fog_" + uuid.uuid4().hex[:6], register=True)
+    await page.click("#zones button:has-text('lobby')")
+    a = await avatar(page)
+    view = await until(page, "() => window.gridserver.view && window.gridserver.view.length && window.gridserver.view")
+    assert view == [{"x": a["x"] - 3, "y": a["y"] - 3, "w": 7, "h": 7}]
+    await until(page, "(a) => { const v = window.gridserver.view[0]; const m = window.gridserver.avatar();"
+                      " return m && v.x === m.x - 3 && m.x === a.x && m.y === a.y; }", a)
+    seen = {(e["x"], e["y"]) for e in await g(page, "gridserver.entities.map(e => ({x: e.x, y: e.y}))")}
+    inside = [(x, y) for x in range(a["x"] - 3, a["x"] + 4) for y in range(a["y"] - 3, a["y"] + 4)
+              if 0 <= x < 20 and 0 <= y < 20 and (x, y) not in seen and abs(y - a["y"]) == 0]
+    outside = [(x, y) for x in range(20) for y in range(20)
+               if (abs(x - a["x"]) > 4 or abs(y - a["y"]) > 4)]
+    assert inside and outside
+    dimmed = tuple(round(c * 0.4) for c in BACKGROUND_RGB)
+    assert await pixel(page, *inside[0]) == BACKGROUND_RGB
+    colours = [await pixel(page, *cell) for cell in outside[:40]]
+    assert all(max(abs(p - d) for p, d in zip(colour, dimmed)) <= 1 for colour in colours), colours
+    assert await pixel(page, a["x"], a["y"]) == AVATAR_RGB  # the player's own cell is in the view
+    if screenshot_dir():
+        await page.screenshot(path=os.path.join(screenshot_dir(), "fog-screenshot.png"), full_page=True)

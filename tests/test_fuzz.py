@@ -52,9 +52,14 @@ def login(url: str, username: str, password: str) -> str:
 
 
 def test_every_answer_matches_the_openapi_document(tmp_path):
+    files = tmp_path / "game"  # [server] static_dir: /game/ serves these
+    (files / "art").mkdir(parents=True)
+    (files / "index.html").write_text("<!doctype html><title>a game</title>")
+    (files / "art" / "hero.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (files / ".env").write_text("SECRET=1")
     server = ServerProcess(tmp_path, f"sqlite:///{tmp_path / 'fuzz.db'}", game="game_modules.walkers",
                            settings={"AUTH_MAX_FAILED_LOGINS": 1_000_000, "AUTH_MAX_SESSIONS": 1000,
-                                     "JOURNAL_KEEP": 50})
+                                     "JOURNAL_KEEP": 50, "SERVER_STATIC_DIR": str(files)})
     try:
         wait_ready(server)
         url = server.url
@@ -76,10 +81,14 @@ def test_every_answer_matches_the_openapi_document(tmp_path):
         for op in operations:
             route = routes[(op.method.upper(), op.path)]
             strategies = [op.as_strategy()]
-            if route.body or route.query or "{" in route.path:  # something to make invalid
+            if route.body or route.query or "{zone_id}" in route.path or "{entity_id}" in route.path:
+                # something to make invalid (a file's path is any string)
                 strategies.append(op.as_strategy(schemathesis.GenerationMode.NEGATIVE))
             if "{zone_id}" in op.path and op.method.upper() != "DELETE":  # the real zone, too
                 strategies.append(op.as_strategy(path_parameters={"zone_id": zone["id"]}))
+            if "{path}" in op.path:  # the files there are, too
+                for name in ("", "index.html", "art/hero.svg", "art/", ".env", "../fuzz.db"):
+                    strategies.append(op.as_strategy(path_parameters={"path": name}))
             for strategy in strategies:
                 run_cases(op, strategy, url, leaver, password, token, seen)
         # every route was fuzzed, and with the player's token: no route answered only 401

@@ -2,9 +2,8 @@
 a game played through it against a real server: REST, the socket, every event, errors,
 reconnect with resume, a replaced connection, logout and a session ended elsewhere.
 
-The game page is not one of the server's: the browser is handed it at
-``<server>/game.html`` (Playwright's ``page.route``), as a game served from the same origin
-would be. It only imports the client; each step below runs in that page.
+The game page is the game's own, served by the server from ``[server] static_dir`` at
+``/game/``; it only imports the client, and each step below runs in that page.
 """
 
 from __future__ import annotations
@@ -32,10 +31,15 @@ window.ready = true;
 </script></body></html>"""
 
 
+def game_config(tmp_path, **overrides):
+    """Walkers, with the game page below as ``[server] static_dir``'s ``index.html``."""
+    (tmp_path / "game").mkdir()
+    (tmp_path / "game" / "index.html").write_text(GAME_HTML)
+    return walkers_config(tmp_path, server_static_dir=str(tmp_path / "game"), **overrides)
+
+
 async def open_game(page, running, origin: str | None = None) -> None:
-    origin = origin or running.url
-    await page.route(origin + "/game.html", lambda route: route.fulfill(body=GAME_HTML, content_type="text/html"))
-    await page.goto(origin + "/game.html")
+    await page.goto((origin or running.url) + "/game/")
     await until(page, "() => window.ready")
 
 
@@ -55,7 +59,7 @@ def server_avatar(running, player_id: str):
 
 
 async def test_a_game_plays_through_gridclient(tmp_path, start_server, page):
-    running = await start_server(walkers_config(tmp_path, server_debug=False))
+    running = await start_server(game_config(tmp_path, server_debug=False))
     await open_game(page, running)
     name = "js_" + uuid.uuid4().hex[:8]
 
@@ -145,7 +149,7 @@ async def test_a_game_plays_through_gridclient(tmp_path, start_server, page):
 async def test_a_session_ended_elsewhere_stops_the_client(tmp_path, start_server, page):
     """Logout everywhere from another device: the socket closes with 4001, "close" says
     ``ended``, the token is dropped and nothing reconnects; connect() then refuses at once."""
-    running = await start_server(walkers_config(tmp_path, server_debug=False))
+    running = await start_server(game_config(tmp_path, server_debug=False))
     player = await running.player()
     await open_game(page, running)
     await page.evaluate("async ([u, p]) => { await c.login(u, p); await c.connect(); }", [player["username"], PASSWORD])
@@ -163,7 +167,7 @@ async def test_a_session_ended_elsewhere_stops_the_client(tmp_path, start_server
 async def test_a_dead_server_is_retried_with_growing_delays(tmp_path, start_server, tcp_proxy, page):
     """While the server cannot be reached each attempt waits about twice as long as the one
     before; a ``subscribe`` asked meanwhile is sent once the socket is open again."""
-    running = await start_server(walkers_config(tmp_path, server_debug=False))
+    running = await start_server(game_config(tmp_path, server_debug=False))
     player = await running.player()
     lobby = next(z for z in running.srv.world.zones.values() if z.zone.name == "lobby")
     proxy = await tcp_proxy("127.0.0.1", running.server.port)

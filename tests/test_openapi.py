@@ -50,7 +50,9 @@ def check_document(doc: dict, debug: bool) -> None:
         assert names == re.findall(r"\{(\w+)\}", route.path)
         for p in op.get("parameters", []):
             if p["in"] == "path":
-                assert p["schema"] == {"type": "string", "format": "uuid"} and p["required"] is True
+                schema = {"type": "string", "format": "uuid"} if p["name"] != "path" else \
+                    {"type": "string", "description": "a file's path in the folder"}
+                assert p["schema"] == schema and p["required"] is True
         assert ("security" in op) == (route.access != "anyone"), route.path
         if route.body:
             body = op["requestBody"]["content"]["application/json"]["schema"]

@@ -86,7 +86,7 @@ def test_router_routes_exactly_the_table(tmp_path):
         assert r.access in ("anyone", "token", "debug"), r
         assert r.answer is None or r.answer in gridserver._SCHEMAS, r
         assert set(r.errors) <= {e.code for e in gridserver.ERRORS if e.status}, r
-        assert re.findall(r"\{(\w+)\}", r.path) == [f for f in ("zone_id", "entity_id") if f"{{{f}}}" in r.path]
+        assert re.findall(r"\{(\w+)\}", r.path) == [f for f in ("zone_id", "entity_id", "path") if f"{{{f}}}" in r.path]
 
 
 def test_every_error_code_in_the_source_is_in_the_table():
@@ -219,7 +219,8 @@ async def test_a_method_the_table_does_not_list_is_405_with_the_allowed_ones(sta
         by_path.setdefault(r.path, set()).add(r.method)
     for path, methods in by_path.items():
         allowed = methods | ({"HEAD"} if "GET" in methods else set())
-        concrete = path.replace("{zone_id}", str(uuid.uuid4())).replace("{entity_id}", str(uuid.uuid4()))
+        concrete = path.replace("{zone_id}", str(uuid.uuid4())).replace("{entity_id}", str(uuid.uuid4())) \
+            .replace("{path}", "index.html")
         for method in sorted({"GET", "POST", "PUT", "PATCH", "DELETE"} - methods):
             status, body = await running.call(method, concrete, p["token"])
             assert status == 405 and body["error"] == "method_not_allowed" and body["message"], (method, path, body)
