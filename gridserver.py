@@ -6532,13 +6532,14 @@ export class GridClient {
     this._handlers = new Map();
     this._timer = null;
     this._stopped = true;
+    this._opened = false;     // a socket was open before: the next "open" is a reconnect
   }
 
   get state() { return this.tick ? this.tick.state : null; }
 
   // Events: every server message by its type ("tick", "subscribed", "unsubscribed", "pong",
   // "error", "zone_recovered", "module_reloaded", ...), "message" for all of them, "open"
-  // ({resumed: false, attempt}) and "close" ({code, reason, reconnecting, delay, ended}).
+  // ({type, reconnect, attempt}) and "close" ({type, code, reason, reconnecting, delay, attempt, ended}).
   on(type, fn) {
     if (!this._handlers.has(type)) this._handlers.set(type, new Set());
     this._handlers.get(type).add(fn);
@@ -6632,7 +6633,8 @@ export class GridClient {
       const attempt = this.attempt;
       this.attempt = 0;
       if (this.wanted) this._send({type: "subscribe", zone_id: this.wanted});  // a no-op when resumed
-      this._emit("open", {attempt});
+      this._emit("open", {type: "open", reconnect: this._opened, attempt});
+      this._opened = true;
     };
     ws.onmessage = ev => {
       let m;
@@ -6655,13 +6657,14 @@ export class GridClient {
       if (ev.code === SESSION_ENDED) return this._ended(ev.reason || "the session has ended");
       if (this._stopped || ev.code === REPLACED) {
         this._stop();
-        return this._emit("close", {code: ev.code, reason: ev.reason, reconnecting: false, ended: false});
+        return this._emit("close", {type: "close", code: ev.code, reason: ev.reason, reconnecting: false, ended: false});
       }
       this.attempt += 1;
       const delay = Math.min(this.backoff.max, this.backoff.first * 2 ** Math.min(this.attempt - 1, 20))
         * (0.75 + Math.random() / 2);
       this._timer = setTimeout(() => this._retry(), delay);
-      this._emit("close", {code: ev.code, reason: ev.reason, reconnecting: true, delay, attempt: this.attempt, ended: false});
+      this._emit("close", {type: "close", code: ev.code, reason: ev.reason, reconnecting: true, delay,
+                           attempt: this.attempt, ended: false});
     };
   }
 
@@ -6677,7 +6680,7 @@ export class GridClient {
   _ended(reason) {
     this._stop();
     this.token = null;
-    this._emit("close", {code: SESSION_ENDED, reason, reconnecting: false, ended: true});
+    this._emit("close", {type: "close", code: SESSION_ENDED, reason, reconnecting: false, ended: true});
   }
 
   _stop() {

@@ -9,11 +9,13 @@ The game page is the game's own, served by the server from ``[server] static_dir
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import uuid
 
 import pytest
 
-from helpers import wait_for
+from helpers import ROOT, wait_for
 from test_browser import PASSWORD, page, until, walkers_config  # noqa: F401 (page is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -186,3 +188,45 @@ async def test_a_dead_server_is_retried_with_growing_delays(tmp_path, start_serv
     assert await page.evaluate("() => c.connected && c.attempt === 0 && c.zoneId") == str(lobby.zone.id)
     await wait_for(lambda: running.srv.hub.conns.get(uuid.UUID(player["id"])) is not None
                    and running.srv.hub.conns[uuid.UUID(player["id"])].zone_id == lobby.zone.id, what="subscribed")
+
+
+def readme_game() -> str:
+    """The README's ``game/index.html``: the first html block of "Writing a browser game"."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    section = text[text.index("## Writing a browser game (JavaScript)"):]
+    return re.search(r"```html\n(.*?)```", section, re.S).group(1)
+
+
+async def test_the_readme_browser_game_plays(tmp_path, start_server, page):
+    """The README's game page, served from ``static_dir`` as written: a new player logs in
+    (registered on the way), sees the ticks, and the arrow keys move the avatar."""
+    (tmp_path / "game").mkdir()
+    (tmp_path / "game" / "index.html").write_text(readme_game())
+    running = await start_server(walkers_config(tmp_path, server_static_dir=str(tmp_path / "game"),
+                                                server_debug=False))
+    name = "readme_" + uuid.uuid4().hex[:6]
+    await page.goto(running.url + "/game/")
+    await page.fill("#username", name)
+    await page.fill("#password", PASSWORD)
+    await page.click("button")
+    await until(page, "() => document.getElementById('status').textContent.startsWith('tick ')")
+    assert await page.is_hidden("#login")
+    player_id = await wait_for(lambda: next((str(p) for p, c in running.srv.hub.conns.items() if c.username == name),
+                                            None), what="the page's socket")
+    me = await wait_for(lambda: server_avatar(running, player_id), what="the avatar")
+    x0, y0 = me.x, me.y
+    key, step = ("ArrowRight", 1) if x0 < 19 else ("ArrowLeft", -1)
+    await page.keyboard.press(key)
+    await wait_for(lambda: server_avatar(running, player_id).x == x0 + step, what="the move")
+    # the canvas shows the avatar where the server has it (640 px for the 20-cell lobby)
+    await until(page, """([x, y]) => Array.from(document.getElementById('grid').getContext('2d')
+        .getImageData(Math.floor((x + .5) * 32), Math.floor((y + .5) * 32), 1, 1).data).slice(0, 3).join() === '47,126,216'""",
+                [x0 + step, y0])
+    # a wrong password on the next visit is told, not thrown
+    await page.goto(running.url + "/game/")
+    await page.fill("#username", name)
+    await page.fill("#password", "not the password")
+    await page.click("button")
+    await until(page, "() => document.getElementById('problem').textContent.length > 0")
+    assert await page.is_visible("#login")
