@@ -6058,6 +6058,7 @@ class Client:
         self._arrived = asyncio.Event()
         self._handlers: dict[str, list[_Handler]] = collections.defaultdict(list)
         self._tasks: set[asyncio.Future] = set()
+        self._connecting = asyncio.Lock()
         # Socket answers carry no request id, but the server answers in order: every subscribe,
         # unsubscribe and ping is followed by a {"type": "ping"}, and at its pong the request has
         # been answered, or refused (a rate limit past the first is refused without a word).
@@ -6153,23 +6154,27 @@ class Client:
         """Open the WebSocket (after ``login``, or with a ``token``) and keep it open; nothing
         when it is already. ``ClientError`` when this first attempt fails (``unauthorized``,
         ``unreachable``...)."""
-        if self._task is not None and not self._task.done():
-            return
-        if not self.token:
-            raise ClientError(401, "unauthorized", "Log in (or pass a token) before connecting.")
-        if self.player_id is None:  # given a token: who is it?
-            me = await self.me()
-            self.player_id, self.username = me["id"], me["username"]
-        self.ended = None
-        ws = await self._open(reconnect=False)
-        self._live = True
-        self._task = asyncio.ensure_future(self._run(ws))
+        async with self._connecting:  # two callers at once: one socket
+            if self._task is not None and not self._task.done():
+                return
+            if not self.token:
+                raise ClientError(401, "unauthorized", "Log in (or pass a token) before connecting.")
+            if self.player_id is None:  # given a token: who is it?
+                me = await self.me()
+                self.player_id, self.username = me["id"], me["username"]
+            self.ended = None
+            ws = await self._open(reconnect=False)
+            self._live = True
+            self._task = asyncio.ensure_future(self._run(ws))
 
     async def subscribe(self, zone_id: str | UUID) -> dict:
         """Join a zone, connecting first if needed; returns the ``subscribed`` answer.
         ``ClientError`` when the server refuses (``zone_not_found``, ``rate_limited``...). A drop
         on the way only delays the answer: the client subscribes again when it reconnects."""
-        zone = str(zone_id)
+        try:
+            zone = str(UUID(str(zone_id)))  # the server's spelling, which its answer uses
+        except ValueError:
+            zone = str(zone_id)  # the server says zone_not_found
         await self.connect()
         self._want, self._left = zone, False
         answer = self._waiter("sub", zone)
@@ -6242,7 +6247,7 @@ class Client:
         """Close the socket and stop every task of the client (handlers' too); closes the HTTP
         session unless it was given. ``ended`` becomes ``closed``."""
         await self._stop(ClientError(0, "closed", "The client was closed."))
-        tasks = list(self._tasks)
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]  # close() from a handler
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -6494,27 +6499,29 @@ CLIENT_JS = r"""// gridserver's JavaScript client, served by the server itself a
 // no build step and no dependency, for browser games (the page at / is built on it).
 //
 //   import {GridClient} from "/client.js";
-//   const game = new GridClient();                  // this page's server, or new GridClient("http://host:8080")
+//   const game = new GridClient();                  // the server this page came from
 //   await game.login("alice", "correct horse");     // register(username, password) first for a new player
 //   game.on("tick", m => draw(m.state));            // every server message type, plus "open" and "close"
 //   await game.connect();                           // reconnects by itself, with backoff, and resumes
 //   await game.subscribe((await game.zones())[0].id);
 //   game.intent({move: "right"});
 //
-// REST errors reject with a GridError (status, code, message, retryAfter). See the README,
-// "Writing a browser game", for every verb and event.
+// The page using it must come from the same origin as the server's API (serve it with
+// [server] static_dir): the REST routes send no CORS headers. REST errors reject with a
+// GridError (status, code, message, retryAfter). See the README, "Writing a browser game".
 
 export class GridError extends Error {
   constructor(status, code, message, retryAfter = null) {
     super(message);
     this.name = "GridError";
-    this.status = status;          // HTTP status; 0 when the server could not be reached
-    this.code = code;              // the envelope's "error" ("zone_not_found", "unreachable", ...)
+    this.status = status;          // HTTP status (or the close code that ended the socket); 0 otherwise
+    this.code = code;              // the envelope's "error" ("zone_not_found", ...) or the client's ("unreachable", ...)
     this.retryAfter = retryAfter;  // seconds, from Retry-After (429)
   }
 }
 
-const SESSION_ENDED = 4001, REPLACED = 4000;
+const SESSION_ENDED = 4001, REPLACED = 4000, MAX_WAIT = 2 ** 31 - 1;
+const uuidText = id => String(id).toLowerCase();  // the server's own spelling of an id
 
 export class GridClient {
   constructor(baseUrl, options = {}) {
@@ -6522,6 +6529,7 @@ export class GridClient {
     this.baseUrl = String(baseUrl ?? here).replace(/\/+$/, "");
     this.token = options.token ?? null;       // a session token from login(), or one kept from before
     this.backoff = {first: 500, max: 10000, ...(options.backoff || {})};  // milliseconds
+    this.heartbeat = options.heartbeat ?? 10000;  // ms of silence before a ping; no answer as long again: reconnect
     this.playerId = null;
     this.zoneId = null;       // the zone the server has this player in ("subscribed")
     this.wanted = null;       // the zone asked for: asked again after a reconnect that did not resume it
@@ -6531,9 +6539,15 @@ export class GridClient {
     this.attempt = 0;         // reconnect attempts since the socket was last open
     this.socket = null;       // the WebSocket, while there is one
     this._handlers = new Map();
-    this._timer = null;
-    this._stopped = true;
+    this._timer = null;       // the backoff before the next attempt
+    this._retrying = false;   // an attempt is asking /api/auth/me
+    this._stopped = true;     // not connecting: never connected, or closed, logged out, ended, replaced
+    this._generation = 0;     // grows at every stop: an attempt of an older generation gives up
     this._opened = false;     // a socket was open before: the next "open" is a reconnect
+    this._heard = 0;          // when the socket last brought anything
+    this._watch = null;       // the heartbeat's interval
+    this._resubscribing = null;  // the zone asked for again on open, until the answer
+    this._told = false;       // a last "close" (reconnecting: false) was emitted since the last stop
   }
 
   get state() { return this.tick ? this.tick.state : null; }
@@ -6549,12 +6563,18 @@ export class GridClient {
 
   off(type, fn) { const set = this._handlers.get(type); if (set) set.delete(fn); }
 
-  // The next event of this type (a Promise), rejected after timeoutMs.
+  // The next event of this type (a Promise), rejected with a GridError "timeout" after timeoutMs.
   next(type, timeoutMs = 10000) {
     return new Promise((resolve, reject) => {
       const off = this.on(type, m => { clearTimeout(timer); off(); resolve(m); });
-      const timer = setTimeout(() => { off(); reject(new Error(`no "${type}" within ${timeoutMs} ms`)); }, timeoutMs);
+      const timer = setTimeout(() => { off(); reject(new GridError(0, "timeout", `no "${type}" within ${timeoutMs} ms`)); },
+                               Math.min(timeoutMs, MAX_WAIT));
     });
+  }
+
+  _closed(event) {  // every "close" event goes out here
+    if (!event.reconnecting) this._told = true;
+    this._emit("close", {type: "close", ...event});
   }
 
   _emit(type, event) {
@@ -6595,12 +6615,18 @@ export class GridClient {
   }
 
   // Ends the session (all: every session of the player) and the connection; no reconnect.
+  // When the server cannot be told (unreachable, 503), the token is kept and the error thrown:
+  // the session still lives, call logout() again.
   async logout({all = false} = {}) {
-    this._stop();
-    try { await this.request("POST", "/api/auth/logout", all ? {all: true} : undefined); } finally {
-      this._shut(1000, "logged out");
-      this.token = null;
+    const running = this._stop();
+    try {
+      await this.request("POST", "/api/auth/logout", all ? {all: true} : undefined);
+    } catch (err) {
+      if (err.status !== 401) { this._shut(1000, "logging out", running); throw err; }
     }
+    this._shut(1000, "logged out", running);
+    this.token = null;
+    this.playerId = null;
   }
 
   async me() { const me = await this.request("GET", "/api/auth/me"); this.playerId = me.id; return me; }
@@ -6610,96 +6636,141 @@ export class GridClient {
   // Opens the WebSocket; resolves once it is open. A drop reconnects with backoff (first ms,
   // doubling to max, with jitter) until close() or logout(); a session that has ended
   // rejects (before the first open) or emits "close" with ended: true.
-  connect() {
-    if (!this.token) return Promise.reject(new GridError(401, "unauthorized", "log in (or pass a token) before connect()"));
+  async connect() {
+    if (!this.token) throw new GridError(401, "unauthorized", "log in (or pass a token) before connect()");
+    if (this.playerId === null) await this.me();  // a client given a kept token learns who it is
     this._stopped = false;
-    if (this.connected) return Promise.resolve();
+    if (this.connected) return;
     const opened = new Promise((resolve, reject) => {
       const offOpen = this.on("open", () => { offOpen(); offClose(); resolve(); });
       const offClose = this.on("close", ev => {
-        if (!ev.reconnecting) { offOpen(); offClose(); reject(new GridError(ev.code, ev.ended ? "session_ended" : "closed", ev.reason)); }
+        if (!ev.reconnecting) {
+          offOpen(); offClose();
+          reject(new GridError(ev.code, ev.ended ? "session_ended" : ev.code === REPLACED ? "replaced" : "closed",
+                               ev.reason || "the connection closed"));
+        }
       });
     });
-    if (!this.socket && this._timer === null) this._open();
+    if (!this.socket && this._timer === null && !this._retrying) this._open();
     return opened;
   }
 
   _open() {
     this._timer = null;
     const url = (this.baseUrl || location.origin).replace(/^http/, "ws") + "/ws?token=" + encodeURIComponent(this.token);
-    const ws = this.socket = new WebSocket(url);
+    let ws;
+    try { ws = this.socket = new WebSocket(url); } catch (err) {
+      this._stop();
+      return this._closed({code: 1006, reason: err.message, reconnecting: false, ended: false});
+    }
     ws.onopen = () => {
+      if (ws !== this.socket) return;
       this.connected = true;
       this.resumed = false;
+      this._heard = Date.now();
       const attempt = this.attempt;
       this.attempt = 0;
-      if (this.wanted) this._send({type: "subscribe", zone_id: this.wanted});  // a no-op when resumed
+      if (this.wanted) {  // answered at once, resumed or not; refused when the zone is gone
+        this._resubscribing = this.wanted;
+        this._send({type: "subscribe", zone_id: this.wanted});
+      }
+      if (this.heartbeat > 0) this._watch = setInterval(() => this._listen(ws), Math.max(100, this.heartbeat / 4));
       this._emit("open", {type: "open", reconnect: this._opened, attempt});
       this._opened = true;
     };
     ws.onmessage = ev => {
+      if (ws !== this.socket) return;
+      this._heard = Date.now();
       let m;
       try { m = JSON.parse(ev.data); } catch (err) { return; }  // the server sends JSON only
       if (m.type === "tick") this.tick = m;
       else if (m.type === "subscribed") {
-        if (this.zoneId !== m.zone_id) this.tick = null;
+        if (this.tick && this.tick.zone_id !== m.zone_id) this.tick = null;
         this.zoneId = m.zone_id;
+        if (this._resubscribing === m.zone_id) this._resubscribing = null;
         if (m.resumed) { this.resumed = true; if (!this.wanted) this.wanted = m.zone_id; }
       } else if (m.type === "unsubscribed") { this.zoneId = null; this.tick = null; }
       else if (m.type === "error" && m.code === "zone_deleted") { this.zoneId = this.wanted = null; this.tick = null; }
+      else if (m.type === "error" && m.code === "zone_not_found" && this._resubscribing) {
+        if (this.wanted === this._resubscribing) this.wanted = this.zoneId;  // the zone is gone
+        this._resubscribing = null;
+      }
       this._emit(m.type, m);
       this._emit("message", m);
     };
     ws.onclose = ev => {
       if (ws !== this.socket) return;
+      clearInterval(this._watch);
       this.socket = null;
       this.connected = false;
       this.zoneId = null;
+      this._resubscribing = null;
       if (ev.code === SESSION_ENDED) return this._ended(ev.reason || "the session has ended");
       if (this._stopped || ev.code === REPLACED) {
         this._stop();
-        return this._emit("close", {type: "close", code: ev.code, reason: ev.reason, reconnecting: false, ended: false});
+        return this._closed({code: ev.code, reason: ev.reason, reconnecting: false, ended: false});
       }
       this.attempt += 1;
       const delay = Math.min(this.backoff.max, this.backoff.first * 2 ** Math.min(this.attempt - 1, 20))
         * (0.75 + Math.random() / 2);
       this._timer = setTimeout(() => this._retry(), delay);
-      this._emit("close", {type: "close", code: ev.code, reason: ev.reason, reconnecting: true, delay,
-                           attempt: this.attempt, ended: false});
+      this._closed({code: ev.code, reason: ev.reason, reconnecting: true, delay, attempt: this.attempt, ended: false});
     };
   }
 
-  async _retry() {
-    this._timer = -1;  // a retry is under way
-    try { await this.me(); } catch (err) {
-      if (err.status === 401) return this._ended("the session has ended");
+  // A socket silent for `heartbeat` ms is pinged; silent as long again, it is given up for
+  // dead (a half-open connection after a network change) and the client reconnects.
+  _listen(ws) {
+    const silent = Date.now() - this._heard;
+    if (silent > 2 * this.heartbeat) {
+      ws.onclose({code: 1006, reason: "the server stopped answering", wasClean: false});
+      try { ws.close(); } catch (err) { /* already closing */ }
+    } else if (silent > this.heartbeat) {
+      this._send({type: "ping"});
     }
-    if (this._stopped) return;
+  }
+
+  async _retry() {
+    const generation = this._generation;
+    this._timer = null;
+    this._retrying = true;
+    try { await this.me(); } catch (err) {
+      if (err.status === 401 && generation === this._generation) { this._retrying = false; return this._ended("the session has ended"); }
+    }
+    this._retrying = false;
+    if (this._stopped || this.socket) return;  // closed meanwhile (a connect() since waits for this attempt)
     this._open();
   }
 
   _ended(reason) {
     this._stop();
     this.token = null;
-    this._emit("close", {type: "close", code: SESSION_ENDED, reason, reconnecting: false, ended: true});
+    this._closed({code: SESSION_ENDED, reason, reconnecting: false, ended: true});
   }
 
+  // Stops reconnecting; true when the client was connected or connecting.
   _stop() {
+    const running = !this._stopped;
+    if (running) this._told = false;
     this._stopped = true;
-    if (this._timer !== null && this._timer !== -1) clearTimeout(this._timer);
+    this._generation += 1;
+    clearTimeout(this._timer);
     this._timer = null;
+    return running;
   }
 
-  _shut(code, reason) {
+  _shut(code, reason, running) {
     const ws = this.socket;
     if (ws) {
       ws.close(code, reason);
       ws.onclose({code, reason: reason || "", wasClean: true});  // at once, not when the server answers
+    } else if (running && !this._told) {  // between attempts: nothing to close, but whoever waits hears of it
+      this._closed({code, reason: reason || "", reconnecting: false, ended: false});
     }
   }
 
   // Closes the connection for good (no reconnect); "close" follows.
-  close() { this._stop(); this.wanted = null; this._shut(1000, "closed by the client"); }
+  close() { const running = this._stop(); this.wanted = null; this._shut(1000, "closed by the client", running); }
 
   _send(msg) {
     if (!this.socket || this.socket.readyState !== 1) return false;
@@ -6708,16 +6779,24 @@ export class GridClient {
   }
 
   // Joins a zone (leaving the current one); resolves with the "subscribed" answer, rejects on
-  // zone_not_found or rate_limited. While the client is (re)connecting it is asked for once the
-  // socket is open, and it is asked for again after every reconnect the server did not resume.
-  subscribe(zoneId) {
-    this.wanted = zoneId;
-    return this._ask({type: "subscribe", zone_id: zoneId}, "subscribed", m => m.zone_id === zoneId, true);
+  // zone_not_found or rate_limited (then the zone asked for is again the one the player is in).
+  // While the client is (re)connecting it is asked for once the socket is open, and it is asked
+  // for again after every reconnect the server did not resume.
+  async subscribe(zoneId) {
+    const id = uuidText(zoneId);
+    this.wanted = id;
+    try {
+      return await this._ask({type: "subscribe", zone_id: id}, "subscribed", m => m.zone_id === id,
+                             ["zone_not_found", "rate_limited"], true);
+    } catch (err) {
+      if (this.wanted === id && err.code !== "timeout") this.wanted = this.zoneId;
+      throw err;
+    }
   }
 
   unsubscribe() {
     this.wanted = null;
-    return this._ask({type: "unsubscribe"}, "unsubscribed", () => true);
+    return this._ask({type: "unsubscribe"}, "unsubscribed", () => true, ["rate_limited"]);
   }
 
   // Queues an intent for the zone's next tick: true when it was sent (false while not connected;
@@ -6727,16 +6806,19 @@ export class GridClient {
   // Resolves with the round trip in milliseconds.
   async ping() {
     const start = performance.now();
-    await this._ask({type: "ping"}, "pong", () => true);
+    await this._ask({type: "ping"}, "pong", () => true, []);
     return performance.now() - start;
   }
 
-  _ask(msg, answer, matches, whenOpen = false, timeoutMs = 10000) {
+  // Sends msg; resolves with the first `answer` event that `matches`; rejects on an error of
+  // one of `refusals` (a rate_limited about subscribes only), on a close for good, or after
+  // timeoutMs. `whenOpen`: while (re)connecting, wait for the socket instead of rejecting.
+  _ask(msg, answer, matches, refusals, whenOpen = false, timeoutMs = 10000) {
     return new Promise((resolve, reject) => {
       const done = (fn, value) => { clearTimeout(timer); offAnswer(); offError(); offClose(); fn(value); };
       const offAnswer = this.on(answer, m => { if (matches(m)) done(resolve, m); });
       const offError = this.on("error", m => {
-        if (m.code === "zone_not_found" || (m.code === "rate_limited" && /subscribe/.test(m.message) && msg.type !== "ping")) {
+        if (refusals.includes(m.code) && (m.code !== "rate_limited" || /subscribe/.test(m.message))) {
           done(reject, new GridError(0, m.code, m.message));
         }
       });
@@ -6864,36 +6946,53 @@ function showError(text) {
 
 async function login(register) {
   const username = $("username").value, password = $("password").value;
+  if (G.loggingIn) return;  // one login at a time (Enter and a click, Register then Log in)
+  G.loggingIn = true;
   $("login-error").textContent = "";
   try {
     if (register) await client.register(username, password);
     await client.login(username, password);
     sessionStorage.setItem("gridserver.token", client.token);
     await start();
-  } catch (e) { $("login-error").textContent = e.message; }
+  } catch (e) { $("login-error").textContent = e.message; } finally { G.loggingIn = false; }
 }
 
+function stopTimers() { clearTimeout(G.retryTimer); clearInterval(G.debugTimer); clearInterval(G.zonesTimer); }
+
 async function start() {
+  stopTimers();
+  const session = G.session = (G.session || 0) + 1;  // a logout meanwhile makes this start stale
   try { G.me = await client.me(); } catch (e) {
+    if (session !== G.session) return;
     if (e.status === 401) return toLogin("Your session has ended: log in again.");
     setStatus("server unreachable (" + e.message + "), retrying…", "bad");
     G.retryTimer = setTimeout(start, 2000);
     return;
   }
+  if (session !== G.session) return;
   $("login").hidden = true; $("app").hidden = false; $("logout").hidden = false; $("debug").hidden = !G.me.is_debug;
   $("who").textContent = G.me.username + (G.me.is_debug ? " (debug)" : "");
   await loadZones();
+  if (session !== G.session) return;
   G.zonesTimer = setInterval(loadZones, 3000);  // live player counts
   connect();
   if (G.me.is_debug) { refreshDebug(); G.debugTimer = setInterval(refreshDebug, 3000); }
 }
 
 function toLogin(message) {
-  clearTimeout(G.retryTimer); clearInterval(G.debugTimer); clearInterval(G.zonesTimer);
+  stopTimers();
+  G.session = (G.session || 0) + 1;
   client.close();
   client.token = null;
-  Object.assign(G, {me: null, connected: false, zone: null, subscribed: null, tick: null, lastTickAt: null,
-    entities: [], view: null, extra: {}});
+  client.playerId = null;
+  Object.assign(G, {me: null, connected: false, zone: null, subscribed: null, resumed: false, tick: null, ticks: 0,
+    lastTickAt: null, entities: [], view: null, extra: {}, source: null, selected: null, hovered: null,
+    entityJson: null, connections: [], paused: null, timeline: null, zoneFailed: null});
+  for (const id of ["zones", "me", "errors", "connections", "inputs", "paused"]) $(id).textContent = "";
+  $("entity").textContent = "click an entity on the grid";
+  $("timeline").textContent = "step the zone back and forth";
+  $("zone-name").textContent = "pick a zone";
+  showState(); draw();
   sessionStorage.removeItem("gridserver.token");
   $("app").hidden = true; $("logout").hidden = true; $("login").hidden = false; $("who").textContent = "";
   $("login-error").textContent = message || "";
@@ -6924,6 +7023,8 @@ async function loadZones() {
     if (box.children[i] !== b) box.insertBefore(b, box.children[i] || null);
   });
   for (const gone of have.values()) gone.remove();
+  const inside = G.subscribed && G.zones.find(z => z.id === G.subscribed);
+  if (inside && (!G.zone || G.zone.id !== inside.id)) pick(inside, false);  // resumed into a zone not known before
 }
 
 function pick(z, subscribe) {
@@ -6934,8 +7035,17 @@ function pick(z, subscribe) {
   G.zone = z;
   for (const b of $("zones").children) b.className = b.dataset.zone === z.id ? "on" : "";
   $("zone-name").textContent = z.name;
-  if (subscribe) client.subscribe(z.id).then(loadZones, e => showError("subscribe: " + e.message));
+  if (subscribe) client.subscribe(z.id).then(loadZones, e => { showError("subscribe: " + e.message); back(); });
   draw();
+}
+
+function back() {  // after a refused subscribe: show the zone the player is in, if any
+  const z = G.zones.find(z => z.id === client.zoneId);
+  if (z) { pick(z, false); return; }
+  Object.assign(G, {zone: null, entities: [], view: null, extra: {}, tick: null, lastTickAt: null, selected: null});
+  for (const b of $("zones").children) b.className = "";
+  $("zone-name").textContent = "pick a zone";
+  showState(); draw();
 }
 
 function connect() {
@@ -6975,10 +7085,8 @@ client.on("module_reloaded", m => setStatus("connected (game reloaded: version "
 client.on("error", m => {
   if (m.code === "zone_failed") { G.zoneFailed = {zone_id: m.zone_id, message: m.message}; draw(); return; }
   showError(m.code + ": " + m.message);
-  if (m.code === "zone_deleted") {
-    Object.assign(G, {zone: null, subscribed: null, entities: [], view: null, extra: {}});
-    showState(); loadZones(); draw();
-  }
+  if (m.code === "zone_deleted") { G.subscribed = null; G.zoneFailed = null; back(); loadZones(); }
+  else if (m.code === "zone_not_found" && G.zone && client.wanted !== G.zone.id) back();  // gone while away
 });
 
 function entitiesOf(state) {
@@ -6996,7 +7104,7 @@ function entitiesOf(state) {
 // The optional "view" of a tick state: the cells this player sees, a rectangle {x, y, w, h}
 // or a list of them; null when the state has none (everything is seen).
 function viewOf(state) {
-  const v = state && state.view;
+  const v = state && typeof state === "object" ? state.view : undefined;
   if (v === undefined || v === null) return null;
   const rects = Array.isArray(v) ? v : [v];
   return rects.filter(r => r && [r.x, r.y, r.w, r.h].every(Number.isFinite));
@@ -7243,13 +7351,18 @@ document.addEventListener("keydown", ev => {
   const dir = KEYS[ev.code];
   if (!dir || !G.me || ev.target.tagName === "INPUT" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
   ev.preventDefault();
+  if (!G.connected) return showError("not connected: the move was not sent");
   if (!G.subscribed) return showError("pick a zone first: moves go to the zone you are in");
   if (!client.intent({move: dir})) showError("not connected: the move was not sent");
 });
 $("login").addEventListener("submit", ev => { ev.preventDefault(); login(false); });
 $("do-register").addEventListener("click", () => login(true));
 $("logout").addEventListener("click", async () => {
-  try { await client.logout(); } catch (e) { /* the session is gone either way */ }
+  try { await client.logout(); } catch (e) {
+    showError("logout: " + e.message + " (the session still lives: try again)");
+    connect();
+    return;
+  }
   toLogin("Logged out.");
 });
 $("reload-zones").addEventListener("click", loadZones);

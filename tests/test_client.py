@@ -463,6 +463,41 @@ async def test_close_stops_everything_and_leaves_no_task(start_server, tmp_path)
         await proxy.close()
 
 
+async def test_two_subscribes_at_once_share_one_socket(start_server, tmp_path):
+    """Two callers connecting at once open one socket (two would replace each other: 4000),
+    and a zone id in another spelling is the same zone."""
+    running = await start_server(config(tmp_path), Recorder())
+    c = await player(running)
+    try:
+        zone = await c.create_zone("twice", 8, 8)
+        answers = await asyncio.gather(c.subscribe(zone["id"]), c.subscribe(zone["id"].upper()))
+        assert [a["zone_id"] for a in answers] == [zone["id"], zone["id"]]
+        assert await c.intent({"n": 1}) is True
+        await c.next("tick", where=lambda m: {"n": 1} in m["state"]["intents"])
+        assert c.ended is None and c.connected and c.reconnects == 0
+        assert len(running.srv.hub.conns) == 1
+    finally:
+        await c.close()
+
+
+async def test_a_handler_may_close_its_client(start_server, tmp_path):
+    running = await start_server(config(tmp_path), Recorder())
+    c = await player(running)
+    zone = await c.create_zone("closing", 8, 8)
+    closed = asyncio.Event()
+
+    async def leave(message):
+        await c.close()
+        closed.set()
+
+    c.on("tick", leave)
+    await c.subscribe(zone["id"])
+    await asyncio.wait_for(closed.wait(), scaled(5))
+    assert c.ended.code == "closed" and not c.connected
+    await wait_for(lambda: client_tasks() == [], what="the client's tasks to end")
+    await wait_for(lambda: not running.srv.hub.conns, what="the server to see the close")
+
+
 # -- the README's bot -------------------------------------------------------------------------
 
 def readme_bot() -> str:

@@ -25,6 +25,7 @@ GAME_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>a game</t
 import {GridClient, GridError} from "/client.js";
 const c = window.c = new GridClient();
 window.GridError = GridError;
+window.GridClient = GridClient;
 window.log = [];
 for (const type of ["open", "close", "message"]) c.on(type, ev => window.log.push([type, ev]));
 window.seen = type => window.log.filter(([t, ev]) => t === type || (t === "message" && ev.type === type)).map(e => e[1]);
@@ -112,7 +113,9 @@ async def test_a_game_plays_through_gridclient(tmp_path, start_server, page):
     assert "dance" in error["message"]
     bad = await page.evaluate("async () => await fails(c.subscribe('00000000-0000-0000-0000-000000000000'))")
     assert bad["code"] == "zone_not_found"
-    assert await page.evaluate("async (id) => (await c.subscribe(id)).zone_id", lobby["id"]) == lobby["id"]
+    assert await page.evaluate("() => c.wanted") == lobby["id"]  # a refused zone is not asked for again
+    # an id in another spelling is the same zone: the answer is matched all the same
+    assert await page.evaluate("async (id) => (await c.subscribe(id.toUpperCase())).zone_id", lobby["id"]) == lobby["id"]
 
     # The connection drops: "close" says it reconnects (backoff from 0.5 s, with jitter), it
     # comes back and the server resumes the zone: the same avatar, ticks again.
@@ -123,6 +126,7 @@ async def test_a_game_plays_through_gridclient(tmp_path, start_server, page):
     assert drop["reconnecting"] is True and drop["attempt"] == 1 and 375 <= drop["delay"] <= 625
     await until(page, "() => seen('open').length === 2 && c.resumed")
     assert await page.evaluate("() => seen('subscribed').some(m => m.resumed === true)")
+    assert await page.evaluate("() => c.state !== null && c.tick.zone_id") == lobby["id"]  # kept across the resume
     await until(page, "(n) => seen('tick').length > n + 3", ticks)
     assert str(server_avatar(running, player["id"]).id) == avatar_id
 
@@ -155,6 +159,12 @@ async def test_a_session_ended_elsewhere_stops_the_client(tmp_path, start_server
     player = await running.player()
     await open_game(page, running)
     await page.evaluate("async ([u, p]) => { await c.login(u, p); await c.connect(); }", [player["username"], PASSWORD])
+    # A client given the kept token (a reload) learns who it is when it connects.
+    assert await page.evaluate("""async () => {
+        window.c = new GridClient(undefined, {token: c.token}); window.log = [];
+        for (const type of ["open", "close", "message"]) c.on(type, ev => window.log.push([type, ev]));
+        await c.connect();
+        return c.playerId; }""") == player["id"]
     await wait_for(lambda: uuid.UUID(player["id"]) in running.srv.hub.conns, what="the page's socket")
     status, _ = await running.call("POST", "/api/auth/logout", player["token"], json={"all": True})
     assert status == 204
@@ -188,6 +198,43 @@ async def test_a_dead_server_is_retried_with_growing_delays(tmp_path, start_serv
     assert await page.evaluate("() => c.connected && c.attempt === 0 && c.zoneId") == str(lobby.zone.id)
     await wait_for(lambda: running.srv.hub.conns.get(uuid.UUID(player["id"])) is not None
                    and running.srv.hub.conns[uuid.UUID(player["id"])].zone_id == lobby.zone.id, what="subscribed")
+
+    # close() between two attempts: whatever waits is told at once, and nothing reconnects.
+    proxy.cut()
+    await until(page, "(n) => seen('close').length > n", len(closes))
+    waiting = await page.evaluate("""async () => {
+        const connecting = fails(c.connect()), ping = fails(c.ping());
+        c.close();
+        return [await connecting, await ping, seen('close').at(-1)]; }""")
+    assert waiting[0]["code"] == "closed" and waiting[1]["code"] in ("closed", "not_connected")
+    assert waiting[2]["reconnecting"] is False
+    proxy.restore()
+    await asyncio.sleep(1.5)
+    assert await page.evaluate("() => c.socket === null && !c.connected")
+
+
+async def test_a_silent_network_is_noticed_by_the_heartbeat(tmp_path, start_server, tcp_proxy, page):
+    """A connection that stops passing bytes without closing (a network change): the client
+    pings after ``heartbeat`` ms of silence, gives the socket up after as long again, and
+    reconnects once the network is back; the server resumes the zone."""
+    running = await start_server(game_config(tmp_path, server_debug=False))
+    player = await running.player()
+    lobby = next(z for z in running.srv.world.zones.values() if z.zone.name == "lobby")
+    proxy = await tcp_proxy("127.0.0.1", running.server.port)
+    await open_game(page, running, f"http://127.0.0.1:{proxy.port}")
+    await page.evaluate("""async ([u, p, zone]) => {
+        window.c = new GridClient(undefined, {heartbeat: 500, backoff: {first: 200, max: 400}}); window.log = [];
+        for (const type of ["open", "close", "message"]) c.on(type, ev => window.log.push([type, ev]));
+        await c.login(u, p); await c.connect(); await c.subscribe(zone); }""",
+                        [player["username"], PASSWORD, str(lobby.zone.id)])
+    await until(page, "() => seen('tick').length > 2")
+    proxy.stall()
+    dropped = await until(page, "() => seen('close')[0]", timeout=10)
+    assert dropped["reconnecting"] is True and dropped["reason"] == "the server stopped answering"
+    proxy.restore()
+    await until(page, "() => seen('open').length === 2 && c.connected && c.zoneId", timeout=20)
+    ticks = await page.evaluate("() => seen('tick').length")
+    await until(page, "(n) => seen('tick').length > n + 2", ticks)
 
 
 def readme_game() -> str:
