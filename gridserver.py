@@ -218,9 +218,9 @@ OPTIONS: list[_Option] = [
             "seconds a client may take to send a request's headers or body, and an idle HTTP connection stays open", 0.1),
     _Option("server", "max_connections_per_address", "256", "int",
             "open connections (HTTP and WebSocket) one client address may hold; more are answered 429 and closed", 1),
-    _Option("server", "event_loop", "auto", "str",
-            "auto: uvloop when it is installed (pip install 'gridserver[fast]'), else asyncio's own; "
-            "uvloop: uvloop, or refuse to start without it; asyncio: asyncio's own loop"),
+    _Option("server", "event_loop", "asyncio", "str",
+            "asyncio: asyncio's own loop (the fault suite's guarantees are tested on it); uvloop: uvloop "
+            "(pip install 'gridserver[fast]'), or refuse to start without it; auto: uvloop when installed"),
     _Option("server", "static_dir", "", "str",
             "a folder of the game's own browser files (its page, scripts, images), served at /game/ "
             "(/game/ is its index.html); relative to the config file's folder; empty: none"),

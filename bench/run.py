@@ -32,7 +32,7 @@ RESULTS = os.path.join(HERE, "results")
 #: [journal] mode of the servers started (``--journal``).
 JOURNAL_MODE = "replay"
 #: [server] event_loop of the servers started (``--event-loop``).
-EVENT_LOOP = "auto"
+EVENT_LOOP = "asyncio"
 PG_DSN = os.environ.get("GRIDSERVER_BENCH_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
 HOST = "127.0.0.1"
 
@@ -563,7 +563,7 @@ async def main() -> int:
     parser.add_argument("--journal", choices=["replay", "off", "both"], default="replay",
                         help="[journal] mode of the server; both: grid-walk and world run twice, off then replay, "
                              "so the journal's cost is measured in one run")
-    parser.add_argument("--event-loop", choices=["auto", "asyncio", "uvloop", "both"], default="auto",
+    parser.add_argument("--event-loop", choices=["asyncio", "uvloop", "auto", "both"], default="asyncio",
                         help="[server] event_loop of the server; both: grid-walk and world run twice, asyncio then "
                              "uvloop (pip install -e '.[fast]'), so what uvloop saves is measured in one run")
     parser.add_argument("--knee", action="store_true",

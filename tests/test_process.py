@@ -237,15 +237,17 @@ def test_debug_for_every_player_is_refused_off_loopback(tmp_path, monkeypatch):
         and "[server] debug_players" in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("choice", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("choice", ["asyncio", "uvloop", "auto"])
 async def test_the_event_loop_is_the_one_configured(tmp_path, choice):
     """``[server] event_loop``: the server runs on the loop named (uvloop comes with the
-    ``[fast]`` and ``[test]`` extras), plays, and stops cleanly on SIGTERM."""
+    ``[fast]`` and ``[test]`` extras), plays, and stops cleanly on SIGTERM; auto picks uvloop
+    when it is installed."""
     shutil.copy(os.path.join(ROOT, "gridserver.py"), tmp_path / "gridserver.py")
     async with server_process(tmp_path, GRIDSERVER_SERVER_EVENT_LOOP=choice) as (base, proc):
         await play_the_builtin_demo(base)
     text = (tmp_path / "server.log").read_text()
-    assert re.search(rf"event loop: {choice}\b", text) and "Traceback" not in text, text
+    want = "uvloop" if choice == "auto" else choice
+    assert re.search(rf"event loop: {want}\b", text) and "Traceback" not in text, text
 
 
 async def test_without_uvloop_auto_falls_back_and_uvloop_refuses_to_start(tmp_path):
@@ -261,6 +263,7 @@ async def test_without_uvloop_auto_falls_back_and_uvloop_refuses_to_start(tmp_pa
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("gridserver: [server] event_loop = uvloop: uvloop is not "
                                                     "installed (pip install 'gridserver[fast]')")
-    async with server_process(tmp_path, PYTHONPATH=str(tmp_path / "shadow")) as (base, proc):
+    async with server_process(tmp_path, PYTHONPATH=str(tmp_path / "shadow"), GRIDSERVER_SERVER_EVENT_LOOP="auto") \
+            as (base, proc):
         await play_the_builtin_demo(base)
     assert "event loop: asyncio" in (tmp_path / "server.log").read_text()
