@@ -94,6 +94,7 @@ import datetime as _dt
 import gc
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import ipaddress
@@ -118,7 +119,7 @@ import typing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Mapping, NamedTuple, Protocol
+from typing import Any, Awaitable, Callable, Coroutine, Iterable, Mapping, NamedTuple, Protocol
 from uuid import UUID
 
 import bcrypt
@@ -217,6 +218,9 @@ OPTIONS: list[_Option] = [
             "seconds a client may take to send a request's headers or body, and an idle HTTP connection stays open", 0.1),
     _Option("server", "max_connections_per_address", "256", "int",
             "open connections (HTTP and WebSocket) one client address may hold; more are answered 429 and closed", 1),
+    _Option("server", "event_loop", "asyncio", "str",
+            "asyncio: asyncio's own loop (the fault suite's guarantees are tested on it); uvloop: uvloop "
+            "(pip install 'gridserver[fast]'), or refuse to start without it; auto: uvloop when installed"),
     _Option("server", "static_dir", "", "str",
             "a folder of the game's own browser files (its page, scripts, images), served at /game/ "
             "(/game/ is its index.html); relative to the config file's folder; empty: none"),
@@ -401,6 +405,8 @@ def _check_config(cfg: Config) -> None:
         raise ConfigError(f"[server] debug = true with an empty [server] debug_players would make every player "
                           f"an admin on {cfg.get('server', 'host')!r}: name the debug players, or listen on "
                           f"a loopback address")
+    if cfg.get("server", "event_loop") not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError(f"[server] event_loop: expected auto, uvloop or asyncio, got {cfg.get('server', 'event_loop')!r}")
     static = cfg.get("server", "static_dir")
     if static and not os.path.isdir(static):
         raise ConfigError(f"[server] static_dir: {static!r} is not a folder")
@@ -5867,6 +5873,28 @@ async def _serve(cfg: Config, reload: bool = False) -> int:
     return 0
 
 
+def _event_loop(cfg: Config) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """The event loop ``[server] event_loop`` picks: its name and factory (None: asyncio's).
+    uvloop (the ``[fast]`` extra: libuv's loop, in C) is imported only when it may be used;
+    ``ConfigError`` when it is required and missing."""
+    choice = cfg.get("server", "event_loop")
+    if choice == "asyncio":
+        return "asyncio", None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("[server] event_loop = uvloop: uvloop is not installed "
+                              "(pip install 'gridserver[fast]')") from None
+        return "asyncio", None
+    return f"uvloop {importlib.metadata.version('uvloop')}", uvloop.new_event_loop
+
+
+def _run(main: Coroutine[Any, Any, int], factory: Callable[[], asyncio.AbstractEventLoop] | None) -> int:
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
 async def _replay(cfg: Config, zone_text: str, first: int, last: int) -> int:
     """``gridserver replay``: the zone's ticks ``first``..``last`` replayed from the database
     (the newest snapshot before ``first``, then the journal) through the game module, one JSON
@@ -5970,7 +5998,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in cfg.unused_sections:
         log.warning("config section [%s] is not used: it is neither a gridserver section nor the game module's", name)
     try:
-        return asyncio.run(_serve(cfg, reload=args.reload))
+        loop_name, factory = _event_loop(cfg)
+    except ConfigError as exc:
+        print(f"gridserver: {exc}", file=sys.stderr)
+        return 2
+    log.info("event loop: %s", loop_name)
+    try:
+        return _run(_serve(cfg, reload=args.reload), factory)
     except KeyboardInterrupt:
         return 130
 

@@ -31,6 +31,8 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 #: [journal] mode of the servers started (``--journal``).
 JOURNAL_MODE = "replay"
+#: [server] event_loop of the servers started (``--event-loop``).
+EVENT_LOOP = "asyncio"
 PG_DSN = os.environ.get("GRIDSERVER_BENCH_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
 HOST = "127.0.0.1"
 
@@ -97,6 +99,7 @@ class ServerProcess:
                     "GRIDSERVER_SERVER_MAX_CONNECTIONS_PER_ADDRESS": "1000000",
                     "GRIDSERVER_AUTH_MAX_PENDING_HASHES": "8192",
                     "GRIDSERVER_JOURNAL_MODE": JOURNAL_MODE,
+                    "GRIDSERVER_SERVER_EVENT_LOOP": EVENT_LOOP,
                     # debug is on for the debug routes; its replay check would run ticks twice
                     "GRIDSERVER_JOURNAL_VERIFY_EVERY": "0"})
         env.update(settings)
@@ -304,11 +307,11 @@ def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict],
     return row
 
 
-COLUMNS = [("scenario", 16), ("journal", 7), ("clients", 7), ("alive", 6), ("ticks_received_pct", 7), ("server_cpu_s_per_s", 7),
+COLUMNS = [("scenario", 16), ("journal", 7), ("loop", 7), ("clients", 7), ("alive", 6), ("ticks_received_pct", 7), ("server_cpu_s_per_s", 7),
            ("cpu_us_per_player_tick", 8), ("rss_mib", 7), ("lateness_p50_ms", 7), ("lateness_p99_ms", 7),
            ("work_p99_ms", 7), ("broadcast_p99_ms", 8), ("latency_p50_ms", 7), ("latency_p99_ms", 7),
            ("driver_cpu_s_per_s", 7)]
-HEADERS = ["scenario", "journal", "clients", "alive", "recv%", "cpu/s", "us/p/t", "RSS MiB", "late50", "late99",
+HEADERS = ["scenario", "journal", "loop", "clients", "alive", "recv%", "cpu/s", "us/p/t", "RSS MiB", "late50", "late99",
            "work99", "bcast99", "lat50", "lat99", "drvcpu"]
 
 
@@ -560,10 +563,13 @@ async def main() -> int:
     parser.add_argument("--journal", choices=["replay", "off", "both"], default="replay",
                         help="[journal] mode of the server; both: grid-walk and world run twice, off then replay, "
                              "so the journal's cost is measured in one run")
+    parser.add_argument("--event-loop", choices=["asyncio", "uvloop", "auto", "both"], default="asyncio",
+                        help="[server] event_loop of the server; both: grid-walk and world run twice, asyncio then "
+                             "uvloop (pip install -e '.[fast]'), so what uvloop saves is measured in one run")
     parser.add_argument("--knee", action="store_true",
                         help="grid-walk: past the last count, add 2,500 players a run until a target breaks")
     args = parser.parse_args()
-    global PROFILE_DIR, RESULTS, JOURNAL_MODE
+    global PROFILE_DIR, RESULTS, JOURNAL_MODE, EVENT_LOOP
     PROFILE_DIR = args.profile
     RESULTS = args.out or RESULTS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -574,13 +580,16 @@ async def main() -> int:
     print(f"database: {'PostgreSQL' if use_pg else 'SQLite'}; window {window:.0f} s; {os.cpu_count()} CPUs")
     print_header()
     modes = ["off", "replay"] if args.journal == "both" else [args.journal]
+    loops = ["asyncio", "uvloop"] if args.event_loop == "both" else [args.event_loop]
     for scenario in scenarios:
         rows = []
-        for mode in modes if scenario in ("grid-walk", "grid-walk-fog", "world") else [modes[-1]]:
-            JOURNAL_MODE = mode
-            code = await _run_scenario(scenario, args, window, use_pg, rows)
-            if code is not None:
-                return code
+        twice = scenario in ("grid-walk", "grid-walk-fog", "world")
+        for mode in modes if twice else [modes[-1]]:
+            for loop in loops if twice else [loops[-1]]:
+                JOURNAL_MODE, EVENT_LOOP = mode, loop
+                code = await _run_scenario(scenario, args, window, use_pg, rows)
+                if code is not None:
+                    return code
         if scenario != "queries":
             save(scenario, rows)
     return 0
@@ -596,7 +605,7 @@ async def _run_scenario(scenario: str, args: argparse.Namespace, window: float, 
             n = counts.pop(0)
             row = await grid_walk(n, 50 if n >= 50 else n, 8 if scenario.endswith("fog") else 0, window,
                                   use_pg, 1 if args.quick else args.drivers)
-            row["journal"] = JOURNAL_MODE
+            row["journal"], row["loop"] = JOURNAL_MODE, EVENT_LOOP
             print_row(row)
             rows.append(row)
             if args.knee and not counts and meets_targets(row) and n + 2500 <= KNEE_LIMIT:
@@ -604,7 +613,7 @@ async def _run_scenario(scenario: str, args: argparse.Namespace, window: float, 
     elif scenario == "world":
         zones, per_zone = (20, 50) if args.quick else (1000, 100)
         row = await world(zones, per_zone, window if not args.quick else 4.0, use_pg)
-        row["journal"] = JOURNAL_MODE
+        row["journal"], row["loop"] = JOURNAL_MODE, EVENT_LOOP
         print("world: " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("scenario", "clients", "alive")),
               flush=True)
         rows.append(row)

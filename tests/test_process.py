@@ -44,7 +44,8 @@ async def server_process(folder, **env_overrides):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
     env.update(GRIDSERVER_SERVER_PORT=str(port), GRIDSERVER_AUTH_BCRYPT_ROUNDS="4",
-               GRIDSERVER_TICK_INTERVAL="0.1", PYTHONPATH="", **env_overrides)
+               GRIDSERVER_TICK_INTERVAL="0.1", PYTHONPATH="")
+    env.update(env_overrides)
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", _WITHOUT_GAME_MODULES], cwd=folder, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -80,34 +81,39 @@ async def login(http: aiohttp.ClientSession, base: str, username: str) -> str:
         return (await r.json())["token"]
 
 
+async def play_the_builtin_demo(base: str) -> None:
+    """Register, subscribe to the demo's lobby, and see a move act."""
+    port = int(base.rsplit(":", 1)[1])
+    async with aiohttp.ClientSession() as http:
+        token = await login(http, base, "solo")
+        async with http.get(base + "/api/zones", headers={"Authorization": f"Bearer {token}"}) as r:
+            zones = (await r.json())["zones"]
+        assert [(z["name"], z["metadata"]) for z in zones] == [("lobby", {"game": "builtin demo"})]
+        async with http.ws_connect(f"ws://127.0.0.1:{port}/ws?token={token}") as ws:
+            await ws.send_json({"type": "subscribe", "zone_id": zones[0]["id"]})
+
+            async def my_x() -> int | None:
+                while True:
+                    msg = await asyncio.wait_for(ws.receive_json(), scaled(5))
+                    if msg.get("type") == "tick":
+                        mine = [e for e in msg["state"]["entities"] if e.get("label") == "solo"]
+                        if mine:
+                            return mine[0]["x"]
+
+            x0 = await my_x()
+            direction, step = ("right", 1) if x0 < 23 else ("left", -1)
+            await ws.send_json({"type": "intent", "data": {"move": direction}})
+            for _ in range(20):
+                x = await my_x()
+                if x != x0:
+                    break
+            assert x == x0 + step
+
+
 async def test_a_lone_copy_runs_the_builtin_demo_and_plays(tmp_path):
     shutil.copy(os.path.join(ROOT, "gridserver.py"), tmp_path / "gridserver.py")
     async with server_process(tmp_path) as (base, proc):
-        port = int(base.rsplit(":", 1)[1])
-        async with aiohttp.ClientSession() as http:
-            token = await login(http, base, "solo")
-            async with http.get(base + "/api/zones", headers={"Authorization": f"Bearer {token}"}) as r:
-                zones = (await r.json())["zones"]
-            assert [(z["name"], z["metadata"]) for z in zones] == [("lobby", {"game": "builtin demo"})]
-            async with http.ws_connect(f"ws://127.0.0.1:{port}/ws?token={token}") as ws:
-                await ws.send_json({"type": "subscribe", "zone_id": zones[0]["id"]})
-
-                async def my_x() -> int | None:
-                    while True:
-                        msg = await asyncio.wait_for(ws.receive_json(), scaled(5))
-                        if msg.get("type") == "tick":
-                            mine = [e for e in msg["state"]["entities"] if e.get("label") == "solo"]
-                            if mine:
-                                return mine[0]["x"]
-
-                x0 = await my_x()
-                direction, step = ("right", 1) if x0 < 23 else ("left", -1)
-                await ws.send_json({"type": "intent", "data": {"move": direction}})
-                for _ in range(20):
-                    x = await my_x()
-                    if x != x0:
-                        break
-                assert x == x0 + step
+        await play_the_builtin_demo(base)
     text = (tmp_path / "server.log").read_text()
     assert "running the built-in demo game" in text and "Traceback" not in text
     assert (tmp_path / "gridserver.db").exists()
@@ -229,3 +235,35 @@ def test_debug_for_every_player_is_refused_off_loopback(tmp_path, monkeypatch):
     assert len(lines) == 1 and done.stdout == "", (done.stdout, done.stderr)
     assert lines[0].startswith("gridserver: ") and _DEBUG_KEY.search(lines[0]) \
         and "[server] debug_players" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("choice", ["asyncio", "uvloop", "auto"])
+async def test_the_event_loop_is_the_one_configured(tmp_path, choice):
+    """``[server] event_loop``: the server runs on the loop named (uvloop comes with the
+    ``[fast]`` and ``[test]`` extras), plays, and stops cleanly on SIGTERM; auto picks uvloop
+    when it is installed."""
+    shutil.copy(os.path.join(ROOT, "gridserver.py"), tmp_path / "gridserver.py")
+    async with server_process(tmp_path, GRIDSERVER_SERVER_EVENT_LOOP=choice) as (base, proc):
+        await play_the_builtin_demo(base)
+    text = (tmp_path / "server.log").read_text()
+    want = "uvloop" if choice == "auto" else choice
+    assert re.search(rf"event loop: {want}\b", text) and "Traceback" not in text, text
+
+
+async def test_without_uvloop_auto_falls_back_and_uvloop_refuses_to_start(tmp_path):
+    shutil.copy(os.path.join(ROOT, "gridserver.py"), tmp_path / "gridserver.py")
+    shadow = tmp_path / "shadow" / "uvloop"  # an uvloop that cannot be imported, first on the path
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('uvloop is not here')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
+    env.update(PYTHONPATH=str(tmp_path / "shadow"), GRIDSERVER_SERVER_EVENT_LOOP="uvloop",
+               GRIDSERVER_SERVER_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_GAME_MODULES], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=scaled(30))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("gridserver: [server] event_loop = uvloop: uvloop is not "
+                                                    "installed (pip install 'gridserver[fast]')")
+    async with server_process(tmp_path, PYTHONPATH=str(tmp_path / "shadow"), GRIDSERVER_SERVER_EVENT_LOOP="auto") \
+            as (base, proc):
+        await play_the_builtin_demo(base)
+    assert "event loop: asyncio" in (tmp_path / "server.log").read_text()
