@@ -221,6 +221,9 @@ OPTIONS: list[_Option] = [
     _Option("server", "event_loop", "asyncio", "str",
             "asyncio: asyncio's own loop (the fault suite's guarantees are tested on it); uvloop: uvloop "
             "(pip install 'gridserver[fast]'), or refuse to start without it; auto: uvloop when installed"),
+    _Option("server", "cors_origins", "", "str",
+            "comma-separated origins (scheme://host:port) whose browser pages may call the REST routes, "
+            "for a game page served elsewhere (a development server); * for any; empty: none"),
     _Option("server", "static_dir", "", "str",
             "a folder of the game's own browser files (its page, scripts, images), served at /game/ "
             "(/game/ is its index.html); relative to the config file's folder; empty: none"),
@@ -4407,6 +4410,8 @@ class Server:
         self.accounts = Accounts(self.store, cfg, self.metrics)
         self.hub = Hub(self.world, self.metrics, cfg)
         self.debug = cfg.get("server", "debug")
+        self.cors_origins = frozenset(o.strip().rstrip("/") for o in cfg.get("server", "cors_origins").split(",")
+                                      if o.strip())
         self.max_body = cfg.get("server", "max_body_size")
         self.max_zone = cfg.get("server", "max_zone_size")
         self.client_timeout = cfg.get("server", "client_timeout")
@@ -4899,6 +4904,28 @@ async def _debug_session(request: web.Request) -> Session:
     if not srv.is_debug_player(session.username):
         raise GridError("forbidden", "Only debug players may use this.")
     return session
+
+
+@web.middleware
+async def _cors_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """``[server] cors_origins``: a browser page from one of those origins may call the REST
+    routes (the token goes in ``Authorization``, never in a cookie); its preflight is answered
+    here. Other origins get no CORS header, so their browsers keep the answers from them."""
+    origins = request.app[SERVER].cors_origins
+    origin = request.headers.get("Origin")
+    if not origins or origin is None or not (origin in origins or "*" in origins):
+        return await handler(request)
+    allow = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(status=204, headers={**allow, "Access-Control-Allow-Methods": "GET, POST, DELETE",
+                                                 "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                                                 "Access-Control-Max-Age": "600"})
+    response = await handler(request)
+    if not response.prepared:  # the WebSocket upgrade has been sent already (and needs no CORS)
+        response.headers.update(allow)
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+    return response
 
 
 @web.middleware
@@ -5720,7 +5747,7 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     object, which replaces the module named in the config (and cannot be reloaded); None:
     the configured module is loaded at start-up."""
     cfg = cfg or Config.load()
-    app = web.Application(middlewares=[_errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024,
+    app = web.Application(middlewares=[_cors_middleware, _errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024,
                           handler_args={"keepalive_timeout": cfg.get("server", "client_timeout")})
     app[SERVER] = Server(cfg, game)
     # GET routes answer HEAD too (web.get), as aiohttp's do
@@ -6540,8 +6567,8 @@ CLIENT_JS = r"""// gridserver's JavaScript client, served by the server itself a
 //   await game.subscribe((await game.zones())[0].id);
 //   game.intent({move: "right"});
 //
-// The page using it must come from the same origin as the server's API (serve it with
-// [server] static_dir): the REST routes send no CORS headers. REST errors reject with a
+// Serve the game's page from the server itself ([server] static_dir, at /game/); a page from
+// another origin needs that origin in [server] cors_origins. REST errors reject with a
 // GridError (status, code, message, retryAfter). See the README, "Writing a browser game".
 
 export class GridError extends Error {

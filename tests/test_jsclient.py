@@ -277,3 +277,31 @@ async def test_the_readme_browser_game_plays(tmp_path, start_server, page):
     await page.click("button")
     await until(page, "() => document.getElementById('problem').textContent.length > 0")
     assert await page.is_visible("#login")
+
+
+async def test_a_page_from_another_origin_plays_with_cors_origins(tmp_path, start_server, tcp_proxy, page):
+    """The game page comes from another origin (a development server: here a proxy on another
+    port) and names the server as ``baseUrl``: with ``[server] cors_origins`` listing the
+    page's origin the browser lets GridClient log in and play; without it, it does not."""
+    proxy = await tcp_proxy("127.0.0.1", 1)  # upstream set once the server's port is known
+    elsewhere = f"http://127.0.0.1:{proxy.port}"
+    running = await start_server(game_config(tmp_path, server_debug=False, server_cors_origins=elsewhere))
+    proxy.upstream = ("127.0.0.1", running.server.port)
+    player = await running.player()
+    await open_game(page, running, elsewhere)
+    answer = await page.evaluate("""async ([url, u, p]) => {
+        window.c = new GridClient(url); window.log = [];
+        for (const type of ["open", "close", "message"]) c.on(type, ev => window.log.push([type, ev]));
+        await c.login(u, p);
+        await c.connect();
+        const lobby = (await c.zones()).find(z => z.name === "lobby");
+        return await c.subscribe(lobby.id); }""", [running.url, player["username"], PASSWORD])
+    assert answer["type"] == "subscribed"
+    await until(page, "() => seen('tick').length > 1")
+
+    # Not listed: the browser keeps the answers from the page.
+    (tmp_path / "other").mkdir()
+    strict = await start_server(game_config(tmp_path / "other", server_debug=False))
+    refused = await page.evaluate("async ([url, u, p]) => await fails(new GridClient(url).login(u, p))",
+                                  [strict.url, player["username"], PASSWORD])
+    assert refused["code"] == "unreachable"
