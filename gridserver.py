@@ -6624,11 +6624,16 @@ export class GridClient {
 
   off(type, fn) { const set = this._handlers.get(type); if (set) set.delete(fn); }
 
-  // The next event of this type (a Promise), rejected with a GridError "timeout" after timeoutMs.
+  // The next event of this type (a Promise), rejected with a GridError "timeout" after timeoutMs,
+  // or "closed" when the socket ends for good first.
   next(type, timeoutMs = 10000) {
     return new Promise((resolve, reject) => {
-      const off = this.on(type, m => { clearTimeout(timer); off(); resolve(m); });
-      const timer = setTimeout(() => { off(); reject(new GridError(0, "timeout", `no "${type}" within ${timeoutMs} ms`)); },
+      const done = (fn, value) => { clearTimeout(timer); off(); offClose(); fn(value); };
+      const off = this.on(type, m => done(resolve, m));
+      const offClose = type === "close" ? () => {} : this.on("close", ev => {
+        if (!ev.reconnecting) done(reject, new GridError(ev.code, "closed", `the connection closed (${ev.code})`));
+      });
+      const timer = setTimeout(() => done(reject, new GridError(0, "timeout", `no "${type}" within ${timeoutMs} ms`)),
                                Math.min(timeoutMs, MAX_WAIT));
     });
   }

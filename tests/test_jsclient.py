@@ -207,6 +207,8 @@ async def test_a_dead_server_is_retried_with_growing_delays(tmp_path, start_serv
         c.close();
         return [await connecting, await ping, seen('close').at(-1)]; }""")
     assert waiting[0]["code"] == "closed" and waiting[1]["code"] in ("closed", "not_connected")
+    assert await page.evaluate("""async () => { c.connect().catch(() => {}); const tick = fails(c.next("tick", 60000));
+        c.close(); return (await tick).code; }""") == "closed"
     assert waiting[2]["reconnecting"] is False
     proxy.restore()
     await asyncio.sleep(1.5)
