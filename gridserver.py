@@ -7310,8 +7310,13 @@ function labels(ctx, order, s, cw, ch) {
   const todo = order.filter(e => e.label && (rank(e) < 3 || s >= 10)).sort((a, b) => rank(a) - rank(b));
   for (const e of todo) {
     const text = rank(e) < 3 ? e.label : shorten(e.label), w = ctx.measureText(text).width + 6, h = fs + 4;
-    const mid = (e.x + Math.max(e.w, 1) / 2) * s, x = Math.max(0, Math.min(cw - w, mid - w / 2));
-    for (const y of [e.y * s - h - 1, (e.y + Math.max(e.h, 1)) * s + 1]) {
+    const mid = (e.x + Math.max(e.w, 1) / 2) * s, above = e.y * s - h - 1, below = (e.y + Math.max(e.h, 1)) * s + 1;
+    // above or below the entity; yours, the selected and the hovered one also slide sideways
+    // and one row further out before they give up
+    const ys = rank(e) < 3 ? [above, below, above - h, below + h] : [above, below];
+    const shifts = rank(e) < 3 ? [0, -w / 2, w / 2, -w, w] : [0];
+    const spots = ys.flatMap(y => shifts.map(dx => [Math.max(0, Math.min(cw - w, mid - w / 2 + dx)), y]));
+    for (const [x, y] of spots) {
       const box = {x, y, w, h, text, id: e.id};
       if (y < 0 || y + h > ch || G.labels.some(b => b.x < x + w && x < b.x + b.w && b.y < y + h && y < b.y + b.h)) continue;
       G.labels.push(box);
