@@ -6183,12 +6183,16 @@ class Client:
         return answer
 
     async def logout(self, all: bool = False) -> None:
-        """End the session (``all``: every session of the player) and, for good, the socket."""
+        """End the session (``all``: every session of the player) and, for good, the socket.
+        When the server cannot be told (``unreachable``, 503...) the ``ClientError`` is raised
+        and the token and the socket are kept: the session still lives, so log out again."""
         try:
             await self.request("POST", "/api/auth/logout", {"all": True} if all else None)
-        finally:
-            await self._stop(ClientError(CLOSE_SESSION_ENDED, "session_ended", "Logged out."))
-            self.token, self._want = None, None
+        except ClientError as exc:
+            if exc.status != 401:  # 401: the session had ended already
+                raise
+        await self._stop(ClientError(CLOSE_SESSION_ENDED, "session_ended", "Logged out."))
+        self.token, self._want = None, None
 
     async def me(self) -> dict:
         """``{"id", "username", "created_at", "last_login", "is_debug"}``."""

@@ -463,6 +463,29 @@ async def test_close_stops_everything_and_leaves_no_task(start_server, tmp_path)
         await proxy.close()
 
 
+async def test_a_logout_the_server_did_not_hear_keeps_the_session(start_server, tmp_path):
+    running = await start_server(config(tmp_path), Recorder())
+    proxy = await TcpProxy("127.0.0.1", running.server.port).start()
+    c = Client(f"http://127.0.0.1:{proxy.port}", timeout=scaled(10), reconnect_delay=(0.05, 0.2))
+    try:
+        name = "p_" + uuid.uuid4().hex[:8]
+        await c.register(name, PASSWORD)
+        await c.login(name, PASSWORD)
+        token = c.token
+        proxy.cut()
+        with pytest.raises(ClientError) as failed:
+            await c.logout()
+        assert failed.value.code == "unreachable" and c.token == token
+        status, _ = await running.call("GET", "/api/auth/me", token)
+        assert status == 200  # the session still lives: logging out again is the way
+        proxy.restore()
+        await c.logout()
+        assert c.token is None and (await running.call("GET", "/api/auth/me", token))[0] == 401
+    finally:
+        await c.close()
+        await proxy.close()
+
+
 async def test_two_subscribes_at_once_share_one_socket(start_server, tmp_path):
     """Two callers connecting at once open one socket (two would replace each other: 4000),
     and a zone id in another spelling is the same zone."""
