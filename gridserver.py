@@ -7485,9 +7485,11 @@ async def client_js(request: web.Request) -> web.Response:
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*"})
 
 
-def _game_path(root: str, name: str) -> str | None:
-    """The file ``name`` names in ``root`` (``index.html`` for a folder), or None: nothing
-    outside ``root``, no hidden files (``.git``, ``.env``), no links out of it."""
+def _game_path(folder: str, name: str) -> str | None:
+    """The file ``name`` names in ``folder`` (``index.html`` for a folder), or None: nothing
+    outside ``folder``, no hidden files (``.git``, ``.env``), no links out of it. It touches
+    the disk: run it off the loop."""
+    root = os.path.realpath(folder)
     parts = name.split("/")
     if any(p.startswith(".") for p in parts) or "\\" in name or "\0" in name:
         return None
@@ -7508,8 +7510,7 @@ async def game_file(request: web.Request) -> web.StreamResponse:
     if not static:
         raise GridError("not_found", "No game files are served here ([server] static_dir is not set).")
     name = request.match_info["path"]
-    root = os.path.realpath(static)
-    path = await asyncio.get_running_loop().run_in_executor(None, _game_path, root, name)
+    path = await asyncio.get_running_loop().run_in_executor(None, _game_path, static, name)
     if path is None:
         raise GridError("not_found", f"The game's files have no {name[:200]!r}.")
     headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
