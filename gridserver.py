@@ -4699,6 +4699,8 @@ class Server:
 
 #: Where the app keeps its ``Server``.
 SERVER = web.AppKey("server", Server)
+#: ``/api/openapi.json``'s text, built by ``create_app``.
+OPENAPI = web.AppKey("openapi", str)
 
 
 # =============================================================================
@@ -5307,7 +5309,7 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
 @dataclass(frozen=True)
 class _Field:
     name: str
-    type: str  # "string", "integer", "boolean", "object", "uuid"
+    type: str  # "string", "integer", "boolean", "object"
     required: bool
     help: str
     limits: tuple[tuple[str, Any], ...] = ()  # JSON schema keywords: (("minimum", 1),); a value may be a _Setting
@@ -5415,13 +5417,14 @@ ROUTES: list[_Route] = [
 _ANY_ROUTE_ERRORS = ("bad_request", "expectation_failed", "too_many_connections", "internal_error")
 
 
+#: Errors a route may answer because of who may call it (``_Route.access``).
+_ACCESS_ERRORS = {"anyone": (), "token": ("unauthorized", "database_unavailable"),
+                  "debug": ("unauthorized", "database_unavailable", "forbidden")}
+
+
 def _route_errors(route: _Route) -> list[str]:
     """Every error code ``route`` may answer, in the order of ``ERRORS``."""
-    codes = set(route.errors) | set(_ANY_ROUTE_ERRORS)
-    if route.access in ("token", "debug"):
-        codes |= {"unauthorized", "database_unavailable"}
-    if route.access == "debug":
-        codes.add("forbidden")
+    codes = set(route.errors) | set(_ANY_ROUTE_ERRORS) | set(_ACCESS_ERRORS[route.access])
     return [e.code for e in ERRORS if e.code in codes]
 
 
@@ -5551,8 +5554,9 @@ def _protocol_markdown(part: str = "all") -> str:
            "`token`: a session token in `Authorization: Bearer <token>`. `debug player`: the same, of a "
            "debug player; these routes exist only with `[server] debug = true` (otherwise `404 not_found`). "
            "Every route may also answer " + ", ".join(f"`{c}`" for c in _ANY_ROUTE_ERRORS) + "; every `token` "
-           "and `debug player` route `unauthorized` and `database_unavailable`, and every `debug player` route "
-           "`forbidden`. `GET` routes answer `HEAD` too.", "",
+           "route " + " and ".join(f"`{c}`" for c in _ACCESS_ERRORS["token"]) + ", and every `debug player` "
+           "route " + ", ".join(f"`{c}`" for c in _ACCESS_ERRORS["debug"]) + ". `GET` routes answer `HEAD` too.",
+           "",
            "| method | path | who | what it does | answer | errors |", "| --- | --- | --- | --- | --- | --- |"]
     for r in ROUTES:
         if r.content_type == "websocket":
@@ -5598,7 +5602,7 @@ def _protocol_markdown(part: str = "all") -> str:
     out += ["", "#### Close codes", "", "| code | meaning |", "| --- | --- |"]
     out += [f"| {code} | {_markdown_cell(meaning)} |" for code, meaning in CLOSE_CODES]
     parts = {"rest": "\n".join(rest) + "\n", "websocket": "\n".join(out[1:]) + "\n"}
-    return parts[part] if part in parts else parts["rest"] + "\n" + parts["websocket"]
+    return parts["rest"] + "\n" + parts["websocket"] if part == "all" else parts[part]  # KeyError: no such part
 
 
 def _shape(schema: dict) -> str:
@@ -5617,7 +5621,7 @@ def _shape(schema: dict) -> str:
     return "..."
 
 
-_JSON_TYPES = {"uuid": _UUID, "string": {"type": "string"}, "integer": {"type": "integer"},
+_JSON_TYPES = {"string": {"type": "string"}, "integer": {"type": "integer"},
                "boolean": {"type": "boolean"}, "object": {"type": "object"}}
 
 
@@ -5688,15 +5692,15 @@ def openapi_document(cfg: Config) -> dict:
 
 def _package_version() -> str:
     try:
-        import importlib.metadata
         return str(importlib.metadata.version("gridserver"))
-    except Exception:  # noqa: BLE001 - not installed: run from a copy of the file
+    except importlib.metadata.PackageNotFoundError:  # not installed: run from a copy of the file
         return "unknown"
 
 
 async def openapi(request: web.Request) -> web.Response:
-    """``GET /api/openapi.json``: ``openapi_document`` for this server (no token needed)."""
-    return _json_response(openapi_document(request.app[SERVER].cfg))
+    """``GET /api/openapi.json``: ``openapi_document`` for this server (no token needed),
+    written once when the app is made (``create_app``): it depends on the configuration only."""
+    return web.Response(text=request.app[OPENAPI], content_type="application/json")
 
 
 # =============================================================================
@@ -5750,6 +5754,7 @@ def create_app(cfg: Config | None = None, game: Any = None) -> web.Application:
     app = web.Application(middlewares=[_cors_middleware, _errors_middleware], client_max_size=cfg.get("server", "max_body_size") + 1024,
                           handler_args={"keepalive_timeout": cfg.get("server", "client_timeout")})
     app[SERVER] = Server(cfg, game)
+    app[OPENAPI] = json_dumps(openapi_document(cfg))
     # GET routes answer HEAD too (web.get), as aiohttp's do
     app.router.add_routes([web.get(_router_path(r.path), _route_handler(r)) if r.method == "GET"
                            else web.route(r.method, _router_path(r.path), _route_handler(r)) for r in ROUTES])
@@ -6061,7 +6066,7 @@ class ClientError(Exception):
     """
 
     def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
-        super().__init__(f"{code}: {message}" + (f" (HTTP {status})" if status >= 400 else ""))
+        super().__init__(f"{code}: {message}" + (f" (HTTP {status})" if 400 <= status < 600 else ""))
         self.status = status
         self.code = code
         self.message = message
@@ -6143,18 +6148,22 @@ class Client:
         return self._ws is not None and not self._ws.closed
 
     # -- REST -----------------------------------------------------------------------------
+    def _http_session(self) -> aiohttp.ClientSession:
+        """The HTTP session: the one given, or the client's own, made at first use."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
     async def request(self, method: str, path: str, json: Any = None) -> Any:
         """One REST call with the client's token; the parsed JSON answer (None when empty).
         An error status raises ``ClientError`` with the server's code, a network failure
         ``ClientError`` ``unreachable``. For routes without a method here (``/api/debug/...``)."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         data = None
         if json is not None:
             data, headers["Content-Type"] = json_dumps(json), "application/json"
         try:
-            async with self._http.request(method, self.base_url + path, data=data, headers=headers,
+            async with self._http_session().request(method, self.base_url + path, data=data, headers=headers,
                                           timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 text = await resp.text()
                 status, retry = resp.status, resp.headers.get("Retry-After", "")
@@ -6237,7 +6246,7 @@ class Client:
         ``ClientError`` when the server refuses (``zone_not_found``, ``rate_limited``...). A drop
         on the way only delays the answer: the client subscribes again when it reconnects."""
         try:
-            zone = str(UUID(str(zone_id)))  # the server's spelling, which its answer uses
+            zone = str(_as_uuid(zone_id))  # the server's spelling, which its answer uses
         except ValueError:
             zone = str(zone_id)  # the server says zone_not_found
         await self.connect()
@@ -6248,8 +6257,7 @@ class Client:
 
     async def unsubscribe(self) -> None:
         """Leave the zone; returns once the server answered ``unsubscribed``."""
-        if not self._live:
-            raise self.ended or ClientError(0, "not_connected", "Call connect() or subscribe() first.")
+        self._require_live()
         self._want, self._left = None, True
         answer = self._waiter("unsub", None)
         await self._fenced({"type": "unsubscribe"}, ("unsub", None))
@@ -6258,15 +6266,19 @@ class Client:
     async def intent(self, data: dict) -> bool:
         """Send an intent to the zone; False when it was dropped because the socket is
         reconnecting. The server's refusals (``rate_limited``...) arrive as ``error`` messages."""
-        if not self._live:
-            raise self.ended or ClientError(0, "not_connected", "Call connect() or subscribe() first.")
+        self._require_live()
         return await self._send({"type": "intent", "data": data})
+
+    def _require_live(self, always: bool = False) -> None:
+        """Raise why the socket is not usable: how it ended, or that it was never opened."""
+        if always or not self._live:
+            raise self.ended or ClientError(0, "not_connected", "Call connect() or subscribe() first.")
 
     async def ping(self) -> float:
         """Send ``{"type": "ping"}``; the seconds until its ``pong``."""
         pong = asyncio.get_running_loop().create_future()
         if not await self._fenced(None, ("ping", (pong, time.monotonic()))):
-            raise self.ended or ClientError(0, "not_connected", "The socket is not open.")
+            self._require_live(True)
         return typing.cast(float, await self._wait(pong, "pong"))
 
     def on(self, type: str, fn: _Handler) -> _Handler:
@@ -6331,10 +6343,8 @@ class Client:
 
     async def _open(self, reconnect: bool) -> aiohttp.ClientWebSocketResponse:
         url = ("ws" + self.base_url[4:] if self.base_url.startswith("http") else self.base_url) + "/ws"
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
         try:
-            ws = await asyncio.wait_for(self._http.ws_connect(
+            ws = await asyncio.wait_for(self._http_session().ws_connect(
                 url, headers={"Authorization": f"Bearer {self.token}"}, heartbeat=self.heartbeat,
                 max_msg_size=64 * 1024 * 1024, timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout)), self.timeout)
         except aiohttp.WSServerHandshakeError as exc:

