@@ -30,6 +30,7 @@ Sections of this file, each calling only those above it (``grep -n '^# [A-Z]' gr
     Metrics
     Storage (all SQL lives here)
     Accounts and sessions
+    Cluster: zone ownership in PostgreSQL, wake-ups over NATS
     Hub: connections, subscriptions, sending
     Journal
     Tick engine
@@ -110,6 +111,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import traceback
@@ -227,6 +229,9 @@ OPTIONS: list[_Option] = [
     _Option("server", "static_dir", "", "str",
             "a folder of the game's own browser files (its page, scripts, images), served at /game/ "
             "(/game/ is its index.html); relative to the config file's folder; empty: none"),
+    _Option("server", "workers", "1", "int",
+            "node processes to run on this machine sharing one port (also --workers N); more than 1 needs "
+            "[cluster] nats_url", 1),
     _Option("database", "dsn", "sqlite:///gridserver.db", "str",
             "postgresql://user@host/db for PostgreSQL through aiopg; sqlite:///PATH for the embedded default"),
     _Option("database", "pool_min", "1", "int", "PostgreSQL pool: connections kept open", 0),
@@ -280,6 +285,13 @@ OPTIONS: list[_Option] = [
     _Option("journal", "verify_every", "10", "int",
             "with debug on, every this many ticks each zone's tick runs twice from the same state and "
             "the two are compared (a module that is not deterministic is named); 0: never", 0),
+    _Option("cluster", "nats_url", "", "str",
+            "NATS server URL(s), comma-separated (pip install 'gridserver[cluster]'); set, this process is one "
+            "node of a world shared through the database (PostgreSQL only); empty: one node, no NATS"),
+    _Option("cluster", "node_name", "", "str", "this node's unique name; empty: <hostname>:<port>:<pid>"),
+    _Option("cluster", "lease", "5.0", "float",
+            "seconds a node's claim on its zones lasts without renewal: how long a dead node's zones wait "
+            "before other nodes take them over", 0.5),
     _Option("game", "module", "game_modules.walkers", "str",
             "dotted path of the game module (package.module or package.module:Name)"),
     _Option("debug", "log_level", "info", "str", "debug, info, warning or error"),
@@ -413,6 +425,12 @@ def _check_config(cfg: Config) -> None:
     static = cfg.get("server", "static_dir")
     if static and not os.path.isdir(static):
         raise ConfigError(f"[server] static_dir: {static!r} is not a folder")
+    if cfg.get("cluster", "nats_url") and dsn.startswith("sqlite:///"):
+        raise ConfigError("[cluster] nats_url: a cluster shares its world through PostgreSQL; set [database] dsn "
+                          "to postgresql://... (SQLite is one process's file)")
+    if cfg.get("server", "workers") > 1 and not cfg.get("cluster", "nats_url"):
+        raise ConfigError("[server] workers: more than one node process needs [cluster] nats_url (the nodes "
+                          "share the world through PostgreSQL and NATS)")
     if cfg.get("journal", "mode") not in ("replay", "off"):
         raise ConfigError(f"[journal] mode: expected replay or off, got {cfg.get('journal', 'mode')!r}")
     if not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", cfg.get("game", "module")):
@@ -534,6 +552,11 @@ ERRORS: list[_ErrorCode] = [
     _ErrorCode("zone_failed", None, True,
                "the zone's last tick was lost (module exception, rejected result, stall); carries `zone_id`. "
                "Subscribers stay; `zone_recovered` follows when a tick succeeds again"),
+    _ErrorCode("zone_elsewhere", None, True,
+               "cluster: the zone ticks on another node (`node` names it); connect to that node to play in it"),
+    _ErrorCode("zone_moved", None, True,
+               "cluster: the zone you were subscribed to moved to another node; you are unsubscribed "
+               "(subscribe again: the answer names the node)"),
 ]
 
 #: The HTTP status of every REST error code, the one place where codes meet HTTP.
@@ -1161,6 +1184,8 @@ class _ZoneState:
     #: players who do not come back after a restart are delivered as leaving)
     joined: set[UUID] = field(default_factory=set)
     failing: int = 0                    # ticks lost in a row (0: the last tick succeeded)
+    epoch: int = 0                      # cluster: the fencing number this node holds the zone at
+    leaving: bool = False               # cluster: being handed to another node; no more ticks here
 
 
 def _queue_event(zs: _ZoneState, player_id: UUID, kind: str) -> None:
@@ -1264,9 +1289,10 @@ class World:
         self.deleted: set[UUID] = set()
 
     # -- zones ---------------------------------------------------------------------------
-    def add_zone(self, zone: Zone, entities: Iterable[Entity] = (), tick_number: int = 0) -> _ZoneState:
+    def add_zone(self, zone: Zone, entities: Iterable[Entity] = (), tick_number: int = 0,
+                 epoch: int = 0) -> _ZoneState:
         with self.lock:
-            zs = _ZoneState(zone, tick_number=tick_number)
+            zs = _ZoneState(zone, tick_number=tick_number, epoch=epoch)
             for e in entities:
                 zs.entities[e.id] = e
                 zs.index.insert(e)
@@ -1284,6 +1310,16 @@ class World:
             for zone in zones:
                 tick, joined = marks.get(zone.id, (0, ()))
                 self.add_zone(zone, by_zone.get(zone.id, ()), tick).joined = {UUID(p) for p in joined}
+
+    def adopt_zone(self, zs: _ZoneState, dirty: set[Entity], deleted: set[UUID]) -> None:
+        """Put in a zone built in a world of its own (a cluster node taking it over replays
+        its journal there first), with the changes that replay made, for the next flush."""
+        with self.lock:
+            self.zones[zs.zone.id] = zs
+            for eid in zs.entities:
+                self.entity_zone[eid] = zs
+            self.dirty |= dirty
+            self.deleted |= deleted
 
     def remove_zone(self, zone_id: UUID) -> _ZoneState | None:
         """Drop a zone and its entities from memory (the database deleted them already)."""
@@ -1572,17 +1608,20 @@ class World:
 
     def take_changes(self, marks: dict[UUID, ZoneMark] | None = None,
                      snapshot_due: Callable[[UUID, int], bool] | None = None,
-                     snapshots: dict[UUID, tuple[int, list[EntityRow]]] | None = None
-                     ) -> tuple[list[EntityRow], list[UUID]]:
+                     snapshots: dict[UUID, tuple[int, list[EntityRow]]] | None = None,
+                     fence: dict[UUID, int] | None = None) -> tuple[list[EntityRow], list[UUID]]:
         """Snapshot and clear what the next flush must write: (rows, deleted ids).
 
         The rows hold the values as they are now, taken under the lock, so the snapshot is
         one state that existed; ``marks``, when given, gets each zone's tick number as of that
         state (the journal is replayed from the tick after it) and the players its module
         knows as joined, and ``snapshots`` every entity
-        of the zones for which ``snapshot_due(zone_id, tick_number)`` is true.
+        of the zones for which ``snapshot_due(zone_id, tick_number)`` is true; ``fence`` (in a
+        cluster) every zone's epoch, which the write must still hold.
         """
         with self.lock:
+            if fence is not None:
+                fence.update((zone_id, zs.epoch) for zone_id, zs in self.zones.items())
             if marks is not None:
                 marks.update((zone_id, (zs.tick_number, tuple(sorted(map(str, zs.joined)))))
                              for zone_id, zs in self.zones.items())
@@ -1962,6 +2001,11 @@ CREATE TABLE IF NOT EXISTS zones (
 );
 ALTER TABLE zones ADD COLUMN IF NOT EXISTS tick_number BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE zones ADD COLUMN IF NOT EXISTS members TEXT NOT NULL DEFAULT '[]';
+-- Cluster: the node ticking the zone, its fencing number (grows at every change of owner)
+-- and until when its claim lasts without renewal (one node: owner stays NULL, epoch 0).
+ALTER TABLE zones ADD COLUMN IF NOT EXISTS owner TEXT;
+ALTER TABLE zones ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE zones ADD COLUMN IF NOT EXISTS lease_until TIMESTAMPTZ;
 
 CREATE TABLE IF NOT EXISTS entities (
     id         UUID PRIMARY KEY,
@@ -1975,6 +2019,8 @@ CREATE TABLE IF NOT EXISTS entities (
     updated_at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
+-- The fencing number of the zone's owner when the row was written.
+ALTER TABLE entities ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0;
 
 CREATE TABLE IF NOT EXISTS journal (
     zone_id     UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
@@ -1984,12 +2030,21 @@ CREATE TABLE IF NOT EXISTS journal (
     inputs      TEXT NOT NULL,
     PRIMARY KEY (zone_id, tick_number)
 );
+ALTER TABLE journal ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0;
 
 CREATE TABLE IF NOT EXISTS snapshots (
     zone_id     UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
     tick_number BIGINT NOT NULL,
     entities    TEXT NOT NULL,
     PRIMARY KEY (zone_id, tick_number)
+);
+
+-- Cluster: the nodes that have been seen, each renewing its row with its leases.
+CREATE TABLE IF NOT EXISTS nodes (
+    name        TEXT PRIMARY KEY,
+    started_at  TIMESTAMPTZ NOT NULL,
+    last_seen   TIMESTAMPTZ NOT NULL,
+    connections INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -2009,22 +2064,31 @@ CREATE TABLE IF NOT EXISTS zones (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
     width INTEGER NOT NULL CHECK (width > 0), height INTEGER NOT NULL CHECK (height > 0),
     metadata TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
-    tick_number INTEGER NOT NULL DEFAULT 0, members TEXT NOT NULL DEFAULT '[]'
+    tick_number INTEGER NOT NULL DEFAULT 0, members TEXT NOT NULL DEFAULT '[]',
+    owner TEXT, epoch INTEGER NOT NULL DEFAULT 0, lease_until TEXT
 );
 CREATE TABLE IF NOT EXISTS entities (
     id TEXT PRIMARY KEY, zone_id TEXT NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
     x INTEGER NOT NULL CHECK (x >= 0), y INTEGER NOT NULL CHECK (y >= 0),
     width INTEGER NOT NULL CHECK (width >= 0), height INTEGER NOT NULL CHECK (height >= 0),
-    metadata TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+    metadata TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
 CREATE TABLE IF NOT EXISTS journal (
     zone_id TEXT NOT NULL REFERENCES zones (id) ON DELETE CASCADE, tick_number INTEGER NOT NULL,
-    seed INTEGER NOT NULL, at REAL NOT NULL, inputs TEXT NOT NULL, PRIMARY KEY (zone_id, tick_number)
+    seed INTEGER NOT NULL, at REAL NOT NULL, inputs TEXT NOT NULL, epoch INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (zone_id, tick_number)
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     zone_id TEXT NOT NULL REFERENCES zones (id) ON DELETE CASCADE, tick_number INTEGER NOT NULL,
     entities TEXT NOT NULL, PRIMARY KEY (zone_id, tick_number)
+);
+-- The cluster's columns and table, unused on SQLite (one process), kept so that both
+-- backends hold the same tables.
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY, started_at TEXT NOT NULL, last_seen TEXT NOT NULL,
+    connections INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -2071,17 +2135,20 @@ _SQL = {
 #: Every column is written, ``zone_id`` and ``created_at`` too: an entity that a module deleted
 #: in one zone and created with the same id in another is saved as moved, as memory has it.
 _PG_UPSERT_ENTITIES = """
-INSERT INTO entities (id, zone_id, x, y, width, height, metadata, created_at, updated_at)
+INSERT INTO entities (id, zone_id, x, y, width, height, metadata, created_at, updated_at, epoch)
 SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::int, (r->>3)::int, (r->>4)::int, (r->>5)::int,
-       (r->6)::jsonb, to_timestamp((r->>7)::float8), to_timestamp((r->>8)::float8)
+       (r->6)::jsonb, to_timestamp((r->>7)::float8), to_timestamp((r->>8)::float8), (r->>9)::bigint
 FROM json_array_elements(%s::json) AS r
 WHERE EXISTS (SELECT 1 FROM zones z WHERE z.id = (r->>1)::uuid)
 ON CONFLICT (id) DO UPDATE SET
     zone_id = EXCLUDED.zone_id, x = EXCLUDED.x, y = EXCLUDED.y, width = EXCLUDED.width,
     height = EXCLUDED.height, metadata = EXCLUDED.metadata, created_at = EXCLUDED.created_at,
-    updated_at = EXCLUDED.updated_at
+    updated_at = EXCLUDED.updated_at, epoch = EXCLUDED.epoch
 """
 _PG_DELETE_ENTITIES = "DELETE FROM entities WHERE id = ANY(%s::uuid[])"
+#: A cluster node deletes only rows of the zones its flush is fenced on: an entity deleted in a
+#: zone that another node has taken over since is that node's to keep.
+_PG_DELETE_ENTITIES_IN = "DELETE FROM entities WHERE id = ANY(%s::uuid[]) AND zone_id = ANY(%s::uuid[])"
 
 _SQLITE_UPSERT_ENTITY = """
 INSERT INTO entities (id, zone_id, x, y, width, height, metadata, created_at, updated_at)
@@ -2093,14 +2160,15 @@ ON CONFLICT (id) DO UPDATE SET
 """
 _SQLITE_DELETE_ENTITY = "DELETE FROM entities WHERE id = ?"
 
-#: A tick's journal rows: one JSON array of ``[zone_id, tick_number, seed, at, inputs]``.
+#: A tick's journal rows: one JSON array of ``[zone_id, tick_number, seed, at, inputs, epoch]``.
 #: Rows of zones deleted meanwhile are skipped; a tick written again (after a rewind) replaces.
 _PG_INSERT_JOURNAL = """
-INSERT INTO journal (zone_id, tick_number, seed, at, inputs)
-SELECT (r->>0)::uuid, (r->>1)::bigint, (r->>2)::bigint, (r->>3)::float8, r->>4
+INSERT INTO journal (zone_id, tick_number, seed, at, inputs, epoch)
+SELECT (r->>0)::uuid, (r->>1)::bigint, (r->>2)::bigint, (r->>3)::float8, r->>4, (r->>5)::bigint
 FROM json_array_elements(%s::json) AS r
 WHERE EXISTS (SELECT 1 FROM zones z WHERE z.id = (r->>0)::uuid)
-ON CONFLICT (zone_id, tick_number) DO UPDATE SET seed = EXCLUDED.seed, at = EXCLUDED.at, inputs = EXCLUDED.inputs
+ON CONFLICT (zone_id, tick_number) DO UPDATE SET seed = EXCLUDED.seed, at = EXCLUDED.at, inputs = EXCLUDED.inputs,
+    epoch = EXCLUDED.epoch
 """
 _SQLITE_INSERT_JOURNAL = """
 INSERT INTO journal (zone_id, tick_number, seed, at, inputs)
@@ -2130,6 +2198,47 @@ ON CONFLICT (zone_id, tick_number) DO UPDATE SET entities = excluded.entities
 #: Rows per flush statement; the event loop gets a turn between chunks.
 FLUSH_CHUNK = 5000
 
+#: Cluster (PostgreSQL only): the zone directory's statements. A zone's owner holds it until
+#: ``lease_until``; taking it over increments ``epoch`` in the same statement, and every
+#: write of a zone's state first locks the zone's row and checks that the epoch is still the
+#: writer's (``_fence_step``), so an old owner's late write is refused, never interleaved.
+_CLUSTER_SQL = {
+    "fence": "SELECT id, owner, epoch FROM zones WHERE id = ANY(%s::uuid[]) FOR SHARE",
+    "node_beat": "INSERT INTO nodes (name, started_at, last_seen, connections) VALUES (%s, now(), now(), %s) "
+                 "ON CONFLICT (name) DO UPDATE SET last_seen = now(), connections = EXCLUDED.connections",
+    "node_gone": "DELETE FROM nodes WHERE name = %s",
+    "prune_nodes": "DELETE FROM nodes WHERE last_seen < now() - %s * interval '1 second'",
+    "renew": "UPDATE zones SET lease_until = now() + %s * interval '1 second' WHERE owner = %s "
+             "RETURNING id, epoch",
+    "claim": "UPDATE zones SET owner = %s, epoch = epoch + 1, lease_until = now() + %s * interval '1 second' "
+             "WHERE id = %s AND (owner IS NULL OR owner = %s OR lease_until IS NULL OR lease_until < now()) "
+             "RETURNING epoch",
+    "release": "UPDATE zones SET owner = NULL, lease_until = NULL WHERE owner = %s AND id = ANY(%s::uuid[])",
+    "directory": "SELECT id, name, width, height, metadata, created_at, updated_at, owner, epoch, "
+                 "lease_until IS NOT NULL AND lease_until > now() FROM zones",
+    "nodes": "SELECT name, started_at, last_seen, connections, last_seen > now() - %s * interval '1 second' "
+             "FROM nodes ORDER BY name",
+    "zone": "SELECT id, name, width, height, metadata, created_at, updated_at, tick_number, members "
+            "FROM zones WHERE id = %s",
+    "zone_entities": "SELECT id, zone_id, x, y, width, height, metadata, created_at, updated_at FROM entities "
+                     "WHERE zone_id = %s",
+    "zone_journal": "SELECT j.zone_id, j.tick_number, j.seed, j.at, j.inputs FROM journal j "
+                    "JOIN zones z ON z.id = j.zone_id WHERE j.zone_id = %s AND j.tick_number > z.tick_number "
+                    "ORDER BY j.tick_number",
+}
+
+
+def _fence_step(fence: Mapping[UUID, int], node: str) -> _Step:
+    """The first statement of a fenced write: lock the rows of the zones written (a takeover
+    waits for the write to commit) and refuse the whole transaction (``Fenced``) when any of
+    them is no longer ``node``'s at the epoch in ``fence``."""
+    def check(rows: list) -> None:
+        current = {_as_uuid(r[0]): (r[1], r[2]) for r in rows}
+        lost = {z for z, epoch in fence.items() if current.get(z) != (node, epoch)}
+        if lost:
+            raise Fenced(lost)
+    return _Step(_CLUSTER_SQL["fence"], ([str(z) for z in fence],), check=check)
+
 
 class UniqueViolation(Exception):
     """An insert broke a unique constraint; ``what`` is "username" or "zone_name"."""
@@ -2139,12 +2248,23 @@ class UniqueViolation(Exception):
         self.what = what
 
 
+class Fenced(Exception):
+    """A write of zones this node no longer owns (another node took them over, or they were
+    deleted): the whole transaction was rolled back; ``zones`` are the ones lost."""
+
+    def __init__(self, zones: set[UUID]):
+        super().__init__(f"fenced: {len(zones)} zone(s) owned elsewhere now")
+        self.zones = zones
+
+
 class _Step(NamedTuple):
-    """One statement of a call: ``many`` runs it once per tuple of ``args`` (SQLite only)."""
+    """One statement of a call: ``many`` runs it once per tuple of ``args`` (SQLite only);
+    ``check`` sees the statement's rows inside the transaction and may raise to roll it back."""
 
     sql: str
     args: Any = ()
     many: bool = False
+    check: Callable[[list], None] | None = None
 
 
 class _Dialect:
@@ -2171,9 +2291,12 @@ class _Dialect:
         """Steps deleting the entities with these ids."""
         raise NotImplementedError
 
-    def flush_steps(self, rows: list[EntityRow], deleted: list[UUID]) -> list[_Step]:
-        """A flush's steps (in the flush thread): deletes first, then the upserts of ``rows``.
-        Rows of zones deleted meanwhile are skipped."""
+    def flush_steps(self, rows: list[EntityRow], deleted: list[UUID],
+                    epochs: Mapping[UUID, int] | None = None) -> list[_Step]:
+        """A flush's steps (in the flush thread): deletes first, then the upserts of ``rows``,
+        each with its zone's epoch from ``epochs`` (0 when absent). Rows of zones deleted
+        meanwhile are skipped. With ``epochs`` (a cluster node), only rows of those zones
+        are deleted."""
         raise NotImplementedError
 
     def zone_marks(self, marks: dict[UUID, ZoneMark]) -> list[_Step]:
@@ -2181,7 +2304,7 @@ class _Dialect:
         raise NotImplementedError
 
     def journal_steps(self, rows: list[tuple]) -> list[_Step]:
-        """Steps inserting journal rows ``(zone_id, tick_number, seed, at, inputs JSON)``."""
+        """Steps inserting journal rows ``(zone_id, tick_number, seed, at, inputs JSON, epoch)``."""
         raise NotImplementedError
 
     def snapshot_steps(self, snapshots: dict[UUID, tuple[int, list[EntityRow]]]) -> list[_Step]:
@@ -2251,6 +2374,8 @@ class _Postgres(_Dialect):
         try:
             for step in steps:
                 await cur.execute(step.sql, step.args or None)
+                if step.check is not None:
+                    step.check(await cur.fetchall())
             rows = (await cur.fetchone() if fetch == "one" else await cur.fetchall()) \
                 if fetch != "none" and cur.description else None
             if tx:
@@ -2265,22 +2390,26 @@ class _Postgres(_Dialect):
     def delete_ids(self, ids: list[UUID]) -> list[_Step]:
         return [_Step(_PG_DELETE_ENTITIES, ([str(i) for i in ids],))] if ids else []
 
-    def flush_steps(self, rows: list[EntityRow], deleted: list[UUID]) -> list[_Step]:
+    def flush_steps(self, rows: list[EntityRow], deleted: list[UUID],
+                    epochs: Mapping[UUID, int] | None = None) -> list[_Step]:
         """One JSON array per statement, serialized 1,000 rows at a time so that no single
         call holds the GIL for long."""
         zone_ids: dict[UUID, str] = {}
+        epoch_of = epochs or {}
         pieces = []
         for start in range(0, len(rows), 1000):
             chunk = []
             for r in rows[start:start + 1000]:
-                zid = zone_ids.get(r.entity.zone_id) or zone_ids.setdefault(r.entity.zone_id, str(r.entity.zone_id))
+                zone_id = r.entity.zone_id
+                zid = zone_ids.get(zone_id) or zone_ids.setdefault(zone_id, str(zone_id))
                 chunk.append((str(r.id), zid, r.x, r.y, r.width, r.height, r.metadata, r.entity.created_at,
-                              r.updated_at))
+                              r.updated_at, epoch_of.get(zone_id, 0)))
             pieces.append(json_dumps(chunk)[1:-1])
         per = max(1, FLUSH_CHUNK // 1000)
-        return [*self.delete_ids(deleted),
-                *(_Step(_PG_UPSERT_ENTITIES, ("[" + ",".join(pieces[i:i + per]) + "]",))
-                  for i in range(0, len(pieces), per))]
+        deletes = (self.delete_ids(deleted) if epochs is None or not deleted else
+                   [_Step(_PG_DELETE_ENTITIES_IN, ([str(i) for i in deleted], [str(z) for z in epochs]))])
+        return [*deletes, *(_Step(_PG_UPSERT_ENTITIES, ("[" + ",".join(pieces[i:i + per]) + "]",))
+                            for i in range(0, len(pieces), per))]
 
     def zone_marks(self, marks: dict[UUID, ZoneMark]) -> list[_Step]:
         return [_Step(_PG_ZONE_MARKS, (json_dumps([[str(z), n, list(m)] for z, (n, m) in marks.items()]),))]
@@ -2313,11 +2442,15 @@ class _Sqlite(_Dialect):
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SQLITE_SCHEMA)
-        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(zones)")}
-        if "tick_number" not in columns:  # a database made before the journal
-            self._conn.execute("ALTER TABLE zones ADD COLUMN tick_number INTEGER NOT NULL DEFAULT 0")
-        if "members" not in columns:  # a database made before zones kept their joined players
-            self._conn.execute("ALTER TABLE zones ADD COLUMN members TEXT NOT NULL DEFAULT '[]'")
+        # Columns added since the first release, for database files made before them.
+        for table, column, decl in (("zones", "tick_number", "INTEGER NOT NULL DEFAULT 0"),
+                                    ("zones", "members", "TEXT NOT NULL DEFAULT '[]'"),
+                                    ("zones", "owner", "TEXT"), ("zones", "epoch", "INTEGER NOT NULL DEFAULT 0"),
+                                    ("zones", "lease_until", "TEXT"),
+                                    ("entities", "epoch", "INTEGER NOT NULL DEFAULT 0"),
+                                    ("journal", "epoch", "INTEGER NOT NULL DEFAULT 0")):
+            if column not in {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -2367,7 +2500,8 @@ class _Sqlite(_Dialect):
     def delete_ids(self, ids: list[UUID]) -> list[_Step]:
         return [_Step(_SQLITE_DELETE_ENTITY, [(str(i),) for i in ids], True)] if ids else []
 
-    def flush_steps(self, rows: list[EntityRow], deleted: list[UUID]) -> list[_Step]:
+    def flush_steps(self, rows: list[EntityRow], deleted: list[UUID],
+                    epochs: Mapping[UUID, int] | None = None) -> list[_Step]:
         upserts = [(str(r.id), str(r.entity.zone_id), r.x, r.y, r.width, r.height, json_dumps(r.metadata),
                     _iso(r.entity.created_at), _iso(r.updated_at), str(r.entity.zone_id)) for r in rows]
         return [*self.delete_ids(deleted), _Step(_SQLITE_UPSERT_ENTITY, upserts, True)]
@@ -2376,7 +2510,7 @@ class _Sqlite(_Dialect):
         return [_Step(_SQLITE_ZONE_MARK, [(n, json_dumps(list(m)), str(z)) for z, (n, m) in marks.items()], True)]
 
     def journal_steps(self, rows: list[tuple]) -> list[_Step]:
-        return [_Step(_SQLITE_INSERT_JOURNAL, [(str(r[0]), *r[1:], str(r[0])) for r in rows], True)]
+        return [_Step(_SQLITE_INSERT_JOURNAL, [(str(r[0]), *r[1:5], str(r[0])) for r in rows], True)]
 
     def snapshot_steps(self, snapshots: dict[UUID, tuple[int, list[EntityRow]]]) -> list[_Step]:
         return [_Step(_SQLITE_INSERT_SNAPSHOT, [(str(z), tick, json_dumps(_snapshot_rows(rows)), str(z))
@@ -2394,6 +2528,8 @@ class Store:
     def __init__(self, dialect: _Dialect):
         self.dialect = dialect
         self._t = dialect.time
+        #: cluster mode: this node's name; writes of zone state are then fenced (``_fence_step``)
+        self.node: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -2468,13 +2604,16 @@ class Store:
                 {_as_uuid(r[0]): (int(r[7]), tuple(json_loads(r[8] or "[]"))) for r in zones})
 
     def prepare_flush(self, rows: list[EntityRow], deleted: list[UUID], marks: dict[UUID, ZoneMark] | None = None,
-                      keep: int | None = None,
-                      snapshots: dict[UUID, tuple[int, list[EntityRow]]] | None = None) -> tuple[list[_Step], int]:
+                      keep: int | None = None, snapshots: dict[UUID, tuple[int, list[EntityRow]]] | None = None,
+                      fence: Mapping[UUID, int] | None = None) -> tuple[list[_Step], int]:
         """In the flush thread: the flush's statements, serialized. ``marks`` are the zones'
         tick numbers the rows are as of (and their joined players); ``snapshots`` whole zones
         to save as of theirs; with ``keep``, journal rows more than ``keep`` ticks older than
-        their zone's saved state go, and the snapshots no kept tick can start from."""
-        steps = self.dialect.flush_steps(rows, deleted) if rows or deleted else []
+        their zone's saved state go, and the snapshots no kept tick can start from. In cluster
+        mode ``fence`` holds the epoch of every zone the rows come from: the write is refused
+        (``Fenced``) unless this node still owns them all at those epochs."""
+        steps = [_fence_step(fence, self.node)] if fence and self.node else []
+        steps += self.dialect.flush_steps(rows, deleted, fence if self.node else None) if rows or deleted else []
         if marks:
             steps += self.dialect.zone_marks(marks)
         if snapshots:
@@ -2498,8 +2637,11 @@ class Store:
                                 _Step(_SQL["snapshots_drop_after"], (zid, tick_number))])
 
     async def write_journal(self, rows: list[tuple]) -> None:
-        """One transaction of journal rows ``(zone_id, tick_number, seed, at, inputs JSON)``."""
-        await self.dialect.run(self.dialect.journal_steps(rows))
+        """One transaction of journal rows ``(zone_id, tick_number, seed, at, inputs JSON, epoch)``;
+        in cluster mode fenced by the rows' epochs (``Fenced``)."""
+        fence = {r[0]: r[5] for r in rows} if self.node else None
+        await self.dialect.run([*([_fence_step(fence, self.node)] if fence and self.node else []),
+                                *self.dialect.journal_steps(rows)])
 
     async def journal_after_flush(self) -> list[tuple]:
         """Every journaled tick after its zone's saved state, by zone and tick."""
@@ -2517,6 +2659,50 @@ class Store:
         """Write a prepared flush in one transaction (big flushes may take longer)."""
         steps, count = prepared
         await self.dialect.run(steps, timeout=self.dialect.timeout * (1 + count // 20000))
+
+    # -- cluster (PostgreSQL) ----------------------------------------------------------------
+    async def _cluster(self, name: str, *args: Any, fetch: str = "all") -> Any:
+        return await self.dialect.run([_Step(_CLUSTER_SQL[name], args)], fetch)
+
+    async def beat(self, node: str, connections: int, lease: float) -> None:
+        """This node is alive (its row in ``nodes``); rows of nodes gone for long are pruned."""
+        await self.dialect.run([_Step(_CLUSTER_SQL["node_beat"], (node, connections)),
+                                _Step(_CLUSTER_SQL["prune_nodes"], (max(60.0, lease * 12),))])
+
+    async def node_gone(self, node: str) -> None:
+        await self._cluster("node_gone", node, fetch="none")
+
+    async def renew(self, node: str, lease: float) -> dict[UUID, int]:
+        """Extend every claim of ``node``: the zones it still owns, with their epochs."""
+        return {_as_uuid(r[0]): int(r[1]) for r in await self._cluster("renew", lease, node)}
+
+    async def claim(self, node: str, zone_id: UUID, lease: float) -> int | None:
+        """Take a zone nobody holds (free, its claim lapsed, or held under this node's name by
+        an earlier process): its new epoch, or None."""
+        row = await self._cluster("claim", node, lease, str(zone_id), node, fetch="one")
+        return None if row is None else int(row[0])
+
+    async def release(self, node: str, zone_ids: Iterable[UUID]) -> None:
+        await self._cluster("release", node, [str(z) for z in zone_ids], fetch="none")
+
+    async def directory(self, lease: float) -> tuple[list[tuple], list[tuple]]:
+        """Every zone ``(Zone, owner, epoch, claim live)`` and node ``(name, started_at,
+        last_seen, connections, alive)``."""
+        zones = await self._cluster("directory")
+        nodes = await self._cluster("nodes", lease)
+        return [(_zone_row(r), r[7], int(r[8]), bool(r[9])) for r in zones], [tuple(r) for r in nodes]
+
+    async def load_zone(self, zone_id: UUID) -> tuple[Zone, list[Entity], ZoneMark, list[tuple]] | None:
+        """One zone as saved, for the node taking it over: its record, entities, mark, and the
+        journaled ticks after its last flush."""
+        zid = str(zone_id)
+        row = await self._cluster("zone", zid, fetch="one")
+        if row is None:
+            return None
+        entities = await self._cluster("zone_entities", zid)
+        journal = await self._cluster("zone_journal", zid)
+        return (_zone_row(row), [_entity_row(r) for r in entities],
+                (int(row[7]), tuple(json_loads(row[8] or "[]"))), [(_as_uuid(r[0]), *r[1:]) for r in journal])
 
 
 def _snapshot_rows(rows: list[EntityRow]) -> list[list]:
@@ -2815,6 +3001,227 @@ class Accounts:
         if player is None:  # deleted behind the server's back
             raise GridError("unauthorized", "The session's player no longer exists.")
         return player
+
+
+# =============================================================================
+# Cluster: zone ownership in PostgreSQL, wake-ups over NATS
+# =============================================================================
+
+
+class Cluster:
+    """This node's part in one world spread over many nodes (``[cluster] nats_url`` set).
+
+    Every zone is ticked by one node, its owner, which holds a lease on it in PostgreSQL
+    (``zones.owner``, ``lease_until``) with a fencing number (``zones.epoch``) that grows at
+    every change of owner. Policies:
+
+    * Every ``lease / 4`` seconds (a *round*): the node's row in ``nodes`` is renewed, then
+      its leases. A zone whose lease came back with another epoch, or not at all, was taken
+      over (or deleted): it is dropped at once (``drop``).
+    * The node takes free zones and zones whose lease lapsed (claiming increments the
+      epoch) until it holds its share, ``ceil(zones / live nodes)``; a node holding more
+      than its share while a live node holds less hands the surplus over (``hand_over``:
+      the zone stops ticking, is flushed, then released) and wakes the others, who claim it
+      at once. A new node therefore takes its share within a round or two.
+    * Writes of a zone's state carry its epoch and are fenced in the database
+      (``_fence_step``): a write of a zone taken over is refused, whatever the clocks say.
+      On top of that, a node whose last renewal began more than ``0.8 * lease`` ago ticks
+      nothing (``may_tick``): a node paused or cut off from the database stops on its own
+      before its leases can lapse, and its zones go on elsewhere from the database and the
+      journal.
+    * NATS carries wake-ups only (``<prefix>.wake``: a zone was released or created, a node
+      left): every node then runs a round at once instead of at its next period. Without
+      NATS the rounds still converge, at their period.
+    """
+
+    def __init__(self, store: Store, cfg: Config, *, port: int,
+                 adopt: Callable[[UUID, int], Awaitable[bool]],
+                 drop: Callable[[set[UUID], str], Awaitable[None]],
+                 hand_over: Callable[[set[UUID]], Awaitable[None]],
+                 connections: Callable[[], int]):
+        self.store = store
+        self.node = cfg.get("cluster", "node_name") or f"{socket.gethostname()}:{port}:{os.getpid()}"
+        self.lease = cfg.get("cluster", "lease")
+        self.period = self.lease / 4
+        self.urls = [u.strip() for u in cfg.get("cluster", "nats_url").split(",") if u.strip()]
+        self.subject = "gridserver.wake"
+        self._adopt, self._drop, self._hand_over, self._connections = adopt, drop, hand_over, connections
+        #: zones this node owns, with the epoch it holds them at (written on the loop only)
+        self.owned: dict[UUID, int] = {}
+        #: the directory as of the last round: every zone's record, owner and epoch (read by
+        #: game threads through ``FrameworkAPI.list_zones``: replaced whole, never changed)
+        self.zones: dict[UUID, tuple[Zone, str | None, int, bool]] = {}
+        self.nodes: list[tuple] = []
+        self.renewed_at: float | None = None  # monotonic start of the last renewal that succeeded
+        self.rounds = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._round_lock = asyncio.Lock()
+        self._leaving = False
+        self.nc: Any = None
+
+    # -- what others ask -------------------------------------------------------------------
+    def may_tick(self) -> bool:
+        """Whether this node's leases are surely still its own (see the class's policies)."""
+        return self.renewed_at is not None and time.monotonic() - self.renewed_at < self.lease * 0.8
+
+    def catalog(self) -> list[Zone]:
+        """Every zone of the world, wherever it ticks (as of the last round)."""
+        return [z for z, _, _, _ in self.zones.values()]
+
+    def owner_of(self, zone_id: UUID) -> str | None:
+        entry = self.zones.get(zone_id)
+        return entry[1] if entry is not None and entry[3] else None
+
+    def view(self) -> dict:
+        """``GET /api/debug/cluster``: the nodes and where each zone ticks."""
+        counts = collections.Counter(owner for _, owner, _, live in self.zones.values() if live)
+        return {"node": self.node,
+                "nodes": [{"name": name, "zones": counts.get(name, 0), "connections": conns,
+                           "last_seen": _iso(last_seen), "started_at": _iso(started), "alive": alive}
+                          for name, started, last_seen, conns, alive in self.nodes],
+                "zones": sorted(({"zone_id": str(z.id), "name": z.name, "node": owner if live else None,
+                                  "epoch": epoch} for z, owner, epoch, live in self.zones.values()),
+                                key=lambda d: d["name"])}
+
+    # -- start, rounds, stop ---------------------------------------------------------------
+    async def connect(self) -> None:
+        """Connect to NATS (``pip install 'gridserver[cluster]'``) and read the directory."""
+        try:
+            import nats  # the [cluster] extra: imported only when configured
+        except ImportError:
+            raise ConfigError("[cluster] nats_url is set but nats-py is not installed: "
+                              "pip install 'gridserver[cluster]'") from None
+
+        async def woken(msg: Any) -> None:
+            if msg.data.decode(errors="replace") != self.node:
+                self._wake.set()
+
+        async def error(exc: Exception) -> None:
+            log.warning("cluster: NATS: %s", exc)
+        try:
+            self.nc = await nats.connect(servers=self.urls, name=self.node, connect_timeout=2,
+                                         allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                         error_cb=error)
+        except Exception as exc:  # noqa: BLE001 - nats raises its own kinds
+            raise DatabaseUnavailable(f"cannot connect to NATS at {', '.join(self.urls)}: {exc}") from None
+        await self.nc.subscribe(self.subject, cb=woken)
+        await self.refresh()
+        log.info("cluster: node %s, %d zones in the world, lease %.1f s", self.node, len(self.zones), self.lease)
+
+    async def refresh(self) -> None:
+        zones, nodes = await self.store.directory(self.lease)
+        self.zones = {z.id: (z, owner, epoch, live) for z, owner, epoch, live in zones}
+        self.nodes = nodes
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.round()
+            except (DatabaseUnavailable, psycopg2.Error) as exc:
+                log.warning("cluster: round failed (%s); ticks stop %.1f s after the last renewal",
+                            str(exc).strip()[:200], self.lease * 0.8)
+            except Exception:  # noqa: BLE001 - the rounds must go on
+                log.exception("cluster: round failed")
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.period)
+
+    async def wake_others(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(self.subject, self.node.encode())
+
+    async def round(self) -> None:
+        """Renew, drop what was lost, take a share, hand over a surplus (see the policies)."""
+        async with self._round_lock:
+            if self._leaving:
+                return
+            started = time.monotonic()
+            await self.store.beat(self.node, self._connections(), self.lease)
+            held = await self.store.renew(self.node, self.lease)
+            self.renewed_at = started
+            await self.refresh()
+            self.rounds += 1
+            lost = {z for z, epoch in self.owned.items() if held.get(z) != epoch}
+            for zone_id in lost:
+                self.owned.pop(zone_id, None)
+            if lost - self.zones.keys():
+                await self._drop(lost - self.zones.keys(), "deleted")
+            if lost & self.zones.keys():
+                await self._drop(lost & self.zones.keys(), "taken over by another node")
+            for zone_id in held.keys() - self.owned.keys():  # this node's name, an earlier life's claims
+                await self._claim(zone_id)
+            alive = [n[0] for n in self.nodes if n[4]] or [self.node]
+            share = -(-len(self.zones) // max(1, len(alive)))
+            free = [zid for zid, (_, owner, _, live) in self.zones.items() if not live and zid not in self.owned]
+            # Each node tries the free zones in its own order, so that nodes starting together
+            # rarely race for the same one (the claim is atomic either way).
+            free.sort(key=lambda z: hashlib.blake2b(f"{self.node}/{z}".encode(), digest_size=8).digest())
+            counts = collections.Counter(owner for _, owner, _, live in self.zones.values() if live)
+            others_short = any(counts.get(n, 0) < share for n in alive if n != self.node)
+            for zone_id in free:
+                if not self.may_tick() or (len(self.owned) >= share and others_short):
+                    break  # past its share, a node leaves free zones to the nodes below theirs
+                await self._claim(zone_id)
+            surplus = len(self.owned) - share
+            if surplus > 0 and others_short:
+                give = set(sorted(self.owned)[:surplus])
+                await self._hand_over(give)
+                await self.wake_others()
+
+    async def _claim(self, zone_id: UUID) -> bool:
+        epoch = await self.store.claim(self.node, zone_id, self.lease)
+        if epoch is None:
+            return False
+        self.owned[zone_id] = epoch
+        try:
+            if await self._adopt(zone_id, epoch):
+                return True
+        except Exception:  # noqa: BLE001 - give it back for another node to try
+            log.exception("cluster: taking zone %s over failed", zone_id)
+        self.owned.pop(zone_id, None)
+        with contextlib.suppress(Exception):
+            await self.store.release(self.node, [zone_id])
+        return False
+
+    async def claim_new(self, zone_id: UUID) -> int | None:
+        """A zone this node just created: claim it at once (its epoch, or None if another node
+        was quicker)."""
+        epoch = await self.store.claim(self.node, zone_id, self.lease)
+        if epoch is not None:
+            self.owned[zone_id] = epoch
+        await self.wake_others()
+        return epoch
+
+    async def released(self, zone_ids: set[UUID]) -> None:
+        """After ``hand_over`` flushed these zones and dropped them: give the leases back."""
+        for zone_id in zone_ids:
+            self.owned.pop(zone_id, None)
+        await self.store.release(self.node, zone_ids)
+
+    async def leave(self) -> None:
+        """Stop taking zones (a graceful stop hands them over afterwards)."""
+        self._leaving = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def close(self) -> None:
+        """After the hand-over: forget this node's row, wake the others, close NATS."""
+        with contextlib.suppress(Exception):
+            await self.store.node_gone(self.node)
+        await self.wake_others()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), 2)
+            with contextlib.suppress(Exception):
+                await self.nc.close()
 
 
 # =============================================================================
@@ -3158,11 +3565,15 @@ class Hub:
                     self._held[player_id] = (zs.zone.id, loop.call_later(self.grace, self._grace_expired, player_id))
         return len(self._held)
 
-    def zone_deleted(self, zone_id: UUID) -> None:
-        """Tell the zone's subscribers and forget everything about it."""
+    def zone_deleted(self, zone_id: UUID, moved: bool = False) -> None:
+        """Tell the zone's subscribers and forget everything about it: also when it moved to
+        another node (``moved``), whose module goes on knowing its players as joined."""
+        error = ({"type": "error", "code": "zone_moved", "zone_id": str(zone_id),
+                  "message": "The zone moved to another node; you are unsubscribed."} if moved else
+                 {"type": "error", "code": "zone_deleted", "message": "The zone you were subscribed to was deleted."})
         for conn in list(self.subscribers.pop(zone_id, {}).values()):
             conn.zone_id = None
-            conn.error("zone_deleted", "The zone you were subscribed to was deleted.")
+            conn.send(error)
         self.members.pop(zone_id, None)
         for player_id, (zid, handle) in list(self._held.items()):
             if zid == zone_id:
@@ -3216,12 +3627,12 @@ class Hub:
 # =============================================================================
 
 
-def _journal_row(zone_id: UUID, inputs: ZoneInputs) -> tuple:
-    """``(zone_id, tick_number, seed, at, inputs JSON)``: the intents were serialized as they
-    arrived, so this is string joining (on the loop, as the tick starts)."""
+def _journal_row(zone_id: UUID, inputs: ZoneInputs, epoch: int = 0) -> tuple:
+    """``(zone_id, tick_number, seed, at, inputs JSON, epoch)``: the intents were serialized as
+    they arrived, so this is string joining (on the loop, as the tick starts)."""
     events = ",".join(f'["{kind}","{player_id}"]' for kind, player_id in inputs.events)
     return (zone_id, inputs.tick_number, inputs.seed, inputs.at,
-            '{"intents":[' + ",".join(inputs.journaled) + '],"events":[' + events + "]}")
+            '{"intents":[' + ",".join(inputs.journaled) + '],"events":[' + events + "]}", epoch)
 
 
 def _journaled_inputs(zone_id: UUID, tick_number: int, seed: int, at: float, inputs: str,
@@ -3276,12 +3687,18 @@ class Journal:
       A crash during an outage therefore loses the ticks since it began, as it loses the
       entity changes the flush could not write. The queue grows with the outage (every
       tick's inputs), as the flush's changes do.
+    * In a cluster (``strict``) frames always wait: another node may take a zone over from
+      the database, so a tick not in it must never reach a player. A write refused because
+      some zones were taken over (``Fenced``) drops their rows, hands them to ``on_fenced``
+      and writes the rest at once.
     """
 
     def __init__(self, store: Store, metrics: Metrics, on_committed: Callable[[], None],
-                 max_backoff: float = 30.0):
+                 max_backoff: float = 30.0, strict: bool = False,
+                 on_fenced: Callable[[set[UUID]], None] | None = None):
         self.store, self.metrics, self._on_committed = store, metrics, on_committed
         self.max_backoff = max_backoff
+        self.strict, self._on_fenced = strict, on_fenced
         self.committed = 0
         self.outage_since: float | None = None
         self._queue: list[tuple[int, list[tuple]]] = []
@@ -3290,10 +3707,11 @@ class Journal:
         self._idle.set()
         self._task: asyncio.Task | None = None
 
-    def record(self, tick: int, zones: list[tuple[UUID, ZoneInputs]]) -> bool:
-        """Queue tick ``tick``'s inputs (on the loop); whether there was anything to write."""
+    def record(self, tick: int, zones: list[tuple[UUID, ZoneInputs, int]]) -> bool:
+        """Queue tick ``tick``'s inputs ``(zone_id, inputs, epoch)`` (on the loop); whether there
+        was anything to write."""
         if zones:
-            self._queue.append((tick, [_journal_row(zone_id, inputs) for zone_id, inputs in zones]))
+            self._queue.append((tick, [_journal_row(zone_id, inputs, epoch) for zone_id, inputs, epoch in zones]))
             self._idle.clear()
             self._wake.set()
             return True
@@ -3303,7 +3721,7 @@ class Journal:
 
     def waits(self, tick: int) -> bool:
         """Whether frames of ``tick`` must wait for its inputs to be committed."""
-        return tick > self.committed and self.outage_since is None
+        return tick > self.committed and (self.outage_since is None or self.strict)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -3318,6 +3736,11 @@ class Journal:
             batch, self._queue = self._queue, []
             try:
                 await self.store.write_journal([row for _, rows in batch for row in rows])
+            except Fenced as exc:  # those zones are another node's now: their ticks never happened
+                self._queue = [(tick, [r for r in rows if r[0] not in exc.zones]) for tick, rows in batch] + self._queue
+                if self._on_fenced is not None:
+                    self._on_fenced(exc.zones)
+                continue
             except Exception as exc:  # noqa: BLE001 - unreachable or refusing: keep the inputs, retry
                 self._queue = batch + self._queue
                 self.metrics.journal_failures_total += 1
@@ -3520,6 +3943,8 @@ class TickEngine:
         self._task: asyncio.Task | None = None
         self._last_sent = 0.0
         self._last_slow_log = 0.0
+        #: cluster: whether this node may tick at all now (``Cluster.may_tick``)
+        self.gate: Callable[[], bool] | None = None
 
     # -- in the game thread --------------------------------------------------------------
     def _run_job(self, job: _ZoneJob) -> None:
@@ -3645,7 +4070,10 @@ class TickEngine:
         self.hub.new_tick()
         at = time.time()
         jobs = []
-        for zs in list(self.world.zones.values()):
+        zones = list(self.world.zones.values()) if self.gate is None or self.gate() else []
+        for zs in zones:
+            if zs.leaving:
+                continue
             if zs.busy_since is not None:
                 zs.skipped += 1
                 self.metrics.zone_ticks_skipped_total += 1
@@ -3654,7 +4082,8 @@ class TickEngine:
             jobs.append(_ZoneJob(zs, self._take_inputs(zs, n, at), n))
         self._pending = set(jobs)
         self._all_done.clear()
-        if self.journal is not None and self.journal.record(n, [(job.zs.zone.id, job.inputs) for job in jobs]):
+        if self.journal is not None and self.journal.record(n, [(job.zs.zone.id, job.inputs, job.zs.epoch)
+                                                                for job in jobs]):
             # Let the writer send the tick's inputs before the game threads take the interpreter:
             # the commit then runs in the database while the zones compute.
             for _ in range(4):
@@ -3778,9 +4207,12 @@ class Persister:
     """
 
     def __init__(self, world: World, store: Store, metrics: Metrics, cfg: Config,
-                 after_tick: Callable[[], Awaitable[None]] | None = None):
+                 after_tick: Callable[[], Awaitable[None]] | None = None,
+                 on_fenced: Callable[[set[UUID]], Awaitable[None]] | None = None):
         self.world, self.store, self.metrics = world, store, metrics
         self._after_tick = after_tick  # waits for the end of the tick under way, if ticks run
+        #: cluster: drops zones another node took over (a flush refused as ``Fenced``)
+        self._on_fenced = on_fenced
         self._saved_marks: dict[UUID, ZoneMark] = {}  # each zone's tick and joined players as the database has them
         self._snapshot_at: dict[UUID, int] = {}  # the tick of each zone's newest saved snapshot
         #: journal rows older than this many ticks before a zone's saved state are trimmed
@@ -3792,6 +4224,11 @@ class Persister:
         self._task: asyncio.Task | None = None
         self._sweeps = 0
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-flush")
+
+    def forget(self, zone_id: UUID) -> None:
+        """A zone left this node (cluster): what it knew of the zone's saved state is stale."""
+        self._saved_marks.pop(zone_id, None)
+        self._snapshot_at.pop(zone_id, None)
 
     def _snapshot_due(self, zone_id: UUID, tick_number: int) -> bool:
         """A zone is saved whole every ``keep // 4`` ticks (in the flush thread, under the world's
@@ -3808,50 +4245,61 @@ class Persister:
         and every zone's rows then come from the same tick. ``between_ticks``: the caller
         holds the ticks (``TickEngine.exclusive``), so no waiting for one to end.
         """
-        loop = asyncio.get_running_loop()
         if self._after_tick is not None and not between_ticks:
             await self._after_tick()  # not under the lock: zone deletion takes it
         async with self.lock:
-            marks: dict[UUID, ZoneMark] = {}
-            snapshots: dict[UUID, tuple[int, list[EntityRow]]] = {}
-            rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes, marks,
-                                                       self._snapshot_due if self.keep else None, snapshots)
-            marks = {zone_id: m for zone_id, m in marks.items() if self._saved_marks.get(zone_id) != m}
-            t0 = time.monotonic()
-            try:
-                if rows or deleted or marks:
-                    prepared = await loop.run_in_executor(self.executor, self.store.prepare_flush, rows, deleted,
-                                                          marks, self.keep, snapshots)
-                    await self.store.flush(prepared)
-                    self._saved_marks.update(marks)
-                    self._snapshot_at.update((zone_id, tick) for zone_id, (tick, _) in snapshots.items())
+            for _ in range(3):
+                try:
+                    return await self._flush()
+                except Fenced as exc:  # nothing was written; those zones are another node's now
+                    if self._on_fenced is not None:
+                        await self._on_fenced(exc.zones)
+            return False
+
+    async def _flush(self) -> bool:
+        """One attempt of ``flush``, under its lock."""
+        loop = asyncio.get_running_loop()
+        marks: dict[UUID, ZoneMark] = {}
+        snapshots: dict[UUID, tuple[int, list[EntityRow]]] = {}
+        fence: dict[UUID, int] | None = {} if self.store.node else None
+        rows, deleted = await loop.run_in_executor(self.executor, self.world.take_changes, marks,
+                                                   self._snapshot_due if self.keep else None, snapshots, fence)
+        marks = {zone_id: m for zone_id, m in marks.items() if self._saved_marks.get(zone_id) != m}
+        t0 = time.monotonic()
+        try:
+            if rows or deleted or marks:
+                prepared = await loop.run_in_executor(self.executor, self.store.prepare_flush, rows, deleted,
+                                                      marks, self.keep, snapshots, fence)
+                await self.store.flush(prepared)
+                self._saved_marks.update(marks)
+                self._snapshot_at.update((zone_id, tick) for zone_id, (tick, _) in snapshots.items())
+            else:
+                await self.store.ping()
+        except BaseException as exc:  # nothing taken out of the dirty set may be lost
+            restoring = loop.run_in_executor(self.executor, self.world.restore_changes, rows, deleted)
+            await asyncio.shield(restoring)  # cancelled or not, the changes go back
+            if not isinstance(exc, Exception) or isinstance(exc, Fenced):  # cancelled, or fenced
+                raise
+            # Unreachable, or reachable but refusing the write (read-only after a failover,
+            # a revoked privilege...): either way the changes wait here and the flush is
+            # retried. An error must never end the flush loop: nothing would be saved again.
+            self.metrics.flush_failures_total += 1
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                if isinstance(exc, DatabaseUnavailable):
+                    log.warning("database unreachable (%s); keeping changes in memory and retrying", exc)
                 else:
-                    await self.store.ping()
-            except BaseException as exc:  # nothing taken out of the dirty set may be lost
-                restoring = loop.run_in_executor(self.executor, self.world.restore_changes, rows, deleted)
-                await asyncio.shield(restoring)  # cancelled or not, the changes go back
-                if not isinstance(exc, Exception):  # cancelled: the caller is stopping
-                    raise
-                # Unreachable, or reachable but refusing the write (read-only after a failover,
-                # a revoked privilege...): either way the changes wait here and the flush is
-                # retried. An error must never end the flush loop: nothing would be saved again.
-                self.metrics.flush_failures_total += 1
-                if self.outage_since is None:
-                    self.outage_since = time.monotonic()
-                    if isinstance(exc, DatabaseUnavailable):
-                        log.warning("database unreachable (%s); keeping changes in memory and retrying", exc)
-                    else:
-                        log.error("flush failed (%s: %s); keeping changes in memory and retrying",
-                                  type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:300])
-                return False
-            if rows or deleted:
-                self.metrics.flushes_total += 1
-                self.metrics.entities_flushed_total += len(rows) + len(deleted)
-                self.metrics.flush_duration.observe(time.monotonic() - t0)
-            if self.outage_since is not None:
-                log.warning("database back after %.1f s; changes saved", time.monotonic() - self.outage_since)
-                self.outage_since = None
-            return True
+                    log.error("flush failed (%s: %s); keeping changes in memory and retrying",
+                              type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:300])
+            return False
+        if rows or deleted:
+            self.metrics.flushes_total += 1
+            self.metrics.entities_flushed_total += len(rows) + len(deleted)
+            self.metrics.flush_duration.observe(time.monotonic() - t0)
+        if self.outage_since is not None:
+            log.warning("database back after %.1f s; changes saved", time.monotonic() - self.outage_since)
+            self.outage_since = None
+        return True
 
     async def run(self) -> None:
         backoff = 0.0
@@ -3871,8 +4319,9 @@ class Persister:
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run())
 
-    async def stop(self, deadline: float) -> None:
-        """Stop the schedule, then flush until it succeeds or ``deadline`` (monotonic) passes."""
+    async def stop(self, deadline: float) -> bool:
+        """Stop the schedule, then flush until it succeeds or ``deadline`` (monotonic) passes;
+        whether everything was saved."""
         if self._task is not None:
             async with self.lock:  # let a flush under way finish rather than cut it off
                 self._task.cancel()
@@ -3884,9 +4333,10 @@ class Persister:
             if time.monotonic() + delay > deadline:
                 n = len(self.world.dirty) + len(self.world.deleted)
                 log.error("shutting down with %d entity changes unsaved: the database is unreachable", n)
-                return
+                return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+        return True
 
 
 # =============================================================================
@@ -3904,8 +4354,10 @@ class FrameworkAPI:
     """
 
     def __init__(self, world: World, settings: dict[str, str], *, section: str, tick_interval: float,
-                 create_zone: Callable[[str, int, int, dict], Zone], usernames: Mapping[UUID, str]):
+                 create_zone: Callable[[str, int, int, dict], Zone], usernames: Mapping[UUID, str],
+                 catalog: Callable[[], list[Zone]] | None = None):
         self._world = world
+        self._catalog = catalog  # cluster: every zone of the world, not only this node's
         self._section = section
         self._create_zone = create_zone
         self._usernames = usernames
@@ -3937,10 +4389,16 @@ class FrameworkAPI:
             raise ConfigError(f"[{self._section}] {key}: cannot use {raw!r}") from None
 
     def list_zones(self) -> list[Zone]:
+        """Every zone of the world (in a cluster, also those other nodes tick)."""
+        if self._catalog is not None:
+            return self._catalog()
         return [zs.zone for zs in list(self._world.zones.values())]
 
     def get_zone(self, zone_id: UUID) -> Zone | None:
-        zs = self._world.zones.get(_as_uuid(zone_id))
+        zone_id = _as_uuid(zone_id)
+        zs = self._world.zones.get(zone_id)
+        if zs is None and self._catalog is not None:
+            return next((z for z in self._catalog() if z.id == zone_id), None)
         return None if zs is None else zs.zone
 
     def create_zone(self, name: str, width: int, height: int, metadata: dict | None = None) -> Zone:
@@ -4419,13 +4877,22 @@ class Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: TickEngine | None = None
         self.journal: Journal | None = None
-        self.persister = Persister(self.world, self.store, self.metrics, cfg, self._after_tick)
+        self.persister = Persister(self.world, self.store, self.metrics, cfg, self._after_tick, self.drop_zones)
         self.world_executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-world")
+        #: cluster mode (``[cluster] nats_url``): this node's share of the world
+        self.cluster: Cluster | None = None
         self.started = time.time()
         self._shut_down = False
         self._heartbeat: asyncio.Task | None = None
         self._reload_lock = asyncio.Lock()
 
+
+    @property
+    def node_name(self) -> str:
+        """This process's name: ``[cluster] node_name``, or ``<hostname>:<port>:<pid>``."""
+        if self.cluster is not None:
+            return self.cluster.node
+        return self.cfg.get("cluster", "node_name") or f"{socket.gethostname()}:{self.cfg.get('server', 'port')}:{os.getpid()}"
 
     @property
     def ticks(self) -> TickEngine:
@@ -4441,9 +4908,21 @@ class Server:
         """Open the database, load the world, load and initialise the game, start the loops."""
         self.loop = asyncio.get_running_loop()
         await self.store.open()
-        zones, entities, marks = await self.store.load()
-        await self.in_world(self.world.load, zones, entities, marks)
-        log.info("loaded %d zones and %d entities", len(zones), len(entities))
+        if self.cfg.get("cluster", "nats_url"):
+            # A node starts with no zone: its rounds take its share once the game is ready.
+            self.cluster = Cluster(self.store, self.cfg, port=self.cfg.get("server", "port"), adopt=self._adopt,
+                                   drop=self.drop_zones, hand_over=self.hand_over,
+                                   connections=lambda: len(self.hub.conns))
+            self.store.node = self.cluster.node
+            try:
+                await self.cluster.connect()
+            except BaseException:
+                await self.store.close()
+                raise
+        else:
+            zones, entities, marks = await self.store.load()
+            await self.in_world(self.world.load, zones, entities, marks)
+            log.info("loaded %d zones and %d entities", len(zones), len(entities))
         if self.game is None:
             loaded = startup_game(self.cfg)
             self.loaded = loaded if isinstance(loaded, LoadedGame) else None
@@ -4451,7 +4930,8 @@ class Server:
         settings = self.cfg.section(self.cfg.get("game", "module"))
         self.framework = framework = FrameworkAPI(self.world, settings, section=self.cfg.get("game", "module"),
                                                   tick_interval=self.cfg.get("tick", "interval"),
-                                                  create_zone=self._create_zone_blocking, usernames=self.hub.usernames)
+                                                  create_zone=self._create_zone_blocking, usernames=self.hub.usernames,
+                                                  catalog=self.cluster.catalog if self.cluster else None)
         name = self.loaded.path if self.loaded else getattr(self.game, "__name__", type(self.game).__name__)
         try:
             await self.loop.run_in_executor(None, init_game, self.game, name, framework)
@@ -4459,9 +4939,11 @@ class Server:
             await self.store.close()
             raise
         if self.cfg.get("journal", "mode") == "replay":
-            await self._replay_journal()
+            if self.cluster is None:  # a cluster node replays each zone as it takes it over
+                await self._replay_journal()
             self.journal = Journal(self.store, self.metrics, self._journal_committed,
-                                   self.cfg.get("persistence", "max_backoff"))
+                                   self.cfg.get("persistence", "max_backoff"), strict=self.cluster is not None,
+                                   on_fenced=lambda zones: self.hub.spawn(self.drop_zones(zones)))
             self.journal.start()
         held = self.hub.restore(list(self.world.zones.values()))
         if held:
@@ -4469,8 +4951,12 @@ class Server:
                      "are delivered as leaving", held, self.hub.grace)
         first_tick = max((zs.tick_number for zs in list(self.world.zones.values())), default=0)
         self.engine = TickEngine(self.world, self.hub, self.game, self.metrics, self.cfg, self.journal, first_tick)
+        if self.cluster is not None:
+            self.engine.gate = self.cluster.may_tick
         self.engine.start()
         self.persister.start()
+        if self.cluster is not None:
+            self.cluster.start()
         if self.hub.heartbeat:
             self._heartbeat = asyncio.ensure_future(self.hub.heartbeat_loop())
 
@@ -4483,13 +4969,22 @@ class Server:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         deadline = time.monotonic() + self.cfg.get("server", "shutdown_timeout")
+        if self.cluster is not None:
+            await self.cluster.leave()
         if self.engine is not None:
             await self.engine.stop(deadline)
         if self.journal is not None:
             await self.journal.drain(deadline)
-        await self.persister.stop(deadline)
+        saved = await self.persister.stop(deadline)
         if self.journal is not None:
             await self.journal.stop()
+        if self.cluster is not None:
+            # Saved: the others take the zones over at once. Not saved: the leases lapse
+            # and the others go on from the journal.
+            if saved:
+                with contextlib.suppress(Exception):
+                    await self.cluster.released(set(self.cluster.owned))
+            await self.cluster.close()
         await self.hub.close_all(1001, "server shutting down")
 
     async def close(self) -> None:
@@ -4521,8 +5016,75 @@ class Server:
             raise GridError("zone_name_taken", f"A zone named {name!r} exists already.") from None
         if self.world.zone_by_name(name) is not None:  # created by a racing call meanwhile
             raise GridError("zone_name_taken", f"A zone named {name!r} exists already.")
+        if self.cluster is not None:  # the node that creates a zone ticks it, unless another was quicker
+            epoch = await self.cluster.claim_new(zone.id)
+            self.cluster.zones = {**self.cluster.zones, zone.id: (zone, self.cluster.node if epoch else None,
+                                                                  epoch or 0, epoch is not None)}
+            if epoch is None:
+                return zone
+            await self.in_world(self.world.add_zone, zone, (), first_tick, epoch)
+            return zone
         await self.in_world(self.world.add_zone, zone, (), first_tick)
         return zone
+
+    # -- cluster ---------------------------------------------------------------------------
+    async def _adopt(self, zone_id: UUID, epoch: int) -> bool:
+        """A zone this node just claimed: load it as saved, replay its journal after the last
+        flush through the module (in a worker thread, in a world of its own), then tick it."""
+        loaded = await self.store.load_zone(zone_id)
+        if loaded is None:
+            return False
+        zone, entities, (tick, joined), rows = loaded
+        names = await self.store.usernames() if rows else {}
+
+        def build() -> tuple[_ZoneState, World, int]:
+            own = World(self.world.max_entities)
+            zs = own.add_zone(zone, entities, tick, epoch)
+            zs.joined = {UUID(p) for p in joined}
+            return zs, own, len(replay_zone(own, self.game, zs, rows, usernames=names))
+        zs, own, replayed = await asyncio.get_running_loop().run_in_executor(None, build)
+        if self.cluster is None or self.cluster.owned.get(zone_id) != epoch:
+            return False  # lost again meanwhile
+        await self.in_world(self.world.adopt_zone, zs, own.dirty, own.deleted)
+        self.hub.restore([zs])
+        log.info("cluster: zone %s (%s) ticks here now, epoch %d, from tick %d (%d journaled tick(s) replayed)",
+                 zone_id, zone.name, epoch, zs.tick_number, replayed)
+        return True
+
+    async def drop_zones(self, zone_ids: set[UUID], why: str = "taken over by another node") -> None:
+        """Zones this node lost (another node took them over, or they were deleted): they stop
+        here at once, unsaved changes and all (the owner goes on from the database and the
+        journal), and their subscribers are told."""
+        for zone_id in zone_ids:
+            if self.cluster is not None:
+                self.cluster.owned.pop(zone_id, None)
+            zs = await self.in_world(self.world.remove_zone, zone_id)
+            self.persister.forget(zone_id)
+            if zs is None:
+                continue
+            log.warning("cluster: zone %s (%s) no longer ticks here: %s", zone_id, zs.zone.name, why)
+            self.hub.zone_deleted(zone_id, moved=why != "deleted")
+
+    async def hand_over(self, zone_ids: set[UUID]) -> None:
+        """Give zones to other nodes with nothing lost: they stop ticking here, are flushed
+        (their journal written), leave memory, and their leases are released."""
+        zones = [zs for z in zone_ids if (zs := self.world.zones.get(z)) is not None and zs.busy_since is None]
+        for zs in zones:
+            zs.leaving = True
+        saved = await self.persister.flush()
+        if saved and self.journal is not None:
+            saved = await self.journal.drain(time.monotonic() + self.cfg.get("database", "timeout"))
+        if not saved or self.cluster is None:
+            for zs in zones:
+                zs.leaving = False
+            return
+        for zs in zones:
+            if self.cluster.owned.get(zs.zone.id) == zs.epoch:
+                await self.in_world(self.world.remove_zone, zs.zone.id)
+                self.persister.forget(zs.zone.id)
+                self.hub.zone_deleted(zs.zone.id, moved=True)
+        await self.cluster.released({zs.zone.id for zs in zones})
+        log.info("cluster: handed %d zone(s) over", len(zones))
 
     async def _after_tick(self) -> None:
         """Wait for the end of the tick under way (or the next one) while ticks run, at most
@@ -4675,6 +5237,8 @@ class Server:
             except BaseException:
                 await self.in_world(self.world.restore_zone, zs)
                 raise
+            if self.cluster is not None:
+                self.cluster.owned.pop(zone_id, None)
         self.hub.zone_deleted(zone_id)
         hook = getattr(self.game, "on_zone_deleted", None)
         if hook is not None and self.engine is not None:
@@ -5010,7 +5574,8 @@ async def create_zone(request: web.Request) -> web.Response:
     body = await _read_object(request, srv.max_body, srv.client_timeout)
     zone = await srv.create_zone(_field(body, "name", str), _field(body, "width", int),
                                  _field(body, "height", int), _field(body, "metadata", dict, False, {}))
-    return _json_response(srv.zone_json(srv.world.zones[zone.id]), 201)
+    zs = srv.world.zones.get(zone.id)  # in a cluster another node may have taken it at once
+    return _json_response(srv.zone_json(zs if zs is not None else _ZoneState(zone)), 201)
 
 
 async def delete_zone(request: web.Request) -> web.Response:
@@ -5120,10 +5685,26 @@ async def debug_rewind(request: web.Request) -> web.Response:
 async def debug_connections(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
+    node = srv.node_name
     return _json_response({"connections": [
         {"player_id": str(c.player_id), "username": c.username,
-         "zone_id": None if c.zone_id is None else str(c.zone_id), "connected_at": _iso(c.connected_at)}
-        for c in srv.hub.conns.values()]})
+         "zone_id": None if c.zone_id is None else str(c.zone_id), "connected_at": _iso(c.connected_at),
+         "node": node} for c in srv.hub.conns.values()]})
+
+
+async def debug_cluster(request: web.Request) -> web.Response:
+    """``GET /api/debug/cluster``: the nodes and where each zone ticks (one node: this one)."""
+    srv = request.app[SERVER]
+    await _debug_session(request)
+    if srv.cluster is not None:
+        return _json_response(srv.cluster.view())
+    started, now = _iso(srv.started), _iso(_now())
+    zones = sorted(list(srv.world.zones.values()), key=lambda zs: zs.zone.name)
+    return _json_response({"node": srv.node_name, "nodes": [
+        {"name": srv.node_name, "zones": len(zones), "connections": len(srv.hub.conns), "last_seen": now,
+         "started_at": started, "alive": True}],
+        "zones": [{"zone_id": str(zs.zone.id), "name": zs.zone.name, "node": srv.node_name, "epoch": zs.epoch}
+                  for zs in zones]})
 
 
 async def debug_reload(request: web.Request) -> web.Response:
@@ -5143,7 +5724,8 @@ async def healthz(request: web.Request) -> web.Response:
     return _json_response({"status": "ok" if ok else "degraded", "database": "ok" if ok else "down",
                            "tick_number": engine.tick_number if engine else 0,
                            "paused": engine.paused if engine else False,
-                           "zones_failing": len(failing), "failing_zones": failing[:100]}, 200 if ok else 503)
+                           "zones_failing": len(failing), "failing_zones": failing[:100], "node": srv.node_name},
+                          200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -5281,6 +5863,13 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
             zone_id = UUID(zone_text)
         except ValueError:
             zone_id = None
+        if zone_id is not None and zone_id not in srv.world.zones and srv.cluster is not None \
+                and zone_id in srv.cluster.zones:
+            node = srv.cluster.owner_of(zone_id)
+            conn.send({"type": "error", "code": "zone_elsewhere", "zone_id": str(zone_id), "node": node,
+                       "message": f"The zone ticks on node {node!r}: connect to that node to play in it."
+                       if node else "The zone is between nodes right now; try again in a moment."})
+            return
         if zone_id is None or zone_id not in srv.world.zones:
             conn.error("zone_not_found", f"No zone has the id {zone_text[:80]!r}.")
             return
@@ -5379,8 +5968,11 @@ ROUTES: list[_Route] = [
            ("zone_not_found",)),
     _Route("GET", "/api/debug/entities/{entity_id}", "debug_entity", "debug", "one entity", 200, "entity",
            ("entity_not_found",)),
-    _Route("GET", "/api/debug/connections", "debug_connections", "debug", "the open WebSocket connections",
-           200, "connections"),
+    _Route("GET", "/api/debug/connections", "debug_connections", "debug",
+           "the open WebSocket connections (each with the `node` it is connected to)", 200, "connections"),
+    _Route("GET", "/api/debug/cluster", "debug_cluster", "debug",
+           "the nodes of a cluster and the node each zone ticks on, with its fencing number `epoch` (one "
+           "node: this one)", 200, "cluster"),
     _Route("GET", "/api/debug/zones/{zone_id}/history", "debug_history", "debug",
            "a zone's journaled inputs (intents, join and leave events) of ticks `from`..`to`", 200, "history",
            ("zone_not_found", "journal_off"),
@@ -5474,7 +6066,7 @@ _SCHEMAS: dict[str, dict] = {
                           members={"type": "array", "items": _UUID}),
     "connections": _object(connections={"type": "array", "items": _object(
         player_id=_UUID, username={"type": "string"}, zone_id={"type": ["string", "null"], "format": "uuid"},
-        connected_at=_TIME)}),
+        connected_at=_TIME, node={"type": "string"})}),
     "history": _object(zone_id=_UUID, ticks={"type": "array", "items": _object(
         tick_number={"type": "integer"}, seed={"type": "integer"}, at=_TIME,
         intents={"type": "array", "items": _object(player_id=_UUID, seq={"type": "integer"},
@@ -5485,7 +6077,12 @@ _SCHEMAS: dict[str, dict] = {
     "reload": _object(module={"type": "string"}, version={"type": "string"}),
     "health": _object(status={"enum": ["ok", "degraded"]}, database={"enum": ["ok", "down"]},
                       tick_number={"type": "integer"}, paused={"type": "boolean"}, zones_failing={"type": "integer"},
-                      failing_zones={"type": "array", "items": _UUID}),
+                      failing_zones={"type": "array", "items": _UUID}, node={"type": "string"}),
+    "cluster": _object(node={"type": "string"}, nodes={"type": "array", "items": _object(
+        name={"type": "string"}, zones={"type": "integer"}, connections={"type": "integer"}, last_seen=_TIME,
+        started_at=_TIME, alive={"type": "boolean"})}, zones={"type": "array", "items": _object(
+            zone_id=_UUID, name={"type": "string"}, node={"type": ["string", "null"]},
+            epoch={"type": "integer"})}),
     "openapi": _object(openapi={"type": "string"}, info={"type": "object"}, paths={"type": "object"}),
     "text": {"type": "string"},
     "file": {},
@@ -5855,7 +6452,7 @@ async def _watch_game(srv: Server, every: float = 0.5) -> None:
             log.exception("--reload: the reload failed")
 
 
-async def _serve(cfg: Config, reload: bool = False) -> int:
+async def _serve(cfg: Config, reload: bool = False, reuse_port: bool = False) -> int:
     _quiet_accept_errors(asyncio.get_running_loop())
     try:
         _check_aiohttp()
@@ -5881,7 +6478,7 @@ async def _serve(cfg: Config, reload: bool = False) -> int:
         print(f"gridserver: {exc}", file=sys.stderr)
         return 2
     host, port = cfg.get("server", "host"), cfg.get("server", "port")
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
@@ -5920,6 +6517,45 @@ def _event_loop(cfg: Config) -> tuple[str, Callable[[], asyncio.AbstractEventLoo
                               "(pip install 'gridserver[fast]')") from None
         return "asyncio", None
     return f"uvloop {importlib.metadata.version('uvloop')}", uvloop.new_event_loop
+
+
+def _workers(cfg: Config, argv: list[str]) -> int:
+    """``--workers N``: run N node processes of this configuration on one port (each listens
+    with ``SO_REUSEPORT``, so the kernel spreads connections over them); a node that dies is
+    started again after a second. SIGTERM or SIGINT stops them all (each hands its zones
+    over as a stopped node does) and waits for them."""
+    n, port = cfg.get("server", "workers"), cfg.get("server", "port")
+    if port == 0:
+        print("gridserver: --workers needs a fixed [server] port (0 would give each node its own)", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker"]
+    env = dict(os.environ, GRIDSERVER_SERVER_WORKERS="1")
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+    children = [subprocess.Popen(cmd, env=env) for _ in range(n)]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    log.info("gridserver: %d nodes on port %d (pids %s)", n, port, ", ".join(str(c.pid) for c in children))
+    while not stopping:
+        time.sleep(0.2)
+        for i, child in enumerate(children):
+            if child.poll() is not None and not stopping:
+                log.error("gridserver: node pid %d ended with %s; starting another", child.pid, child.returncode)
+                time.sleep(1.0)
+                children[i] = subprocess.Popen(cmd, env=env)
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(cfg.get("server", "shutdown_timeout") + 10)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return 0
 
 
 def _run(main: Coroutine[Any, Any, int], factory: Callable[[], asyncio.AbstractEventLoop] | None) -> int:
@@ -5998,7 +6634,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zone", metavar="ID", help="replay: the zone's id")
     parser.add_argument("--from", dest="first", type=int, metavar="N", help="replay: the first tick printed")
     parser.add_argument("--to", dest="last", type=int, metavar="M", help="replay: the last tick printed")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="run N node processes on one port ([server] workers; needs [cluster] nats_url)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers' nodes
     args = parser.parse_args(argv)
+    if args.workers is not None:
+        os.environ["GRIDSERVER_SERVER_WORKERS"] = str(args.workers)
     if args.print_config:
         print(_example_ini(), end="")
         return 0
@@ -6035,8 +6676,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gridserver: {exc}", file=sys.stderr)
         return 2
     log.info("event loop: %s", loop_name)
+    if cfg.get("server", "workers") > 1:
+        rest = list(sys.argv[1:] if argv is None else argv)
+        if "--workers" in rest:
+            del rest[rest.index("--workers"):rest.index("--workers") + 2]
+        rest = [a for a in rest if not a.startswith("--workers=")]
+        return _workers(cfg, rest)
     try:
-        return _run(_serve(cfg, reload=args.reload), factory)
+        return _run(_serve(cfg, reload=args.reload, reuse_port=args.worker), factory)
     except KeyboardInterrupt:
         return 130
 

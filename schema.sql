@@ -29,6 +29,11 @@ CREATE TABLE IF NOT EXISTS zones (
 );
 ALTER TABLE zones ADD COLUMN IF NOT EXISTS tick_number BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE zones ADD COLUMN IF NOT EXISTS members TEXT NOT NULL DEFAULT '[]';
+-- Cluster: the node ticking the zone, its fencing number (grows at every change of owner)
+-- and until when its claim lasts without renewal (one node: owner stays NULL, epoch 0).
+ALTER TABLE zones ADD COLUMN IF NOT EXISTS owner TEXT;
+ALTER TABLE zones ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE zones ADD COLUMN IF NOT EXISTS lease_until TIMESTAMPTZ;
 
 CREATE TABLE IF NOT EXISTS entities (
     id         UUID PRIMARY KEY,
@@ -42,6 +47,8 @@ CREATE TABLE IF NOT EXISTS entities (
     updated_at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entities_zone_id_idx ON entities (zone_id);
+-- The fencing number of the zone's owner when the row was written.
+ALTER TABLE entities ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0;
 
 CREATE TABLE IF NOT EXISTS journal (
     zone_id     UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
@@ -51,10 +58,19 @@ CREATE TABLE IF NOT EXISTS journal (
     inputs      TEXT NOT NULL,
     PRIMARY KEY (zone_id, tick_number)
 );
+ALTER TABLE journal ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0;
 
 CREATE TABLE IF NOT EXISTS snapshots (
     zone_id     UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
     tick_number BIGINT NOT NULL,
     entities    TEXT NOT NULL,
     PRIMARY KEY (zone_id, tick_number)
+);
+
+-- Cluster: the nodes that have been seen, each renewing its row with its leases.
+CREATE TABLE IF NOT EXISTS nodes (
+    name        TEXT PRIMARY KEY,
+    started_at  TIMESTAMPTZ NOT NULL,
+    last_seen   TIMESTAMPTZ NOT NULL,
+    connections INTEGER NOT NULL DEFAULT 0
 );

@@ -14,7 +14,7 @@ from helpers import (PG_DSN, Passive, ROOT, create_entity, dsn_with_schema, make
                      stop_server)
 
 SCHEMA_SQL = os.path.join(ROOT, "schema.sql")
-TABLES = ["entities", "journal", "players", "sessions", "snapshots", "zones"]
+TABLES = ["entities", "journal", "nodes", "players", "sessions", "snapshots", "zones"]
 
 
 @pytest.fixture

@@ -1,0 +1,464 @@
+"""Cluster mode: one world on several gridserver processes, on a real PostgreSQL and a real NATS.
+
+Every test starts its own ``nats-server`` on a free port and real ``python gridserver.py``
+nodes (``tests.fault_games:Counter``) sharing one fresh PostgreSQL schema. Before any node
+starts, the schema gets an audit: triggers that record, in write order, the fencing number
+(``epoch``) of every journal and entity row written. Whatever a test does to the nodes
+(SIGKILL, SIGTERM, SIGSTOP past the lease, cutting one off from PostgreSQL), ``check_fencing``
+then shows that no zone was ever written by an older owner after a newer one, and that
+each zone's journal goes on tick after tick, with no gap and no tick written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+
+import aiohttp
+import pytest
+
+import gridserver
+from faultkit import Client, ServerProcess, figure, free_port, start
+from helpers import dsn_with_schema, pg_exec, require_pg, scaled, wait_for
+
+pytestmark = pytest.mark.slow
+
+COUNTER = "tests.fault_games:Counter"
+LEASE = 1.5
+INTERVAL = 0.1
+
+AUDIT = """
+CREATE SEQUENCE audit_seq;
+CREATE TABLE audit (n BIGINT, tbl TEXT, zone_id UUID, epoch BIGINT, tick_number BIGINT);
+CREATE FUNCTION audit_journal() RETURNS trigger AS $$
+BEGIN
+    INSERT INTO audit VALUES (nextval('audit_seq'), 'journal', NEW.zone_id, NEW.epoch, NEW.tick_number);
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE FUNCTION audit_entities() RETURNS trigger AS $$
+BEGIN
+    INSERT INTO audit VALUES (nextval('audit_seq'), 'entities', NEW.zone_id, NEW.epoch, NULL);
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER audit_journal AFTER INSERT OR UPDATE ON journal FOR EACH ROW EXECUTE FUNCTION audit_journal();
+CREATE TRIGGER audit_entities AFTER INSERT OR UPDATE ON entities FOR EACH ROW EXECUTE FUNCTION audit_entities();
+"""
+
+
+class Nats:
+    """``nats-server`` on a free port of 127.0.0.1, stopped by its PID."""
+
+    def __init__(self, tmp_path):
+        exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        if not os.path.exists(exe):
+            if os.environ.get("GRIDSERVER_REQUIRE_NATS"):
+                pytest.fail("nats-server is not installed (GRIDSERVER_REQUIRE_NATS is set)")
+            pytest.skip("nats-server is not installed (Debian: apt-get install nats-server)")
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._log = open(tmp_path / f"nats-{self.port}.log", "wb")
+        self.proc = subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(self.port)], stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + scaled(10)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError("nats-server did not start")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(scaled(10))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def nats(tmp_path):
+    pytest.importorskip("nats", reason="nats-py is the [cluster] extra")
+    server = Nats(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def world_schema():
+    """A fresh PostgreSQL schema with gridserver's tables and the write audit."""
+    require_pg()
+    schema = "c_" + uuid.uuid4().hex[:16]
+    pg_exec(f"CREATE SCHEMA {schema}")
+    dsn = dsn_with_schema(schema)
+    pg_exec(gridserver.PG_SCHEMA, dsn=dsn)
+    pg_exec(AUDIT, dsn=dsn)
+    yield dsn
+    pg_exec(f"DROP SCHEMA {schema} CASCADE")
+
+
+def node(processes, tmp_path, dsn: str, nats_url: str, zones: int = 4, port: int | None = None,
+         **settings) -> ServerProcess:
+    env = {"CLUSTER_NATS_URL": nats_url, "CLUSTER_LEASE": LEASE, "TICK_INTERVAL": INTERVAL,
+           "PERSISTENCE_INTERVAL": 0.3, **settings}
+    return start(processes, tmp_path, dsn, game=COUNTER, settings=env, port=port,
+                 game_settings={"zones": zones, "entities": 20, "size": 32})
+
+
+async def cluster_view(http: aiohttp.ClientSession, proc: ServerProcess) -> dict:
+    client = Client(proc.url, http)
+    if not hasattr(proc, "token"):
+        proc.token = (await client.player())["token"]
+    status, body = await client.call("GET", "/api/debug/cluster", proc.token)
+    assert status == 200, body
+    return body
+
+
+async def settled(http, proc: ServerProcess, nodes: int, zones: int, timeout: float = 20.0) -> dict:
+    """Wait until the cluster as ``proc`` sees it has ``nodes`` live nodes sharing ``zones``
+    zones evenly (each holds its share, give or take one), every zone owned; the view."""
+    view: dict = {}
+
+    async def even() -> bool:
+        nonlocal view
+        view = await cluster_view(http, proc)
+        alive = [n for n in view["nodes"] if n["alive"]]
+        counts = [n["zones"] for n in alive]
+        return (len(alive) == nodes and len(view["zones"]) == zones and all(z["node"] for z in view["zones"])
+                and sum(counts) == zones and max(counts) - min(counts) <= 1)
+    await wait_for(even, timeout=timeout, interval=0.1, what=f"{nodes} nodes sharing {zones} zones")
+    return view
+
+
+def check_fencing(dsn: str) -> dict:
+    """No zone written by an older owner after a newer one; each zone's journal contiguous."""
+    writes = pg_exec("SELECT zone_id, epoch FROM audit ORDER BY n", dsn=dsn)
+    assert writes, "the audit saw no write"
+    newest: dict = {}
+    for zone_id, epoch in writes:
+        assert epoch >= newest.get(zone_id, 0), f"zone {zone_id}: a write of epoch {epoch} after epoch {newest[zone_id]}"
+        newest[zone_id] = epoch
+    journal: dict = {}
+    for zone_id, tick, epoch in pg_exec("SELECT zone_id, tick_number, epoch FROM journal ORDER BY zone_id, tick_number",
+                                        dsn=dsn):
+        journal.setdefault(zone_id, []).append((tick, epoch))
+    for zone_id, rows in journal.items():
+        ticks = [t for t, _ in rows]
+        assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), f"zone {zone_id}: journal gaps {ticks}"
+        epochs = [e for _, e in rows]
+        assert epochs == sorted(epochs), f"zone {zone_id}: epochs out of order along its ticks"
+    return {"writes": len(writes), "zones": len(journal),
+            "epochs": {str(z): sorted({e for _, e in rows}) for z, rows in journal.items()}}
+
+
+async def zone_ids(http, proc: ServerProcess) -> dict[str, str]:
+    view = await cluster_view(http, proc)
+    return {z["name"]: z["zone_id"] for z in view["zones"]}
+
+
+async def owner(http, proc: ServerProcess, zone_id: str) -> str | None:
+    view = await cluster_view(http, proc)
+    return next(z["node"] for z in view["zones"] if z["zone_id"] == zone_id)
+
+
+async def node_name(http, proc: ServerProcess) -> str:
+    async with http.get(proc.url + "/healthz") as r:
+        return (await r.json())["node"]
+
+
+class Watcher:
+    """A player subscribed to one zone on one node, recording the tick numbers it receives
+    and the errors it is sent."""
+
+    def __init__(self, http, proc: ServerProcess, zone_id: str):
+        self.http, self.proc, self.zone_id = http, proc, zone_id
+        self.ticks: list[int] = []
+        self.errors: list[dict] = []
+        self.closed: int | None = None
+
+    async def start(self, token: str | None = None) -> "Watcher":
+        client = Client(self.proc.url, self.http)
+        token = token or (await client.player())["token"]
+        self.ws = await self.http.ws_connect(client.ws_url(token), heartbeat=None)
+        await self.ws.send_json({"type": "subscribe", "zone_id": self.zone_id})
+        self.task = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            data = json.loads(msg.data)
+            if data["type"] == "tick":
+                self.ticks.append(data["tick_number"])
+            elif data["type"] == "error":
+                self.errors.append(data)
+        self.closed = self.ws.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self.task.cancel()
+
+
+# -- the tests ----------------------------------------------------------------------------
+
+async def test_zones_spread_over_three_nodes_each_ticked_by_exactly_one(world_schema, nats, tmp_path, http,
+                                                                        processes):
+    a = node(processes, tmp_path, world_schema, nats.url, zones=6)
+    await a.ready(http)
+    b = node(processes, tmp_path, world_schema, nats.url, zones=6)
+    c = node(processes, tmp_path, world_schema, nats.url, zones=6)
+    await b.ready(http)
+    await c.ready(http)
+    view = await settled(http, a, nodes=3, zones=6)
+    names = {await node_name(http, p) for p in (a, b, c)}
+    assert {n["name"] for n in view["nodes"]} == names
+    assert {n["zones"] for n in view["nodes"]} == {2}
+    # every node sees the same placement
+    for p in (b, c):
+        other = await cluster_view(http, p)
+        assert {z["zone_id"]: z["node"] for z in other["zones"]} == {z["zone_id"]: z["node"] for z in view["zones"]}
+    # a player on a node that does not tick the zone is told where it ticks
+    name_a = await node_name(http, a)
+    zone = next(z for z in view["zones"] if z["node"] != name_a)
+    watcher = await Watcher(http, a, zone["zone_id"]).start()
+    await wait_for(lambda: watcher.errors, timeout=5, what="an answer to the subscribe")
+    assert watcher.errors[0]["code"] == "zone_elsewhere" and watcher.errors[0]["node"] == zone["node"]
+    await watcher.close()
+    # and on the owner, it plays as on one node
+    owner_proc = [p for p in (a, b, c) if await node_name(http, p) == zone["node"]][0]
+    watcher = await Watcher(http, owner_proc, zone["zone_id"]).start()
+    await wait_for(lambda: len(watcher.ticks) >= 5, timeout=10, what="ticks from the owner")
+    assert watcher.ticks == sorted(watcher.ticks) and not watcher.errors
+    await watcher.close()
+    # every zone advances: ticked somewhere, by one node only
+    before = dict(pg_exec("SELECT name, tick_number FROM zones", dsn=world_schema))
+    await asyncio.sleep(scaled(1.5))
+    after = dict(pg_exec("SELECT name, tick_number FROM zones", dsn=world_schema))
+    assert all(after[name] > before[name] for name in before), (before, after)
+    figures = check_fencing(world_schema)
+    # a started alone and handed zones over as the others joined: each change of owner is one epoch
+    assert all(epochs == list(range(1, len(epochs) + 1)) for epochs in figures["epochs"].values()), figures
+
+
+async def test_sigkill_of_an_owner_its_zones_tick_again_elsewhere_from_the_last_tick_seen(
+        world_schema, nats, tmp_path, http, processes):
+    a = node(processes, tmp_path, world_schema, nats.url)
+    await a.ready(http)
+    b = node(processes, tmp_path, world_schema, nats.url)
+    await b.ready(http)
+    await settled(http, b, nodes=2, zones=4)
+    name_a = await node_name(http, a)
+    ids = await zone_ids(http, b)
+    on_a = [z for z in ids.values() if await owner(http, b, z) == name_a]
+    assert on_a
+    watcher = await Watcher(http, a, on_a[0]).start()
+    await wait_for(lambda: len(watcher.ticks) >= 10, timeout=10, what="ticks on the doomed node")
+    a.send(signal.SIGKILL)
+    killed = time.monotonic()
+    await a.wait_exit()
+    last_seen = watcher.ticks[-1]
+    await wait_for(lambda: watcher.closed is not None, timeout=5, what="the socket to drop")
+    # the zone ticks again on b within the lease and a few rounds
+    await settled(http, b, nodes=1, zones=4, timeout=LEASE + 10)
+    again = await Watcher(http, b, on_a[0]).start()
+    await wait_for(lambda: again.ticks, timeout=10, what="a tick from the new owner")
+    first_tick = pg_exec(f"SELECT min(tick_number) FROM journal WHERE zone_id = '{on_a[0]}' AND epoch = 2",
+                         dsn=world_schema)[0][0]
+    assert first_tick is not None
+    taken = time.monotonic() - killed
+    figure("cluster: SIGKILL to the zone ticking on another node, s (lease 1.5)", round(taken, 2))
+    # nothing the player saw is lost: the new owner goes on after the last tick seen
+    assert first_tick > last_seen, (first_tick, last_seen)
+    assert again.ticks[0] > last_seen
+    await again.close()
+    check_fencing(world_schema)
+
+
+async def test_sigterm_hands_every_zone_over_with_no_tick_lost_or_repeated(world_schema, nats, tmp_path, http,
+                                                                           processes):
+    a = node(processes, tmp_path, world_schema, nats.url)
+    await a.ready(http)
+    b = node(processes, tmp_path, world_schema, nats.url)
+    await b.ready(http)
+    await settled(http, b, nodes=2, zones=4)
+    name_a = await node_name(http, a)
+    on_a = [z for z in (await zone_ids(http, b)).values() if await owner(http, b, z) == name_a]
+    watcher = await Watcher(http, a, on_a[0]).start()
+    await wait_for(lambda: len(watcher.ticks) >= 5, timeout=10, what="ticks")
+    stopped = time.monotonic()
+    a.send(signal.SIGTERM)
+    assert await a.wait_exit() == 0
+    await wait_for(lambda: watcher.closed is not None, timeout=5, what="the socket to close")
+    assert watcher.closed == 1001
+    view = await settled(http, b, nodes=1, zones=4, timeout=10)
+    figure("cluster: SIGTERM to every zone ticking on the other node, s", round(time.monotonic() - stopped, 2))
+    assert [n["name"] for n in view["nodes"]] == [await node_name(http, b)]  # a's row is gone
+    # handed over, not taken over: b went on from a's last flush, with nothing to replay
+    assert "0 journaled tick(s) replayed" in b.log_text()
+    assert "journaled tick(s) replayed" in b.log_text()
+    await asyncio.sleep(scaled(1))
+    figures = check_fencing(world_schema)
+    for zone_id in on_a:
+        assert figures["epochs"][zone_id] == [1, 2]
+
+
+async def test_a_joining_node_takes_its_share_without_a_tick_missed(world_schema, nats, tmp_path, http, processes):
+    a = node(processes, tmp_path, world_schema, nats.url, zones=6)
+    await a.ready(http)
+    await settled(http, a, nodes=1, zones=6)
+    watchers = [await Watcher(http, a, z).start() for z in (await zone_ids(http, a)).values()]
+    await asyncio.sleep(scaled(1))
+    b = node(processes, tmp_path, world_schema, nats.url, zones=6)
+    await b.ready(http)
+    joined = time.monotonic()
+    view = await settled(http, a, nodes=2, zones=6)
+    figure("cluster: a node ready to the zones shared evenly, s (lease 1.5)", round(time.monotonic() - joined, 2))
+    assert sorted(n["zones"] for n in view["nodes"]) == [3, 3]
+    moved = [w for w in watchers if any(e["code"] == "zone_moved" for e in w.errors)]
+    assert len(moved) == 3  # the players of the zones that left a are told
+    await asyncio.sleep(scaled(1))
+    figures = check_fencing(world_schema)
+    assert sorted(len(e) for e in figures["epochs"].values()) == [1, 1, 1, 2, 2, 2]
+    for w in watchers:
+        await w.close()
+
+
+async def test_a_node_paused_past_its_lease_is_fenced_and_the_world_converges(world_schema, nats, tmp_path, http,
+                                                                              processes):
+    a = node(processes, tmp_path, world_schema, nats.url)
+    await a.ready(http)
+    b = node(processes, tmp_path, world_schema, nats.url)
+    await b.ready(http)
+    await settled(http, b, nodes=2, zones=4)
+    name_a = await node_name(http, a)
+    on_a = [z for z in (await zone_ids(http, b)).values() if await owner(http, b, z) == name_a]
+    watcher = await Watcher(http, a, on_a[0]).start()
+    await wait_for(lambda: len(watcher.ticks) >= 5, timeout=10, what="ticks")
+    a.send(signal.SIGSTOP)
+    try:
+        await settled(http, b, nodes=1, zones=4, timeout=LEASE + 10)  # b took a's zones over
+        await asyncio.sleep(scaled(1))
+    finally:
+        a.send(signal.SIGCONT)
+    # a wakes up holding zones that are b's now: it must not write them, and it lets them go
+    await wait_for(lambda: "no longer ticks here" in a.log_text(), timeout=10, what="a to drop its zones")
+    await wait_for(lambda: any(e["code"] == "zone_moved" for e in watcher.errors), timeout=5,
+                   what="a's player to hear the zone moved")
+    await settled(http, b, nodes=2, zones=4, timeout=20)  # and the two share the world again
+    await asyncio.sleep(scaled(1))
+    figures = check_fencing(world_schema)
+    assert all(max(e) >= 2 for z, e in figures["epochs"].items() if z in on_a)
+    await watcher.close()
+
+
+async def test_a_node_cut_from_postgresql_stops_ticking_and_never_writes_over_the_new_owner(
+        world_schema, nats, tmp_path, http, processes, tcp_proxy):
+    proxy = await tcp_proxy()
+    a_dsn = world_schema.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    assert a_dsn != world_schema
+    a = node(processes, tmp_path, a_dsn, nats.url, DATABASE_TIMEOUT=1)
+    await a.ready(http)
+    b = node(processes, tmp_path, world_schema, nats.url)
+    await b.ready(http)
+    await settled(http, b, nodes=2, zones=4)
+    name_a = await node_name(http, a)
+    on_a = [z for z in (await zone_ids(http, b)).values() if await owner(http, b, z) == name_a]
+    watcher = await Watcher(http, a, on_a[0]).start()
+    await wait_for(lambda: len(watcher.ticks) >= 5, timeout=10, what="ticks")
+    proxy.cut()
+    await settled(http, b, nodes=1, zones=4, timeout=LEASE + 10)
+    # a cannot renew: it stopped ticking before its leases could lapse
+    seen = len(watcher.ticks)
+    await asyncio.sleep(scaled(1))
+    assert len(watcher.ticks) == seen, "a node cut from the database went on ticking"
+    proxy.restore()
+    await wait_for(lambda: "no longer ticks here" in a.log_text(), timeout=15, what="a to drop its zones")
+    await settled(http, b, nodes=2, zones=4, timeout=20)
+    await asyncio.sleep(scaled(1))
+    check_fencing(world_schema)
+    await watcher.close()
+
+
+async def test_a_node_cut_from_nats_still_converges_through_the_database(world_schema, tmp_path, http, processes,
+                                                                         tcp_proxy, nats):
+    proxy = await tcp_proxy(port=nats.port)
+    a = node(processes, tmp_path, world_schema, f"nats://127.0.0.1:{proxy.port}")
+    await a.ready(http)
+    b = node(processes, tmp_path, world_schema, nats.url)
+    await b.ready(http)
+    await settled(http, b, nodes=2, zones=4)
+    proxy.cut()
+    b.send(signal.SIGTERM)
+    assert await b.wait_exit() == 0
+    await settled(http, a, nodes=1, zones=4, timeout=10)  # no wake-up reached a: its rounds found them
+    check_fencing(world_schema)
+
+
+def test_cluster_mode_needs_postgresql(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
+    env.update(GRIDSERVER_CLUSTER_NATS_URL="nats://127.0.0.1:4222", GRIDSERVER_DATABASE_DSN=f"sqlite:///{tmp_path}/x.db")
+    proc = subprocess.run([gridserver_python(), gridserver.__file__], env=env, capture_output=True, text=True,
+                          timeout=scaled(30), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "[cluster] nats_url" in proc.stderr and "PostgreSQL" in proc.stderr
+    assert not os.path.exists(tmp_path / "x.db")
+    env.update(GRIDSERVER_CLUSTER_NATS_URL="", GRIDSERVER_SERVER_WORKERS="2")
+    proc = subprocess.run([gridserver_python(), gridserver.__file__], env=env, capture_output=True, text=True,
+                          timeout=scaled(30), cwd=tmp_path)
+    assert proc.returncode == 2 and "[server] workers" in proc.stderr and "nats_url" in proc.stderr
+
+
+def gridserver_python() -> str:
+    import sys
+    return sys.executable
+
+
+async def test_workers_run_nodes_on_one_port_and_stop_together(world_schema, nats, tmp_path, http):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
+    env.update(GRIDSERVER_DATABASE_DSN=world_schema, GRIDSERVER_SERVER_PORT=str(port), GRIDSERVER_SERVER_DEBUG="true",
+               GRIDSERVER_AUTH_BCRYPT_ROUNDS="4", GRIDSERVER_TICK_INTERVAL=str(INTERVAL),
+               GRIDSERVER_CLUSTER_NATS_URL=nats.url, GRIDSERVER_CLUSTER_LEASE=str(LEASE),
+               GRIDSERVER_GAME_MODULE=COUNTER, GRIDSERVER_TESTS_FAULT_GAMES_COUNTER_ZONES="4")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(tmp_path / "workers.log", "wb") as log:
+        parent = subprocess.Popen([gridserver_python(), os.path.join(root, "gridserver.py"), "--workers", "2"],
+                                  cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            names: set[str] = set()
+
+            async def both_answer() -> bool:
+                # each request on a new connection: the kernel spreads them over the two nodes
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                    try:
+                        async with s.get(url + "/healthz") as r:
+                            names.add((await r.json())["node"])
+                    except aiohttp.ClientError:
+                        pass
+                return len(names) == 2
+            await wait_for(both_answer, timeout=30, interval=0.05, what="two nodes behind one port")
+            proc = type("P", (), {"url": url})()
+            view = await settled(http, proc, nodes=2, zones=4)
+            assert {n["name"] for n in view["nodes"]} == names
+            parent.send_signal(signal.SIGTERM)
+            assert parent.wait(scaled(30)) == 0
+            rows = pg_exec("SELECT count(*) FROM zones WHERE owner IS NOT NULL", dsn=world_schema)
+            assert rows[0][0] == 0  # both nodes handed their zones back as they stopped
+        finally:
+            if parent.poll() is None:
+                os.killpg(parent.pid, signal.SIGKILL)
+                parent.wait()
+    check_fencing(world_schema)
