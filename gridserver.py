@@ -32,6 +32,7 @@ Sections of this file, each calling only those above it (``grep -n '^# [A-Z]' gr
     Accounts and sessions
     Cluster: zone ownership in PostgreSQL, wake-ups over NATS
     Hub: connections, subscriptions, sending
+    Cluster: relaying players between nodes
     Journal
     Tick engine
     Persistence
@@ -552,8 +553,9 @@ ERRORS: list[_ErrorCode] = [
     _ErrorCode("zone_failed", None, True,
                "the zone's last tick was lost (module exception, rejected result, stall); carries `zone_id`. "
                "Subscribers stay; `zone_recovered` follows when a tick succeeds again"),
-    _ErrorCode("zone_elsewhere", None, True,
-               "cluster: the zone ticks on another node (`node` names it); connect to that node to play in it"),
+    _ErrorCode("zone_unavailable", None, True,
+               "cluster: no node ticks the zone right now (it is moving between nodes, or its node died and "
+               "another takes it over within `[cluster] lease`); subscribe again in a moment"),
     _ErrorCode("zone_moved", None, True,
                "cluster: the zone you were subscribed to moved to another node; you are unsubscribed "
                "(subscribe again: the answer names the node)"),
@@ -1925,6 +1927,7 @@ class Metrics:
     failed_logins_total: int = _counter("logins with a wrong password or an unknown user")
     connections_refused_total: int = _counter("connections refused for max_connections_per_address")
     messages_sent_total: int = _counter("WebSocket messages handed to sockets")
+    relay_messages_total: int = _counter("cluster: NATS messages of frames and answers sent to players' nodes")
     bytes_sent_total: int = _counter("WebSocket payload bytes handed to sockets")
     ticks_dropped_total: int = _counter("tick messages replaced by a newer one before a slow client took them")
     slow_clients_disconnected_total: int = _counter("clients disconnected for falling behind")
@@ -3040,6 +3043,10 @@ class Cluster:
                  hand_over: Callable[[set[UUID]], Awaitable[None]],
                  connections: Callable[[], int]):
         self.store = store
+        #: called after every round (the relay shares its zones' counts), and after this node
+        #: took a zone (the relay tells the players' nodes at once)
+        self.on_round: Callable[[], None] | None = None
+        self.on_owned: Callable[[UUID, int], None] | None = None
         self.node = cfg.get("cluster", "node_name") or f"{socket.gethostname()}:{port}:{os.getpid()}"
         self.lease = cfg.get("cluster", "lease")
         self.period = self.lease / 4
@@ -3163,15 +3170,20 @@ class Cluster:
             free.sort(key=lambda z: hashlib.blake2b(f"{self.node}/{z}".encode(), digest_size=8).digest())
             counts = collections.Counter(owner for _, owner, _, live in self.zones.values() if live)
             others_short = any(counts.get(n, 0) < share for n in alive if n != self.node)
+            claimed = 0
             for zone_id in free:
                 if not self.may_tick() or (len(self.owned) >= share and others_short):
                     break  # past its share, a node leaves free zones to the nodes below theirs
-                await self._claim(zone_id)
+                claimed += await self._claim(zone_id)
+            if claimed:
+                await self.wake_others()  # their players of these zones follow them here
             surplus = len(self.owned) - share
             if surplus > 0 and others_short:
                 give = set(sorted(self.owned)[:surplus])
                 await self._hand_over(give)
                 await self.wake_others()
+            if self.on_round is not None:
+                self.on_round()
 
     async def _claim(self, zone_id: UUID) -> bool:
         epoch = await self.store.claim(self.node, zone_id, self.lease)
@@ -3180,6 +3192,7 @@ class Cluster:
         self.owned[zone_id] = epoch
         try:
             if await self._adopt(zone_id, epoch):
+                self._owns(zone_id, epoch)
                 return True
         except Exception:  # noqa: BLE001 - give it back for another node to try
             log.exception("cluster: taking zone %s over failed", zone_id)
@@ -3197,10 +3210,23 @@ class Cluster:
         await self.wake_others()
         return epoch
 
+    def _owns(self, zone_id: UUID, epoch: int) -> None:
+        """The directory as this node knows it: the zone is this node's now (before the next
+        round reads it back), and the players' nodes hear it at once (``on_owned``)."""
+        self.set_owner(zone_id, self.node, epoch)
+        if self.on_owned is not None:
+            self.on_owned(zone_id, epoch)
+
+    def set_owner(self, zone_id: UUID, node: str | None, epoch: int) -> None:
+        entry = self.zones.get(zone_id)
+        if entry is not None:  # replaced whole: game threads read the directory
+            self.zones = {**self.zones, zone_id: (entry[0], node, epoch, node is not None)}
+
     async def released(self, zone_ids: set[UUID]) -> None:
         """After ``hand_over`` flushed these zones and dropped them: give the leases back."""
         for zone_id in zone_ids:
             self.owned.pop(zone_id, None)
+            self.set_owner(zone_id, None, self.zones[zone_id][2] if zone_id in self.zones else 0)
         await self.store.release(self.node, zone_ids)
 
     async def leave(self) -> None:
@@ -3250,7 +3276,7 @@ class Connection:
     """
 
     __slots__ = ("ws", "transport", "session", "player_id", "player_text", "username", "zone_id", "connected_at",
-                 "behind", "closed", "expiry_handle", "hub", "received", "seen", "pinged")
+                 "behind", "closed", "expiry_handle", "hub", "received", "seen", "pinged", "routed")
 
     def __init__(self, hub: "Hub", ws: web.WebSocketResponse, transport: Any, session: Session):
         self.hub = hub
@@ -3268,6 +3294,9 @@ class Connection:
         self.received = 0  # frames from the client, pongs included: the heartbeat's evidence of life
         self.seen = 0
         self.pinged = False
+        #: cluster: the zone ticking on another node that this player's messages go to (its
+        #: subscribe may still be on the way: ``zone_id`` is set when the owner answers)
+        self.routed: UUID | None = None
 
     def _write(self, frame: bytes) -> bool:
         t = self.transport
@@ -3321,6 +3350,59 @@ class Connection:
 
 
 
+class RemotePlayer(Connection):
+    """Cluster, on a zone's owner: a player whose socket is on another node (its *gateway*).
+
+    The hub keeps it in ``subscribers`` like a local connection (so joins, leaves, intents,
+    rate limits and frames follow the same rules) but never in ``conns``. Everything it is
+    sent, and every change of its zone, is queued in order for its gateway (``Relay.queue``),
+    which applies them to the player's real connection.
+    """
+
+    __slots__ = ("node", "_zone", "_relay")
+
+    def __init__(self, hub: "Hub", relay: Any, node: str, player_id: UUID, username: str):
+        self.hub, self._relay, self.node = hub, relay, node
+        self.ws, self.transport = None, None  # type: ignore[assignment]
+        self.session = Session("", player_id, username, None)
+        self.player_id, self.player_text, self.username = player_id, str(player_id), username
+        self._zone: UUID | None = None
+        self.connected_at = _now()
+        self.behind, self.closed, self.expiry_handle = 0, False, None
+        self.received = self.seen = 0
+        self.pinged = False
+        self.routed = None
+
+    @property
+    def zone_id(self) -> UUID | None:
+        return self._zone
+
+    @zone_id.setter
+    def zone_id(self, value: UUID | None) -> None:
+        if value != self._zone and not self.closed:
+            if value is None:
+                self._relay.queue(self.node, "u", self._zone, self.player_id, b"")
+            else:
+                self._relay.queue(self.node, "z", value, self.player_id, b"")
+        self._zone = value
+
+    def _write(self, frame: bytes) -> bool:
+        if self.closed:
+            return False
+        self._relay.queue(self.node, "w", None, self.player_id, frame)
+        return True
+
+    def send_tick(self, frame: bytes, max_behind: int) -> None:
+        if not self.closed:  # the gateway skips a player whose socket falls behind
+            self._relay.queue(self.node, "t", self._zone, self.player_id, frame)
+
+    def abort(self) -> None:
+        self.closed = True
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = True
+
+
 class Hub:
     """Who is connected, who is in which zone, and the messages they are owed.
 
@@ -3353,6 +3435,15 @@ class Hub:
         self._moves: dict[UUID, int] = {}  # subscribes and unsubscribes per player this tick
         self._tasks: set[asyncio.Task] = set()
         self._seq = itertools.count(1)
+        #: cluster, on a zone's owner: the players connected to other nodes, by player id
+        #: (``RemotePlayer``: in ``subscribers`` like a connection, never in ``conns``)
+        self.remote: dict[UUID, RemotePlayer] = {}
+        #: cluster, on a player's node: ``left(conn, zone_id, keep)`` when a connection
+        #: subscribed to a zone that ticks elsewhere closes; ``ended(digests)`` when sessions end
+        self.left: Callable[[Connection, UUID, bool], None] | None = None
+        self.ended: Callable[[list[str]], None] | None = None
+        #: cluster: ``moved(conn, zone_id)`` when a zone leaves this node (its player follows it)
+        self.moved: Callable[[Connection, UUID], None] | None = None
 
     # -- membership ----------------------------------------------------------------------
     def _join(self, zone_id: UUID, player_id: UUID) -> None:
@@ -3393,6 +3484,11 @@ class Hub:
         if entry is not None:
             entry[1].cancel()
             resume = resume or entry[0]
+        proxy = self.remote.pop(conn.player_id, None)
+        if proxy is not None:  # cluster: it played a zone of this node through another node
+            resume = resume or proxy.zone_id
+            proxy.closed = True
+            self._unsubscribe_conn(proxy)
         self.conns[conn.player_id] = conn
         self.usernames[conn.player_id] = conn.username
         if resume is not None and resume in self.world.zones:
@@ -3411,8 +3507,11 @@ class Hub:
         if self.conns.get(conn.player_id) is not conn:
             return  # replaced: the new connection owns the player now
         del self.conns[conn.player_id]
-        zone_id = conn.zone_id
+        zone_id, routed = conn.zone_id, conn.routed
         self._unsubscribe_conn(conn)
+        if routed is not None and self.left is not None:  # the zone's owner holds it, on another node
+            self.left(conn, routed, keep_zone)
+            return
         if zone_id is None:
             return
         if keep_zone and self.grace > 0:
@@ -3462,6 +3561,11 @@ class Hub:
         if not self._may_move(conn):
             return
         zone_id = self.world.zones[zone_id].zone.id
+        entry = self._held.pop(conn.player_id, None)  # cluster: held here while it came by another way
+        if entry is not None:
+            entry[1].cancel()
+            if entry[0] != zone_id:
+                self._leave(entry[0], conn.player_id)
         if conn.zone_id != zone_id:
             if conn.zone_id is not None:
                 old = conn.zone_id
@@ -3511,6 +3615,74 @@ class Hub:
         if self.journal_intents:  # made here, spread over the tick, not all at its start
             zs.journaled.append(json_dumps([conn.player_text, intent.seq, intent.received_at, data]))
         self.metrics.intents_accepted_total += 1
+
+    # -- players of other nodes (cluster, on the zone's owner) --------------------------------
+    def remote_subscribe(self, proxy: RemotePlayer, zone_id: UUID) -> None:
+        """A player of another node subscribes to a zone ticking here (``subscribe``'s rules).
+        A player this node holds (its connection dropped, or its zone just came here from
+        another node) is resumed: no leave and join when it is the same zone."""
+        old = self.remote.get(proxy.player_id)
+        if old is not None and old is not proxy:  # the player came back through another node
+            proxy.zone_id = old.zone_id
+            self._replace(old, proxy)
+        self.remote[proxy.player_id] = proxy
+        self.subscribe(proxy, zone_id)
+
+    def _replace(self, old: RemotePlayer, new: RemotePlayer) -> None:
+        """``new`` takes ``old``'s place in its zone, without a leave or a join."""
+        old.closed = True
+        if old.zone_id is not None and self.subscribers.get(old.zone_id, {}).get(old.player_id) is old:
+            self.subscribers[old.zone_id][old.player_id] = new
+
+    def remote_left(self, proxy: RemotePlayer, keep: bool) -> None:
+        """A player of another node closed its connection (``keep``: held for the grace period,
+        as a dropped local one) or moved to a zone of another node (not kept)."""
+        if self.remote.get(proxy.player_id) is not proxy:
+            return
+        del self.remote[proxy.player_id]
+        proxy.closed = True
+        zone_id = proxy.zone_id
+        self._unsubscribe_conn(proxy)
+        if zone_id is None:
+            return
+        if keep and self.grace > 0:
+            handle = asyncio.get_running_loop().call_later(self.grace, self._grace_expired, proxy.player_id)
+            self._held[proxy.player_id] = (zone_id, handle)
+        else:
+            self._leave(zone_id, proxy.player_id)
+
+    def remote_attached(self, player_id: UUID, make_proxy: Callable[[], RemotePlayer]) -> bool:
+        """The player connected again on another node: the zone it had here (live through an
+        older connection, or held in the grace period) passes to the new one, which hears
+        ``subscribed`` with ``resumed`` (no leave, no join). Whether it had one."""
+        old_conn = self.conns.get(player_id)
+        if old_conn is not None:  # replaced: an older connection to this node
+            del self.conns[player_id]
+            zone_id = old_conn.zone_id
+            self._unsubscribe_conn(old_conn)
+            old_conn.closed = True
+            self.spawn(old_conn.close(CLOSE_REPLACED, "replaced by a new connection"))
+        else:
+            zone_id = None
+        proxy = self.remote.pop(player_id, None)
+        entry = self._held.pop(player_id, None)
+        if entry is not None:
+            entry[1].cancel()
+        if proxy is not None:
+            proxy.closed = True
+            zone_id = zone_id or proxy.zone_id
+            self._unsubscribe_conn(proxy)
+        zone_id = zone_id or (entry[0] if entry is not None else None)
+        if zone_id is None or zone_id not in self.world.zones:
+            return False
+        new = make_proxy()
+        self.remote[player_id] = new
+        new.zone_id = zone_id
+        self.subscribers[zone_id][player_id] = new
+        self._join(zone_id, player_id)  # no event if still a member
+        new.send({"type": "subscribed", "zone_id": str(zone_id), "resumed": True})
+        self.tell_if_failing(new)
+        return True
 
     def is_debug(self, username: str) -> bool:
         """Whether the player may use the debug routes and sees errors in full."""
@@ -3572,6 +3744,9 @@ class Hub:
                   "message": "The zone moved to another node; you are unsubscribed."} if moved else
                  {"type": "error", "code": "zone_deleted", "message": "The zone you were subscribed to was deleted."})
         for conn in list(self.subscribers.pop(zone_id, {}).values()):
+            if moved and self.moved is not None:
+                self.moved(conn, zone_id)
+                continue
             conn.zone_id = None
             conn.send(error)
         self.members.pop(zone_id, None)
@@ -3584,10 +3759,13 @@ class Hub:
         """Close the connection of a session that logged out or expired (no grace period)."""
         await self.end_sessions([digest])
 
-    async def end_sessions(self, digests: list[str]) -> None:
-        """Close the connections of sessions that ended (no grace period)."""
+    async def end_sessions(self, digests: list[str], tell_others: bool = True) -> None:
+        """Close the connections of sessions that ended (no grace period); in a cluster, the
+        other nodes close theirs (``tell_others``)."""
         if not digests:
             return
+        if tell_others and self.ended is not None:
+            self.ended(digests)
         ended = set(digests)
         closing = [c for c in list(self.conns.values()) if c.session.digest in ended]
         for conn in closing:
@@ -3620,6 +3798,308 @@ class Hub:
         for conn in conns:
             conn.closed = True
         await asyncio.gather(*(c.close(code, reason) for c in conns), *self._tasks, return_exceptions=True)
+
+
+# =============================================================================
+# Cluster: relaying players between nodes
+# =============================================================================
+
+
+class Relay:
+    """Cluster mode: a player plays any zone from any node, over NATS.
+
+    The node holding the player's socket is its *gateway*; the node ticking the zone is the
+    zone's *owner* (``Cluster``). Subjects, under ``gridserver.``:
+
+    * ``zone.<zone_id>`` (the owner subscribes while it owns the zone): a gateway's
+      ``sub``, ``unsub``, ``intent``, ``ping`` and ``left`` for one player, in the order the
+      player sent them. The owner plays them on a ``RemotePlayer`` in its hub, so ordering,
+      ``seq``, rate limits, joins, leaves and errors follow the single-node rules.
+    * ``node.<name>`` (each gateway): what owners send its players, in order, batched: one
+      message per owner per loop turn, holding every item queued meanwhile (``queue``): a
+      tick's frame once with every player of this gateway who shares it, a message for one
+      player, or a change of the player's zone (which the gateway applies to the socket's
+      connection before what follows).
+    * ``all``: ``attach`` (a player connected somewhere: an older connection elsewhere is
+      replaced with 4000, a zone held for it is resumed), ``end`` (sessions that ended:
+      their sockets close with 4001 on every node).
+
+    A node is both: the single-node server is this code with every zone local and no relay.
+    """
+
+    PREFIX = "gridserver."
+
+    def __init__(self, cluster: Cluster, hub: Hub, world: World, metrics: Metrics, max_behind: int):
+        self.cluster, self.hub, self.world, self.metrics = cluster, hub, world, metrics
+        self.node = cluster.node
+        self.max_behind = max_behind
+        self._out: dict[str, list[list]] = {}  # gateway -> items [kind, zone, players, frame]
+        self._flushing = False
+        self._sends: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._zones: dict[UUID, Any] = {}  # owned zone -> its NATS subscription
+        self._tasks: list[asyncio.Task] = []
+        #: the entity and subscriber counts of zones ticking elsewhere, as their owners told
+        #: (``share_counts``, every round), for ``GET /api/zones``
+        self.counts: dict[UUID, tuple[int, int]] = {}
+        hub.left = self._left
+        hub.ended = lambda digests: self._publish("all", {"op": "end", "n": self.node, "digests": digests})
+        hub.moved = self._moved
+        self._owners: dict[UUID, str | None] = {}  # each zone's owner as of the last round
+        self._following: set[Connection] = set()
+
+    async def start(self) -> None:
+        nc = self.cluster.nc
+        await nc.subscribe(self.PREFIX + "node." + self.node, cb=self._from_owner)
+        await nc.subscribe(self.PREFIX + "all", cb=self._from_all)
+        self._tasks.append(asyncio.ensure_future(self._sender()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sender(self) -> None:
+        """Publish in the order queued (one task: NATS keeps the order of one publisher)."""
+        nc = self.cluster.nc
+        while True:
+            subject, data = await self._sends.get()
+            try:
+                await nc.publish(subject, data)
+            except Exception as exc:  # noqa: BLE001 - NATS down: what was queued is lost, as on a dropped socket
+                log.warning("cluster: NATS publish failed: %s", exc)
+
+    def _publish(self, to: str, message: dict) -> None:
+        self._sends.put_nowait((self.PREFIX + to, json_dumps(message).encode("utf-8")))
+
+    # -- the owner's side --------------------------------------------------------------------
+    async def own(self, zone_id: UUID) -> None:
+        """This node ticks the zone now: hear its players' gateways."""
+        if zone_id not in self._zones:
+            self._zones[zone_id] = await self.cluster.nc.subscribe(self.PREFIX + f"zone.{zone_id}",
+                                                                   cb=self._to_owner)
+
+    async def disown(self, zone_id: UUID) -> None:
+        sub = self._zones.pop(zone_id, None)
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for player_id, proxy in list(self.hub.remote.items()):
+            if proxy.zone_id == zone_id:
+                del self.hub.remote[player_id]
+                proxy.closed = True
+
+    def queue(self, node: str, kind: str, zone_id: UUID | None, player_id: UUID, frame: bytes) -> None:
+        """Queue one item for a gateway; a tick's frame shared by several of its players is
+        queued once."""
+        items = self._out.setdefault(node, [])
+        if kind == "t" and items:
+            last = items[-1]
+            if last[0] == "t" and last[1] == zone_id and last[3] is frame:
+                last[2].append(player_id)
+                return
+        items.append([kind, zone_id, [player_id], frame])
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        out, self._out = self._out, {}
+        for node, items in out.items():
+            header = [[kind, None if zone is None else str(zone), [str(p) for p in players], len(frame)]
+                      for kind, zone, players, frame in items]
+            self._sends.put_nowait((self.PREFIX + "node." + node, self.node.encode("utf-8") + b"\n" +
+                                    json_dumps(header).encode("utf-8") + b"\n" + b"".join(i[3] for i in items)))
+            self.metrics.relay_messages_total += 1
+
+    async def _to_owner(self, msg: Any) -> None:
+        """A gateway's message about one of its players, for a zone this node owns."""
+        try:
+            m = json_loads(msg.data)
+            zone_id, player_id, node = UUID(msg.subject.rsplit(".", 1)[1]), UUID(m["p"]), m["n"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("cluster: unreadable message on %s", msg.subject)
+            return
+        op = m.get("op")
+        proxy = self.hub.remote.get(player_id)
+        mine = proxy if proxy is not None and proxy.node == node else None
+        if zone_id not in self.world.zones or self.world.zones[zone_id].leaving:
+            if op in ("sub", "intent", "unsub", "ping"):  # it moved on meanwhile
+                error = {"type": "error", "code": "zone_moved", "zone_id": str(zone_id),
+                         "message": "The zone moved to another node; you are unsubscribed."}
+                self.queue(node, "u", zone_id, player_id, b"")
+                self.queue(node, "w", None, player_id, ws_text_frame(json_dumps(error).encode("utf-8")))
+            return
+        if op == "sub":
+            self.hub.remote_subscribe(mine or RemotePlayer(self.hub, self, node, player_id, m["u"]), zone_id)
+        elif op == "intent":
+            if mine is None or mine.zone_id != zone_id:
+                self.queue(node, "w", None, player_id, ws_text_frame(json_dumps(
+                    {"type": "error", "code": "not_subscribed",
+                     "message": "Subscribe to a zone before sending intents."}).encode("utf-8")))
+            else:
+                self.hub.add_intent(mine, m["d"])
+        elif op == "unsub" and mine is not None:
+            self.hub.unsubscribe(mine)
+        elif op == "ping":
+            self.queue(node, "w", None, player_id, ws_text_frame(b'{"type":"pong"}'))
+        elif op == "left" and mine is not None and mine.zone_id in (zone_id, None):
+            self.hub.remote_left(mine, bool(m.get("keep")))
+
+    # -- the gateway's side ------------------------------------------------------------------
+    def forward(self, conn: Connection, zone_id: UUID, op: str, **fields: Any) -> None:
+        """Send one of the player's messages to the owner of ``zone_id``."""
+        self._publish(f"zone.{zone_id}", {"op": op, "p": conn.player_text, "n": self.node, "u": conn.username,
+                                          **fields})
+
+    def _left(self, conn: Connection, zone_id: UUID, keep: bool) -> None:
+        self.forward(conn, zone_id, "left", keep=keep)
+
+    def after_round(self) -> None:
+        """After the cluster's round: share this node's counts, and the players of zones whose
+        owner changed (a node died, or its zones moved) follow them to the new owner."""
+        self.share_counts()
+        owners = {zone_id: self.cluster.owner_of(zone_id) for zone_id in self.cluster.zones}
+        changed = {z for z, o in owners.items() if z in self._owners and o != self._owners[z]}
+        previous, self._owners = self._owners, owners
+        if changed:
+            for conn in list(self.hub.conns.values()):
+                if conn.routed is not None and conn.routed in changed and conn not in self._following:
+                    self.follow(conn, conn.routed, previous[conn.routed])
+
+    def _moved(self, conn: Connection, zone_id: UUID) -> None:
+        """A zone left this node: its players follow it (through their own nodes)."""
+        if isinstance(conn, RemotePlayer):
+            conn.closed = True  # its gateway is told once, with "m", not with a change of zone
+            self.queue(conn.node, "m", zone_id, conn.player_id, b"")
+        else:
+            conn.zone_id, conn.routed = None, zone_id
+            self.follow(conn, zone_id, self.node)
+
+    def follow(self, conn: Connection, zone_id: UUID, old: str | None) -> None:
+        """Subscribe the player again where its zone ticks now, once a node other than ``old``
+        owns it (within two leases): the player hears ``subscribed`` again, and no leave or
+        join reaches the game. If no node takes the zone in time, ``zone_moved``."""
+        self._following.add(conn)
+        conn.zone_id = None  # no tick of the old owner's from here on
+        self.hub.spawn(self._follow(conn, zone_id, old))
+
+    async def _follow(self, conn: Connection, zone_id: UUID, old: str | None) -> None:
+        try:
+            deadline = time.monotonic() + self.cluster.lease * 2 + 2
+            while time.monotonic() < deadline:
+                if conn.closed or conn.routed != zone_id:
+                    return  # gone, or elsewhere by its own choice
+                owner = self.cluster.owner_of(zone_id)
+                if owner is not None and (owner != old or owner == self.node):
+                    if owner == self.node and zone_id in self.world.zones:
+                        conn.routed = None
+                        self.hub.subscribe(conn, zone_id)
+                    elif owner != self.node:
+                        self.forward(conn, zone_id, "sub")
+                    else:
+                        await asyncio.sleep(0.02)
+                        continue
+                    return
+                await asyncio.sleep(0.02)
+            conn.routed = None
+            conn.send({"type": "error", "code": "zone_moved", "zone_id": str(zone_id),
+                       "message": "The zone moved and no node has taken it up yet; subscribe again later."})
+        finally:
+            self._following.discard(conn)
+
+    async def moved_away(self, zone_ids: set[UUID]) -> None:
+        """A stopping node released these zones: the players of other nodes follow them, and
+        what is queued for them is published before NATS closes."""
+        for proxy in list(self.hub.remote.values()):
+            if proxy.zone_id in zone_ids:
+                self._moved(proxy, proxy.zone_id)
+        await asyncio.sleep(0)  # the queued items are batched
+        deadline = time.monotonic() + 2
+        while not self._sends.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def announce(self, zone_id: UUID, epoch: int) -> None:
+        """This node ticks the zone now: the nodes of its players send them here at once."""
+        self._publish("all", {"op": "owner", "n": self.node, "z": str(zone_id), "e": epoch})
+
+    def _owner_changed(self, zone_id: UUID, node: str, epoch: int) -> None:
+        previous = self.cluster.owner_of(zone_id)
+        self.cluster.set_owner(zone_id, node, epoch)
+        self._owners[zone_id] = node
+        if previous == node:
+            return
+        for conn in list(self.hub.conns.values()):
+            if conn.routed == zone_id and conn.zone_id == zone_id and conn not in self._following:
+                self.follow(conn, zone_id, previous)
+
+    def share_counts(self) -> None:
+        """Tell the other nodes how many entities and subscribers this node's zones have."""
+        self._publish("all", {"op": "counts", "n": self.node, "zones": {
+            str(z): [len(zs.entities), len(self.hub.subscribers.get(z, ()))]
+            for z, zs in list(self.world.zones.items())}})
+
+    def attached(self, conn: Connection) -> None:
+        """A player connected here: other nodes give up older connections and held zones."""
+        self._publish("all", {"op": "attach", "p": conn.player_text, "n": self.node, "u": conn.username})
+
+    async def _from_owner(self, msg: Any) -> None:
+        """Items from an owner for players connected here, applied in order."""
+        data: bytes = msg.data
+        first = data.find(b"\n")
+        end = data.find(b"\n", first + 1)
+        try:
+            sender, header = data[:first].decode("utf-8"), json_loads(data[first + 1:end])
+        except ValueError:
+            log.warning("cluster: unreadable frames from an owner")
+            return
+        at = end + 1
+        conns, max_behind = self.hub.conns, self.max_behind
+        for kind, zone, players, length in header:
+            frame, at = data[at:at + length], at + length
+            zone_id = None if zone is None else UUID(zone)
+            for p in players:
+                conn = conns.get(UUID(p))
+                if conn is None:
+                    continue
+                if kind == "t":
+                    if conn.zone_id == zone_id:
+                        conn.send_tick(frame, max_behind)
+                elif kind == "z":  # subscribed (or resumed) there, unless it went elsewhere since
+                    if conn.routed in (None, zone_id) and (conn.routed is not None or conn.zone_id is None):
+                        conn.routed = conn.zone_id = zone_id
+                elif kind == "u":  # no longer in that zone
+                    if conn.zone_id == zone_id:
+                        conn.zone_id = None
+                    if conn.routed == zone_id:
+                        conn.routed = None
+                elif kind == "m":  # the zone moved to another node: the player follows it
+                    if zone_id is not None and conn.routed == zone_id:
+                        conn.zone_id = None
+                        if conn not in self._following:
+                            self.follow(conn, zone_id, sender)
+                else:
+                    conn._write(frame)
+
+    async def _from_all(self, msg: Any) -> None:
+        try:
+            m = json_loads(msg.data)
+        except ValueError:
+            return
+        if m.get("n") == self.node:
+            return
+        if m.get("op") == "attach":
+            player_id, node = UUID(m["p"]), m["n"]
+            self.hub.remote_attached(player_id, lambda: RemotePlayer(self.hub, self, node, player_id, m["u"]))
+        elif m.get("op") == "end":
+            await self.hub.end_sessions(list(m.get("digests") or []), tell_others=False)
+        elif m.get("op") == "owner":
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                self._owner_changed(UUID(m["z"]), m["n"], int(m["e"]))
+        elif m.get("op") == "counts":
+            with contextlib.suppress(ValueError, TypeError):
+                self.counts.update((UUID(z), (int(c[0]), int(c[1]))) for z, c in m["zones"].items())
 
 
 # =============================================================================
@@ -4879,8 +5359,10 @@ class Server:
         self.journal: Journal | None = None
         self.persister = Persister(self.world, self.store, self.metrics, cfg, self._after_tick, self.drop_zones)
         self.world_executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-world")
-        #: cluster mode (``[cluster] nats_url``): this node's share of the world
+        #: cluster mode (``[cluster] nats_url``): this node's share of the world, and the relay
+        #: of players between nodes
         self.cluster: Cluster | None = None
+        self.relay: Relay | None = None
         self.started = time.time()
         self._shut_down = False
         self._heartbeat: asyncio.Task | None = None
@@ -4919,6 +5401,11 @@ class Server:
             except BaseException:
                 await self.store.close()
                 raise
+            self.relay = Relay(self.cluster, self.hub, self.world, self.metrics,
+                               self.cfg.get("websocket", "max_behind"))
+            await self.relay.start()
+            self.cluster.on_round = self.relay.after_round
+            self.cluster.on_owned = self.relay.announce
         else:
             zones, entities, marks = await self.store.load()
             await self.in_world(self.world.load, zones, entities, marks)
@@ -4982,8 +5469,13 @@ class Server:
             # Saved: the others take the zones over at once. Not saved: the leases lapse
             # and the others go on from the journal.
             if saved:
+                zone_ids = set(self.cluster.owned)
                 with contextlib.suppress(Exception):
-                    await self.cluster.released(set(self.cluster.owned))
+                    await self.cluster.released(zone_ids)
+                if self.relay is not None:
+                    await self.relay.moved_away(zone_ids)
+            if self.relay is not None:
+                await self.relay.stop()
             await self.cluster.close()
         await self.hub.close_all(1001, "server shutting down")
 
@@ -5023,6 +5515,9 @@ class Server:
             if epoch is None:
                 return zone
             await self.in_world(self.world.add_zone, zone, (), first_tick, epoch)
+            if self.relay is not None:
+                await self.relay.own(zone.id)
+            self.cluster._owns(zone.id, epoch)
             return zone
         await self.in_world(self.world.add_zone, zone, (), first_tick)
         return zone
@@ -5047,6 +5542,8 @@ class Server:
             return False  # lost again meanwhile
         await self.in_world(self.world.adopt_zone, zs, own.dirty, own.deleted)
         self.hub.restore([zs])
+        if self.relay is not None:
+            await self.relay.own(zone_id)
         log.info("cluster: zone %s (%s) ticks here now, epoch %d, from tick %d (%d journaled tick(s) replayed)",
                  zone_id, zone.name, epoch, zs.tick_number, replayed)
         return True
@@ -5060,10 +5557,11 @@ class Server:
                 self.cluster.owned.pop(zone_id, None)
             zs = await self.in_world(self.world.remove_zone, zone_id)
             self.persister.forget(zone_id)
-            if zs is None:
-                continue
-            log.warning("cluster: zone %s (%s) no longer ticks here: %s", zone_id, zs.zone.name, why)
-            self.hub.zone_deleted(zone_id, moved=why != "deleted")
+            if zs is not None:
+                log.warning("cluster: zone %s (%s) no longer ticks here: %s", zone_id, zs.zone.name, why)
+                self.hub.zone_deleted(zone_id, moved=why != "deleted")
+            if self.relay is not None:
+                await self.relay.disown(zone_id)
 
     async def hand_over(self, zone_ids: set[UUID]) -> None:
         """Give zones to other nodes with nothing lost: they stop ticking here, are flushed
@@ -5083,6 +5581,8 @@ class Server:
                 await self.in_world(self.world.remove_zone, zs.zone.id)
                 self.persister.forget(zs.zone.id)
                 self.hub.zone_deleted(zs.zone.id, moved=True)
+                if self.relay is not None:
+                    await self.relay.disown(zs.zone.id)
         await self.cluster.released({zs.zone.id for zs in zones})
         log.info("cluster: handed %d zone(s) over", len(zones))
 
@@ -5240,6 +5740,8 @@ class Server:
             if self.cluster is not None:
                 self.cluster.owned.pop(zone_id, None)
         self.hub.zone_deleted(zone_id)
+        if self.relay is not None:
+            await self.relay.disown(zone_id)
         hook = getattr(self.game, "on_zone_deleted", None)
         if hook is not None and self.engine is not None:
             async with self.engine.exclusive():  # module code runs while no tick does
@@ -5250,12 +5752,29 @@ class Server:
 
     def zone_json(self, zs: _ZoneState) -> dict:
         z = zs.zone
+        if z.id not in self.world.zones and self.relay is not None:  # ticking on another node
+            entity_count, subscriber_count = self.relay.counts.get(z.id, (0, 0))
+        else:
+            entity_count, subscriber_count = len(zs.entities), len(self.hub.subscribers.get(z.id, ()))
         return {"id": str(z.id), "name": z.name, "width": z.width, "height": z.height, "metadata": z.metadata,
                 "created_at": _iso(z.created_at), "updated_at": _iso(z.updated_at),
-                "entity_count": len(zs.entities), "subscriber_count": len(self.hub.subscribers.get(z.id, ()))}
+                "entity_count": entity_count, "subscriber_count": subscriber_count}
 
-    def zone_or_404(self, text: str) -> _ZoneState:
-        zs = self.world.zones.get(_parse_uuid(text, "zone_not_found", "zone"))
+    def all_zones(self) -> list[_ZoneState]:
+        """Every zone of the world, oldest first: in a cluster also those other nodes tick (as
+        records, their counts as their owners last told, within a round)."""
+        zones = list(self.world.zones.values())
+        if self.cluster is not None:
+            zones += [_ZoneState(z) for z in self.cluster.catalog() if z.id not in self.world.zones]
+        return sorted(zones, key=lambda zs: (zs.zone.created_at, zs.zone.name))
+
+    def zone_or_404(self, text: str, anywhere: bool = False) -> _ZoneState:
+        """The zone ticking here; with ``anywhere``, in a cluster, also a record of one ticking on
+        another node."""
+        zone_id = _parse_uuid(text, "zone_not_found", "zone")
+        zs = self.world.zones.get(zone_id)
+        if zs is None and anywhere and self.cluster is not None and zone_id in self.cluster.zones:
+            zs = _ZoneState(self.cluster.zones[zone_id][0])
         if zs is None:
             raise GridError("zone_not_found", f"No zone has the id {text[:80]!r}.")
         return zs
@@ -5558,14 +6077,13 @@ async def me(request: web.Request) -> web.Response:
 async def list_zones(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _session(request)
-    zones = sorted(srv.world.zones.values(), key=lambda zs: (zs.zone.created_at, zs.zone.name))
-    return _json_response({"zones": [srv.zone_json(zs) for zs in zones]})
+    return _json_response({"zones": [srv.zone_json(zs) for zs in srv.all_zones()]})
 
 
 async def get_zone(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _session(request)
-    return _json_response(srv.zone_json(srv.zone_or_404(request.match_info["zone_id"])))
+    return _json_response(srv.zone_json(srv.zone_or_404(request.match_info["zone_id"], anywhere=True)))
 
 
 async def create_zone(request: web.Request) -> web.Response:
@@ -5789,6 +6307,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
     conn = Connection(srv.hub, ws, request.transport, session)
     resumed = srv.hub.attach(conn)
+    if srv.relay is not None:
+        srv.relay.attached(conn)
     if session.expires_at is not None:
         delay = max(0.0, session.expires_at - time.time())
         conn.expiry_handle = asyncio.get_running_loop().call_later(
@@ -5825,6 +6345,23 @@ def _unpaired_surrogate(msg: dict) -> bool:
     return False
 
 
+def _subscribe_elsewhere(srv: Server, relay: Relay, conn: Connection, zone_id: UUID) -> None:
+    """Cluster: subscribe to a zone another node ticks. The player leaves its zone here at once
+    (no tick of it follows); the owner answers ``subscribed`` and sends the ticks."""
+    if srv.cluster is None or srv.cluster.owner_of(zone_id) is None:
+        conn.send({"type": "error", "code": "zone_unavailable", "zone_id": str(zone_id),
+                   "message": "No node ticks this zone right now; subscribe again in a moment."})
+        return
+    if conn.routed is not None and conn.routed != zone_id:
+        relay.forward(conn, conn.routed, "left", keep=False)
+    elif conn.zone_id is not None and conn.routed is None:
+        old = conn.zone_id
+        srv.hub._unsubscribe_conn(conn)
+        srv.hub._leave(old, conn.player_id)
+    conn.zone_id, conn.routed = None, zone_id
+    relay.forward(conn, zone_id, "sub")
+
+
 def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> None:
     if len(text) > max_size or (len(text) * 4 > max_size and len(text.encode("utf-8", "surrogatepass")) > max_size):
         conn.error("message_too_large", f"Messages may be at most {max_size} bytes.")
@@ -5853,7 +6390,10 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
             srv.metrics.bad_intents_total += 1
             conn.error("bad_message", f"The field 'data' {problem}.")
             return
-        srv.hub.add_intent(conn, data)
+        if conn.routed is not None and srv.relay is not None:
+            srv.relay.forward(conn, conn.routed, "intent", d=data)
+        else:
+            srv.hub.add_intent(conn, data)
     elif kind == "subscribe":
         zone_text = msg.get("zone_id")
         if not isinstance(zone_text, str):
@@ -5863,21 +6403,28 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
             zone_id = UUID(zone_text)
         except ValueError:
             zone_id = None
-        if zone_id is not None and zone_id not in srv.world.zones and srv.cluster is not None \
-                and zone_id in srv.cluster.zones:
-            node = srv.cluster.owner_of(zone_id)
-            conn.send({"type": "error", "code": "zone_elsewhere", "zone_id": str(zone_id), "node": node,
-                       "message": f"The zone ticks on node {node!r}: connect to that node to play in it."
-                       if node else "The zone is between nodes right now; try again in a moment."})
+        if zone_id is not None and zone_id not in srv.world.zones and srv.relay is not None \
+                and srv.cluster is not None and zone_id in srv.cluster.zones:
+            _subscribe_elsewhere(srv, srv.relay, conn, zone_id)
             return
         if zone_id is None or zone_id not in srv.world.zones:
             conn.error("zone_not_found", f"No zone has the id {zone_text[:80]!r}.")
             return
+        if conn.routed is not None and srv.relay is not None:  # leaves the zone of another node
+            srv.relay.forward(conn, conn.routed, "left", keep=False)
+            conn.routed = conn.zone_id = None
         srv.hub.subscribe(conn, zone_id)
     elif kind == "unsubscribe":
-        srv.hub.unsubscribe(conn)
+        if conn.routed is not None and srv.relay is not None:
+            srv.relay.forward(conn, conn.routed, "unsub")
+            conn.routed = None
+        else:
+            srv.hub.unsubscribe(conn)
     elif kind == "ping":
-        conn.send({"type": "pong"})
+        if conn.routed is not None and srv.relay is not None:  # after the answers on their way from there
+            srv.relay.forward(conn, conn.routed, "ping")
+        else:
+            conn.send({"type": "pong"})
     elif not isinstance(kind, str):
         conn.error("bad_message", "The field 'type' must be a string.")
     else:

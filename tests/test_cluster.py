@@ -177,6 +177,48 @@ async def node_name(http, proc: ServerProcess) -> str:
         return (await r.json())["node"]
 
 
+class Player:
+    """One player's socket on one node: every message it receives, in order."""
+
+    def __init__(self, http, proc: ServerProcess):
+        self.http, self.proc = http, proc
+        self.messages: list[dict] = []
+        self.closed: int | None = None
+
+    async def connect(self, token: str | None = None) -> "Player":
+        client = Client(self.proc.url, self.http)
+        if token is None:
+            account = await client.player()
+            token, self.name, self.password = account["token"], account["username"], account["password"]
+        self.token = token
+        self.ws = await self.http.ws_connect(client.ws_url(token), heartbeat=None)
+        self.task = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.messages.append(json.loads(msg.data))
+        self.closed = self.ws.close_code
+
+    def of(self, kind: str, **match) -> list[dict]:
+        return [m for m in self.messages if m["type"] == kind and all(m.get(k) == v for k, v in match.items())]
+
+    def ticks(self, zone_id: str | None = None) -> list[int]:
+        return [m["tick_number"] for m in self.of("tick") if zone_id is None or m["zone_id"] == zone_id]
+
+    async def send(self, message: dict) -> None:
+        await self.ws.send_json(message)
+
+    async def expect(self, kind: str, timeout: float = 10, **match) -> dict:
+        await wait_for(lambda: self.of(kind, **match), timeout=timeout, what=f"a {kind} message {match}")
+        return self.of(kind, **match)[0]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self.task.cancel()
+
+
 class Watcher:
     """A player subscribed to one zone on one node, recording the tick numbers it receives
     and the errors it is sent."""
@@ -185,6 +227,7 @@ class Watcher:
         self.http, self.proc, self.zone_id = http, proc, zone_id
         self.ticks: list[int] = []
         self.errors: list[dict] = []
+        self.subscribed: list[dict] = []
         self.closed: int | None = None
 
     async def start(self, token: str | None = None) -> "Watcher":
@@ -204,7 +247,20 @@ class Watcher:
                 self.ticks.append(data["tick_number"])
             elif data["type"] == "error":
                 self.errors.append(data)
+            elif data["type"] == "subscribed":
+                self.subscribed.append(data)
         self.closed = self.ws.close_code
+
+    def contiguous(self) -> bool:
+        return self.ticks == list(range(self.ticks[0], self.ticks[0] + len(self.ticks)))
+
+    def increasing(self) -> bool:
+        """Every tick after the one before (none twice, none out of order)."""
+        return all(b > a for a, b in zip(self.ticks, self.ticks[1:]))
+
+    def skipped(self) -> int:
+        """Ticks of the zone this player did not receive between its first and its last."""
+        return self.ticks[-1] - self.ticks[0] + 1 - len(self.ticks)
 
     async def close(self) -> None:
         await self.ws.close()
@@ -225,23 +281,16 @@ async def test_zones_spread_over_three_nodes_each_ticked_by_exactly_one(world_sc
     names = {await node_name(http, p) for p in (a, b, c)}
     assert {n["name"] for n in view["nodes"]} == names
     assert {n["zones"] for n in view["nodes"]} == {2}
-    # every node sees the same placement
+    # every node sees the same placement (each as of its last round)
+    placement = {z["zone_id"]: z["node"] for z in view["zones"]}
     for p in (b, c):
-        other = await cluster_view(http, p)
-        assert {z["zone_id"]: z["node"] for z in other["zones"]} == {z["zone_id"]: z["node"] for z in view["zones"]}
-    # a player on a node that does not tick the zone is told where it ticks
-    name_a = await node_name(http, a)
-    zone = next(z for z in view["zones"] if z["node"] != name_a)
-    watcher = await Watcher(http, a, zone["zone_id"]).start()
-    await wait_for(lambda: watcher.errors, timeout=5, what="an answer to the subscribe")
-    assert watcher.errors[0]["code"] == "zone_elsewhere" and watcher.errors[0]["node"] == zone["node"]
-    await watcher.close()
-    # and on the owner, it plays as on one node
-    owner_proc = [p for p in (a, b, c) if await node_name(http, p) == zone["node"]][0]
-    watcher = await Watcher(http, owner_proc, zone["zone_id"]).start()
-    await wait_for(lambda: len(watcher.ticks) >= 5, timeout=10, what="ticks from the owner")
-    assert watcher.ticks == sorted(watcher.ticks) and not watcher.errors
-    await watcher.close()
+        async def same() -> bool:
+            return {z["zone_id"]: z["node"] for z in (await cluster_view(http, p))["zones"]} == placement
+        await wait_for(same, timeout=5, what="the same placement on every node")
+    # every node lists every zone, wherever it ticks
+    token = (await Client(b.url, http).player())["token"]
+    listed = await Client(b.url, http).zones(token)
+    assert sorted(z["id"] for z in listed.values()) == sorted(z["zone_id"] for z in view["zones"])
     # every zone advances: ticked somewhere, by one node only
     before = dict(pg_exec("SELECT name, tick_number FROM zones", dsn=world_schema))
     await asyncio.sleep(scaled(1.5))
@@ -264,11 +313,13 @@ async def test_sigkill_of_an_owner_its_zones_tick_again_elsewhere_from_the_last_
     on_a = [z for z in ids.values() if await owner(http, b, z) == name_a]
     assert on_a
     watcher = await Watcher(http, a, on_a[0]).start()
-    await wait_for(lambda: len(watcher.ticks) >= 10, timeout=10, what="ticks on the doomed node")
+    remote = await Watcher(http, b, on_a[0]).start()  # the same zone, played through b
+    await wait_for(lambda: len(watcher.ticks) >= 10 and len(remote.ticks) >= 10, timeout=10,
+                   what="ticks on the doomed node")
     a.send(signal.SIGKILL)
     killed = time.monotonic()
     await a.wait_exit()
-    last_seen = watcher.ticks[-1]
+    last_seen = max(watcher.ticks[-1], remote.ticks[-1])
     await wait_for(lambda: watcher.closed is not None, timeout=5, what="the socket to drop")
     # the zone ticks again on b within the lease and a few rounds
     await settled(http, b, nodes=1, zones=4, timeout=LEASE + 10)
@@ -282,7 +333,13 @@ async def test_sigkill_of_an_owner_its_zones_tick_again_elsewhere_from_the_last_
     # nothing the player saw is lost: the new owner goes on after the last tick seen
     assert first_tick > last_seen, (first_tick, last_seen)
     assert again.ticks[0] > last_seen
+    # the player of another node kept its socket and followed the zone to its new owner
+    await wait_for(lambda: remote.ticks[-1] > last_seen, timeout=10, what="ticks again through b")
+    assert remote.closed is None and len(remote.subscribed) == 2 and not remote.errors
+    after = [t for t in remote.ticks if t > last_seen]
+    assert after == list(range(after[0], after[0] + len(after)))
     await again.close()
+    await remote.close()
     check_fencing(world_schema)
 
 
@@ -296,7 +353,8 @@ async def test_sigterm_hands_every_zone_over_with_no_tick_lost_or_repeated(world
     name_a = await node_name(http, a)
     on_a = [z for z in (await zone_ids(http, b)).values() if await owner(http, b, z) == name_a]
     watcher = await Watcher(http, a, on_a[0]).start()
-    await wait_for(lambda: len(watcher.ticks) >= 5, timeout=10, what="ticks")
+    remote = await Watcher(http, b, on_a[0]).start()  # the same zone, played through b
+    await wait_for(lambda: len(watcher.ticks) >= 5 and len(remote.ticks) >= 5, timeout=10, what="ticks")
     stopped = time.monotonic()
     a.send(signal.SIGTERM)
     assert await a.wait_exit() == 0
@@ -308,10 +366,16 @@ async def test_sigterm_hands_every_zone_over_with_no_tick_lost_or_repeated(world
     # handed over, not taken over: b went on from a's last flush, with nothing to replay
     assert "0 journaled tick(s) replayed" in b.log_text()
     assert "journaled tick(s) replayed" in b.log_text()
+    # the player through b kept its socket and followed the zone: no tick twice or out of order
+    await wait_for(lambda: len(remote.subscribed) == 2, timeout=10, what="b's player to follow the zone")
     await asyncio.sleep(scaled(1))
+    assert remote.closed is None and not remote.errors and remote.increasing(), remote.ticks
+    assert remote.ticks[-1] > watcher.ticks[-1]
+    figure("cluster: SIGTERM: ticks a player of another node did not receive (tick 0.1 s)", remote.skipped())
     figures = check_fencing(world_schema)
     for zone_id in on_a:
         assert figures["epochs"][zone_id] == [1, 2]
+    await remote.close()
 
 
 async def test_a_joining_node_takes_its_share_without_a_tick_missed(world_schema, nats, tmp_path, http, processes):
@@ -326,9 +390,14 @@ async def test_a_joining_node_takes_its_share_without_a_tick_missed(world_schema
     view = await settled(http, a, nodes=2, zones=6)
     figure("cluster: a node ready to the zones shared evenly, s (lease 1.5)", round(time.monotonic() - joined, 2))
     assert sorted(n["zones"] for n in view["nodes"]) == [3, 3]
-    moved = [w for w in watchers if any(e["code"] == "zone_moved" for e in w.errors)]
-    assert len(moved) == 3  # the players of the zones that left a are told
+    # the players of the zones that went to b follow them: subscribed again, no tick missed
+    await wait_for(lambda: len([w for w in watchers if len(w.subscribed) == 2]) == 3, timeout=10,
+                   what="the players of three zones to follow them")
     await asyncio.sleep(scaled(1))
+    for w in watchers:
+        assert w.closed is None and not w.errors and w.increasing(), (w.ticks, w.errors)
+    figure("cluster: a node joins: ticks the players of moved zones did not receive (tick 0.1 s)",
+           max(w.skipped() for w in watchers))
     figures = check_fencing(world_schema)
     assert sorted(len(e) for e in figures["epochs"].values()) == [1, 1, 1, 2, 2, 2]
     for w in watchers:
@@ -354,8 +423,9 @@ async def test_a_node_paused_past_its_lease_is_fenced_and_the_world_converges(wo
         a.send(signal.SIGCONT)
     # a wakes up holding zones that are b's now: it must not write them, and it lets them go
     await wait_for(lambda: "no longer ticks here" in a.log_text(), timeout=10, what="a to drop its zones")
-    await wait_for(lambda: any(e["code"] == "zone_moved" for e in watcher.errors), timeout=5,
-                   what="a's player to hear the zone moved")
+    before = watcher.ticks[-1]
+    await wait_for(lambda: len(watcher.subscribed) == 2 and watcher.ticks[-1] > before, timeout=10,
+                   what="a's player to follow the zone to b")
     await settled(http, b, nodes=2, zones=4, timeout=20)  # and the two share the world again
     await asyncio.sleep(scaled(1))
     figures = check_fencing(world_schema)
@@ -462,3 +532,104 @@ async def test_workers_run_nodes_on_one_port_and_stop_together(world_schema, nat
                 os.killpg(parent.pid, signal.SIGKILL)
                 parent.wait()
     check_fencing(world_schema)
+
+
+async def test_players_on_any_node_play_zones_ticking_on_the_others(world_schema, nats, tmp_path, http, processes):
+    procs = [node(processes, tmp_path, world_schema, nats.url, zones=3)]
+    await procs[0].ready(http)
+    procs += [node(processes, tmp_path, world_schema, nats.url, zones=3) for _ in range(2)]
+    for p in procs[1:]:
+        await p.ready(http)
+    view = await settled(http, procs[0], nodes=3, zones=3)
+    names = [await node_name(http, p) for p in procs]
+    elsewhere = [next(z["zone_id"] for z in view["zones"] if z["node"] != name) for name in names]
+    players = [await Player(http, p).connect() for p in procs]
+    # an intent before any subscribe is refused by the player's own node, as on one node
+    await players[0].send({"type": "intent", "data": {"spawn": 0}})
+    await players[0].expect("error", code="not_subscribed")
+    for player, zone_id, k in zip(players, elsewhere, (101, 202, 303)):
+        await player.send({"type": "subscribe", "zone_id": zone_id})
+        await player.send({"type": "ping"})
+        await player.send({"type": "intent", "data": {"spawn": k}})
+    for player, zone_id, k in zip(players, elsewhere, (101, 202, 303)):
+        await player.expect("subscribed", zone_id=zone_id)
+        await player.expect("pong")
+        kinds = [m["type"] for m in player.messages if m["type"] in ("subscribed", "pong")]
+        assert kinds[-2:] == ["subscribed", "pong"], kinds  # answers in the order asked, across nodes
+        # the intent acted in the zone's next tick, on its owner
+        await wait_for(lambda: any(k in m["state"]["spawned"] for m in player.of("tick")), timeout=10,
+                       what="the intent in a tick's state")
+    await asyncio.sleep(scaled(2))
+    for player, zone_id in zip(players, elsewhere):
+        ticks = player.ticks(zone_id)
+        assert len(ticks) >= 10 and ticks == list(range(ticks[0], ticks[0] + len(ticks))), ticks  # none missed
+        assert {m["zone_id"] for m in player.of("tick")} == {zone_id}
+    # rate limits count on the owner, whichever node the player is on
+    burst = players[1]
+    await burst.send({"type": "intent", "data": {"spawn": 0}})  # (the burst's first lands in one tick)
+    for i in range(25):
+        await burst.send({"type": "intent", "data": {"spawn": 1000 + i}})
+    error = await burst.expect("error", code="rate_limited")
+    assert "intents per tick" in error["message"]
+    await asyncio.sleep(scaled(1))
+    per_tick = [sum(1 for k in m["state"]["spawned"] if k >= 1000) for m in burst.of("tick")]
+    assert max(per_tick) <= 10 and sum(per_tick) < 25, per_tick
+    # unsubscribe: the answer, then no tick of that zone
+    await players[2].send({"type": "unsubscribe"})
+    await players[2].expect("unsubscribed")
+    seen = len(players[2].of("tick"))
+    await asyncio.sleep(scaled(1))
+    assert len(players[2].of("tick")) == seen
+    # a zone nobody has is still not found
+    await players[2].send({"type": "subscribe", "zone_id": str(uuid.uuid4())})
+    await players[2].expect("error", code="zone_not_found")
+    for player in players:
+        await player.close()
+    check_fencing(world_schema)
+
+
+async def test_a_player_resumes_its_zone_on_another_node_and_sessions_end_everywhere(
+        world_schema, nats, tmp_path, http, processes):
+    procs = [node(processes, tmp_path, world_schema, nats.url, zones=2, WEBSOCKET_RECONNECT_GRACE=30)]
+    await procs[0].ready(http)
+    procs += [node(processes, tmp_path, world_schema, nats.url, zones=2, WEBSOCKET_RECONNECT_GRACE=30)
+              for _ in range(2)]
+    for p in procs[1:]:
+        await p.ready(http)
+    view = await settled(http, procs[0], nodes=3, zones=2)
+    names = {await node_name(http, p): p for p in procs}
+    zone_id, owner_name = next((z["zone_id"], z["node"]) for z in view["zones"])
+    owner_proc = names.pop(owner_name)
+    g1, g2 = names.values()  # two nodes that do not tick the zone
+    # subscribed through g1, then the socket drops: the owner holds the zone for the grace period
+    first = await Player(http, g1).connect()
+    await first.send({"type": "subscribe", "zone_id": zone_id})
+    await first.expect("subscribed", zone_id=zone_id)
+    await first.expect("tick")
+    await first.close()
+    # back through g2 within the grace period: resumed, without a subscribe
+    second = await Player(http, g2).connect(first.token)
+    resumed = await second.expect("subscribed", zone_id=zone_id)
+    assert resumed.get("resumed") is True
+    await wait_for(lambda: len(second.ticks(zone_id)) >= 3, timeout=10, what="ticks after resuming")
+    # the same player connects to the owner itself: g2's socket is replaced (4000), the zone kept
+    third = await Player(http, owner_proc).connect(first.token)
+    assert (await third.expect("subscribed", zone_id=zone_id)).get("resumed") is True
+    await wait_for(lambda: second.closed is not None, timeout=10, what="the replaced socket to close")
+    assert second.closed == 4000
+    await wait_for(lambda: len(third.ticks(zone_id)) >= 3, timeout=10, what="ticks on the owner")
+    # and once more through g1: the owner's own socket is replaced
+    fourth = await Player(http, g1).connect(first.token)
+    assert (await fourth.expect("subscribed", zone_id=zone_id)).get("resumed") is True
+    await wait_for(lambda: third.closed is not None, timeout=10, what="the owner's socket to close")
+    assert third.closed == 4000
+    await wait_for(lambda: len(fourth.ticks(zone_id)) >= 3, timeout=10, what="ticks through g1 again")
+    ticks = fourth.ticks(zone_id)
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))
+    # logging out through g2 ends the session's socket on g1 (4001)
+    status, _ = await Client(g2.url, http).call("POST", "/api/auth/logout", first.token)
+    assert status == 204
+    await wait_for(lambda: fourth.closed is not None, timeout=10, what="the socket of the ended session to close")
+    assert fourth.closed == 4001
+    for player in (first, second, third, fourth):
+        await player.close()
