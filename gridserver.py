@@ -3846,11 +3846,14 @@ class Relay:
         hub.moved = self._moved
         self._owners: dict[UUID, str | None] = {}  # each zone's owner as of the last round
         self._following: set[Connection] = set()
+        #: ``answer(op, message)``: this node's answer to another node's question (``ask_all``)
+        self.answer: Callable[[str, dict], Awaitable[dict]] | None = None
 
     async def start(self) -> None:
         nc = self.cluster.nc
         await nc.subscribe(self.PREFIX + "node." + self.node, cb=self._from_owner)
         await nc.subscribe(self.PREFIX + "all", cb=self._from_all)
+        await nc.subscribe(self.PREFIX + "ask", cb=self._asked)
         self._tasks.append(asyncio.ensure_future(self._sender()))
 
     async def stop(self) -> None:
@@ -4019,6 +4022,48 @@ class Relay:
         deadline = time.monotonic() + 2
         while not self._sends.empty() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+
+    # -- questions to every node (debug routes) ---------------------------------------------
+    async def ask_all(self, op: str, timeout: float = 10.0, **fields: Any) -> list[dict]:
+        """Ask every other live node (``gridserver.ask``, NATS request and reply); their
+        answers, as many as came within ``timeout`` seconds."""
+        nc = self.cluster.nc
+        others = [n[0] for n in self.cluster.nodes if n[4] and n[0] != self.node]
+        answers: list[dict] = []
+        if not others:
+            return answers
+        done = asyncio.Event()
+
+        async def got(msg: Any) -> None:
+            with contextlib.suppress(ValueError):
+                answers.append(json_loads(msg.data))
+            if len(answers) >= len(others):
+                done.set()
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=got)
+        try:
+            await nc.publish(self.PREFIX + "ask", json_dumps({"op": op, "n": self.node, **fields}).encode("utf-8"),
+                             reply=inbox)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return answers
+
+    async def _asked(self, msg: Any) -> None:
+        try:
+            m = json_loads(msg.data)
+        except ValueError:
+            return
+        if m.get("n") == self.node or not msg.reply or self.answer is None:
+            return
+        try:
+            answer = await self.answer(str(m.get("op")), m)
+        except Exception as exc:  # noqa: BLE001 - the asking node hears why
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        with contextlib.suppress(Exception):
+            await self.cluster.nc.publish(msg.reply, json_dumps({"node": self.node, **answer}).encode("utf-8"))
 
     def announce(self, zone_id: UUID, epoch: int) -> None:
         """This node ticks the zone now: the nodes of its players send them here at once."""
@@ -5406,6 +5451,7 @@ class Server:
             await self.relay.start()
             self.cluster.on_round = self.relay.after_round
             self.cluster.on_owned = self.relay.announce
+            self.relay.answer = self._answer_node
         else:
             zones, entities, marks = await self.store.load()
             await self.in_world(self.world.load, zones, entities, marks)
@@ -5523,6 +5569,31 @@ class Server:
         return zone
 
     # -- cluster ---------------------------------------------------------------------------
+    async def _answer_node(self, op: str, message: dict) -> dict:
+        """Cluster: another node asks this one (its debug routes act on every node)."""
+        engine = self.ticks
+        if op == "pause":
+            engine.pause()
+        elif op == "resume":
+            engine.resume()
+        elif op == "step":
+            if not engine.paused:
+                engine.pause()  # a node that joined since the pause
+            return {"tick_number": await engine.step()}
+        elif op == "connections":
+            return {"connections": self.connections_json()}
+        return {"paused": engine.paused, "tick_number": engine.tick_number}
+
+    def connections_json(self) -> list[dict]:
+        node = self.node_name
+        return [{"player_id": str(c.player_id), "username": c.username,
+                 "zone_id": None if c.zone_id is None else str(c.zone_id), "connected_at": _iso(c.connected_at),
+                 "node": node} for c in list(self.hub.conns.values())]
+
+    async def on_every_node(self, op: str) -> list[dict]:
+        """Ask every other node of a cluster to do what this one did (none: one node)."""
+        return await self.relay.ask_all(op) if self.relay is not None else []
+
     async def _adopt(self, zone_id: UUID, epoch: int) -> bool:
         """A zone this node just claimed: load it as saved, replay its journal after the last
         flush through the module (in a worker thread, in a world of its own), then tick it."""
@@ -6108,6 +6179,7 @@ async def debug_pause(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
     srv.ticks.pause()
+    await srv.on_every_node("pause")
     return _json_response({"paused": True, "tick_number": srv.ticks.tick_number})
 
 
@@ -6115,6 +6187,7 @@ async def debug_resume(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
     srv.ticks.resume()
+    await srv.on_every_node("resume")
     return _json_response({"paused": False, "tick_number": srv.ticks.tick_number})
 
 
@@ -6123,7 +6196,9 @@ async def debug_step(request: web.Request) -> web.Response:
     await _debug_session(request)
     if not srv.ticks.paused:
         raise GridError("not_paused", "Pause the tick before stepping it.")
-    return _json_response({"tick_number": await srv.ticks.step()})
+    # in a cluster every node runs the tick, and the answer waits for them all
+    tick_number, _ = await asyncio.gather(srv.ticks.step(), srv.on_every_node("step"))
+    return _json_response({"tick_number": tick_number})
 
 
 async def debug_zone_state(request: web.Request) -> web.Response:
@@ -6203,11 +6278,10 @@ async def debug_rewind(request: web.Request) -> web.Response:
 async def debug_connections(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _debug_session(request)
-    node = srv.node_name
-    return _json_response({"connections": [
-        {"player_id": str(c.player_id), "username": c.username,
-         "zone_id": None if c.zone_id is None else str(c.zone_id), "connected_at": _iso(c.connected_at),
-         "node": node} for c in srv.hub.conns.values()]})
+    connections = srv.connections_json()
+    for answer in await srv.on_every_node("connections"):  # in a cluster, every node's
+        connections += answer.get("connections") or []
+    return _json_response({"connections": connections})
 
 
 async def debug_cluster(request: web.Request) -> web.Response:
@@ -6506,17 +6580,21 @@ ROUTES: list[_Route] = [
     _Route("DELETE", "/api/zones/{zone_id}", "delete_zone", "debug",
            "delete a zone and its entities; its subscribers get the error `zone_deleted` and are unsubscribed",
            204, None, ("zone_not_found",)),
-    _Route("POST", "/api/debug/tick/pause", "debug_pause", "debug", "pause the tick", 200, "tick_status"),
-    _Route("POST", "/api/debug/tick/resume", "debug_resume", "debug", "resume the tick", 200, "tick_status"),
+    _Route("POST", "/api/debug/tick/pause", "debug_pause", "debug", "pause the tick (in a cluster, on every node)",
+           200, "tick_status"),
+    _Route("POST", "/api/debug/tick/resume", "debug_resume", "debug", "resume the tick (in a cluster, on every node)",
+           200, "tick_status"),
     _Route("POST", "/api/debug/tick/step", "debug_step", "debug",
-           "run one full tick while paused (all zones processed, frames sent)", 200, "tick", ("not_paused",)),
+           "run one full tick while paused (all zones processed, frames sent; in a cluster on every node, "
+           "answered once all have)", 200, "tick", ("not_paused",)),
     _Route("GET", "/api/debug/zones/{zone_id}/state", "debug_zone_state", "debug",
            "a zone with all its entities, its tick counters and its last error", 200, "zone_state",
            ("zone_not_found",)),
     _Route("GET", "/api/debug/entities/{entity_id}", "debug_entity", "debug", "one entity", 200, "entity",
            ("entity_not_found",)),
     _Route("GET", "/api/debug/connections", "debug_connections", "debug",
-           "the open WebSocket connections (each with the `node` it is connected to)", 200, "connections"),
+           "the open WebSocket connections of every node (each with the `node` it is connected to)", 200,
+           "connections"),
     _Route("GET", "/api/debug/cluster", "debug_cluster", "debug",
            "the nodes of a cluster and the node each zone ticks on, with its fencing number `epoch` (one "
            "node: this one)", 200, "cluster"),

@@ -232,7 +232,7 @@ class Watcher:
 
     async def start(self, token: str | None = None) -> "Watcher":
         client = Client(self.proc.url, self.http)
-        token = token or (await client.player())["token"]
+        self.token = token = token or (await client.player())["token"]
         self.ws = await self.http.ws_connect(client.ws_url(token), heartbeat=None)
         await self.ws.send_json({"type": "subscribe", "zone_id": self.zone_id})
         self.task = asyncio.ensure_future(self._read())
@@ -361,6 +361,12 @@ async def test_sigterm_hands_every_zone_over_with_no_tick_lost_or_repeated(world
     await wait_for(lambda: watcher.closed is not None, timeout=5, what="the socket to close")
     assert watcher.closed == 1001
     view = await settled(http, b, nodes=1, zones=4, timeout=10)
+    # its player connects again, to the node left, and resumes its zone there
+    back = await Player(http, b).connect(watcher.token)
+    assert (await back.expect("subscribed", zone_id=on_a[0])).get("resumed") is True
+    await wait_for(lambda: back.ticks(on_a[0]) and back.ticks(on_a[0])[0] > watcher.ticks[-1], timeout=10,
+                   what="ticks after resuming on b")
+    await back.close()
     figure("cluster: SIGTERM to every zone ticking on the other node, s", round(time.monotonic() - stopped, 2))
     assert [n["name"] for n in view["nodes"]] == [await node_name(http, b)]  # a's row is gone
     # handed over, not taken over: b went on from a's last flush, with nothing to replay
@@ -633,3 +639,46 @@ async def test_a_player_resumes_its_zone_on_another_node_and_sessions_end_everyw
     assert fourth.closed == 4001
     for player in (first, second, third, fourth):
         await player.close()
+
+
+async def test_debug_pause_step_resume_and_connections_act_on_every_node(world_schema, nats, tmp_path, http,
+                                                                         processes):
+    a = node(processes, tmp_path, world_schema, nats.url, zones=2)
+    await a.ready(http)
+    b = node(processes, tmp_path, world_schema, nats.url, zones=2)
+    await b.ready(http)
+    view = await settled(http, a, nodes=2, zones=2)
+    name_a, name_b = await node_name(http, a), await node_name(http, b)
+    zone_of = {z["node"]: z["zone_id"] for z in view["zones"]}
+    on_a = await Watcher(http, b, zone_of[name_a]).start()  # each played through the other node
+    on_b = await Watcher(http, a, zone_of[name_b]).start()
+    await wait_for(lambda: on_a.ticks and on_b.ticks, timeout=10, what="ticks")
+    admin = Client(a.url, http)
+    token = (await admin.player())["token"]
+    status, body = await admin.call("POST", "/api/debug/tick/pause", token)
+    assert status == 200 and body["paused"] is True
+    await asyncio.sleep(scaled(0.5))
+    seen = (len(on_a.ticks), len(on_b.ticks))
+    await asyncio.sleep(scaled(1))
+    assert (len(on_a.ticks), len(on_b.ticks)) == seen, "a node went on ticking after the pause"
+    async with http.get(b.url + "/healthz") as r:
+        assert (await r.json())["paused"] is True
+    # one step through a: both nodes run one tick, and the answer comes once both have
+    status, body = await admin.call("POST", "/api/debug/tick/step", token)
+    assert status == 200
+    await wait_for(lambda: (len(on_a.ticks), len(on_b.ticks)) == (seen[0] + 1, seen[1] + 1), timeout=5,
+                   what="one tick of each zone")
+    await asyncio.sleep(scaled(0.5))
+    assert (len(on_a.ticks), len(on_b.ticks)) == (seen[0] + 1, seen[1] + 1)
+    # every node's connections, each with its node
+    status, body = await admin.call("GET", "/api/debug/connections", token)
+    assert status == 200
+    assert sorted(c["node"] for c in body["connections"]) == sorted([name_a, name_b])
+    # resumed through b: both tick again
+    status, body = await Client(b.url, http).call("POST", "/api/debug/tick/resume",
+                                                 (await Client(b.url, http).player())["token"])
+    assert status == 200 and body["paused"] is False
+    await wait_for(lambda: len(on_a.ticks) > seen[0] + 3 and len(on_b.ticks) > seen[1] + 3, timeout=10,
+                   what="ticks after the resume")
+    await on_a.close()
+    await on_b.close()
