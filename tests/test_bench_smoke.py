@@ -61,3 +61,23 @@ def test_load_benchmark_quick_smoke(tmp_path):
     base = json.loads((tmp_path / "baseline.json").read_text())["rows"][0]
     assert base["connected"] == 40 and base["ticks_received_pct"] >= 90, base
     assert "grid-walk" in proc.stdout and "baseline" in proc.stdout
+
+
+def test_cluster_benchmark_quick_smoke(tmp_path):
+    """``bench/cluster.py --quick --scenario remote``: its own nats-server and two real nodes,
+    40 players connected to the node that ticks their zone, then to the other one."""
+    import shutil
+    if not (shutil.which("nats-server") or os.path.exists("/usr/sbin/nats-server")):
+        if os.environ.get("GRIDSERVER_REQUIRE_NATS"):
+            pytest.fail("nats-server is not installed (GRIDSERVER_REQUIRE_NATS is set)")
+        pytest.skip("nats-server is not installed")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cluster.py"), "--quick", "--out", str(tmp_path),
+                           "--scenario", "remote"], cwd=ROOT, capture_output=True, text=True, timeout=scaled(300))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "cluster-remote.json").read_text())["rows"]
+    assert [r["placement"] for r in rows] == ["local", "remote"]
+    for row in rows:
+        assert row["nodes"] == 2 and row["clients"] == row["alive"] == 40, row
+        assert row["ticks_received_pct"] >= 90, row
+    assert rows[0]["relay_messages_per_s"] == 0 < rows[1]["relay_messages_per_s"]  # remote players: relayed
+    assert "remote / local cost per player-tick" in proc.stdout
