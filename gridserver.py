@@ -429,6 +429,12 @@ def _check_config(cfg: Config) -> None:
     if cfg.get("cluster", "nats_url") and dsn.startswith("sqlite:///"):
         raise ConfigError("[cluster] nats_url: a cluster shares its world through PostgreSQL; set [database] dsn "
                           "to postgresql://... (SQLite is one process's file)")
+    if cfg.get("cluster", "nats_url") and cfg.get("journal", "mode") != "replay":
+        raise ConfigError("[journal] mode: a cluster needs replay: another node takes a zone over from the "
+                          "database and the journal, and frames wait for the journal's commit")
+    if cfg.get("server", "workers") > 1 and cfg.get("cluster", "node_name"):
+        raise ConfigError("[cluster] node_name: leave it empty with more than one worker (each node is named "
+                          "<hostname>:<port>:<pid>)")
     if cfg.get("server", "workers") > 1 and not cfg.get("cluster", "nats_url"):
         raise ConfigError("[server] workers: more than one node process needs [cluster] nats_url (the nodes "
                           "share the world through PostgreSQL and NATS)")
@@ -2237,7 +2243,7 @@ def _fence_step(fence: Mapping[UUID, int], node: str) -> _Step:
     them is no longer ``node``'s at the epoch in ``fence``."""
     def check(rows: list) -> None:
         current = {_as_uuid(r[0]): (r[1], r[2]) for r in rows}
-        lost = {z for z, epoch in fence.items() if current.get(z) != (node, epoch)}
+        lost = {z: epoch for z, epoch in fence.items() if current.get(z) != (node, epoch)}
         if lost:
             raise Fenced(lost)
     return _Step(_CLUSTER_SQL["fence"], ([str(z) for z in fence],), check=check)
@@ -2253,9 +2259,10 @@ class UniqueViolation(Exception):
 
 class Fenced(Exception):
     """A write of zones this node no longer owns (another node took them over, or they were
-    deleted): the whole transaction was rolled back; ``zones`` are the ones lost."""
+    deleted): the whole transaction was rolled back; ``zones`` are the ones lost, each with
+    the epoch the write was refused at."""
 
-    def __init__(self, zones: set[UUID]):
+    def __init__(self, zones: dict[UUID, int]):
         super().__init__(f"fenced: {len(zones)} zone(s) owned elsewhere now")
         self.zones = zones
 
@@ -2591,11 +2598,13 @@ class Store:
         await self._do("insert_zone", str(zone.id), zone.name, zone.width, zone.height, json_dumps(zone.metadata),
                        self._t(zone.created_at), self._t(zone.updated_at), tick_number)
 
-    async def delete_zone(self, zone_id: UUID, entity_ids: list[UUID]) -> None:
+    async def delete_zone(self, zone_id: UUID, entity_ids: list[UUID], epoch: int = 0) -> None:
         """The zone, its entities, and ``entity_ids`` (entities moved into it since the last
-        flush: their rows still name another zone), in one transaction."""
+        flush: their rows still name another zone), in one transaction; in a cluster, fenced
+        at ``epoch``."""
         zid = str(zone_id)
-        await self.dialect.run([_Step(_SQL["delete_zone_entities"], (zid,)), *self.dialect.delete_ids(entity_ids),
+        await self.dialect.run([*([_fence_step({zone_id: epoch}, self.node)] if self.node else []),
+                                _Step(_SQL["delete_zone_entities"], (zid,)), *self.dialect.delete_ids(entity_ids),
                                 _Step(_SQL["delete_zone"], (zid,))])
 
     async def load(self) -> tuple[list[Zone], list[Entity], dict[UUID, ZoneMark]]:
@@ -2633,17 +2642,27 @@ class Store:
         return int(row[0]), [Entity(UUID(e[0]), zone_id, e[1], e[2], e[3], e[4], e[5], e[6], e[7])
                              for e in json_loads(row[1])]
 
-    async def drop_after(self, zone_id: UUID, tick_number: int) -> None:
-        """Forget the zone's journal and snapshots after ``tick_number`` (a rewind)."""
+    async def drop_after(self, zone_id: UUID, tick_number: int, epoch: int = 0) -> None:
+        """Forget the zone's journal and snapshots after ``tick_number`` (a rewind); in a
+        cluster, fenced at ``epoch``."""
         zid = str(zone_id)
-        await self.dialect.run([_Step(_SQL["journal_drop_after"], (zid, tick_number)),
+        await self.dialect.run([*([_fence_step({zone_id: epoch}, self.node)] if self.node else []),
+                                _Step(_SQL["journal_drop_after"], (zid, tick_number)),
                                 _Step(_SQL["snapshots_drop_after"], (zid, tick_number))])
 
     async def write_journal(self, rows: list[tuple]) -> None:
         """One transaction of journal rows ``(zone_id, tick_number, seed, at, inputs JSON, epoch)``;
-        in cluster mode fenced by the rows' epochs (``Fenced``)."""
-        fence = {r[0]: r[5] for r in rows} if self.node else None
-        await self.dialect.run([*([_fence_step(fence, self.node)] if fence and self.node else []),
+        in cluster mode fenced by the rows' epochs (``Fenced``): rows of an older epoch than
+        the newest of their zone's in the batch are dropped (that owner's ticks never happened),
+        and of a tick given twice the last is written."""
+        if not self.node:
+            await self.dialect.run(self.dialect.journal_steps(rows))
+            return
+        fence: dict[UUID, int] = {}
+        for r in rows:
+            fence[r[0]] = max(fence.get(r[0], 0), r[5])
+        rows = list({(r[0], r[1]): r for r in rows if r[5] == fence[r[0]]}.values())
+        await self.dialect.run([*([_fence_step(fence, self.node)] if fence else []),
                                 *self.dialect.journal_steps(rows)])
 
     async def journal_after_flush(self) -> list[tuple]:
@@ -3047,6 +3066,9 @@ class Cluster:
         #: took a zone (the relay tells the players' nodes at once)
         self.on_round: Callable[[], None] | None = None
         self.on_owned: Callable[[UUID, int], None] | None = None
+        #: ``on_loading(zone_id, started)``: this node starts claiming and loading a zone, or is
+        #: done with it (taken or not): messages about it wait meanwhile
+        self.on_loading: Callable[[UUID, bool], None] | None = None
         self.node = cfg.get("cluster", "node_name") or f"{socket.gethostname()}:{port}:{os.getpid()}"
         self.lease = cfg.get("cluster", "lease")
         self.period = self.lease / 4
@@ -3063,8 +3085,11 @@ class Cluster:
         self.rounds = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._round_lock = asyncio.Lock()
+        #: held by a round, and by a zone's creation here (so a round never counts a zone being
+        #: created as lost)
+        self.lock = asyncio.Lock()
         self._leaving = False
+        self._handing: asyncio.Task | None = None  # a hand-over under way (outside the rounds)
         self.nc: Any = None
 
     # -- what others ask -------------------------------------------------------------------
@@ -3117,8 +3142,11 @@ class Cluster:
         log.info("cluster: node %s, %d zones in the world, lease %.1f s", self.node, len(self.zones), self.lease)
 
     async def refresh(self) -> None:
+        """Read the directory again; news of a newer owner heard meanwhile (``set_owner``) is kept."""
         zones, nodes = await self.store.directory(self.lease)
-        self.zones = {z.id: (z, owner, epoch, live) for z, owner, epoch, live in zones}
+        known = self.zones
+        self.zones = {z.id: (known[z.id] if z.id in known and known[z.id][2] > epoch else (z, owner, epoch, live))
+                      for z, owner, epoch, live in zones}
         self.nodes = nodes
 
     def start(self) -> None:
@@ -3126,6 +3154,7 @@ class Cluster:
 
     async def _run(self) -> None:
         while True:
+            started = time.monotonic()
             try:
                 await self.round()
             except (DatabaseUnavailable, psycopg2.Error) as exc:
@@ -3134,23 +3163,27 @@ class Cluster:
             except Exception:  # noqa: BLE001 - the rounds must go on
                 log.exception("cluster: round failed")
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.period)
+            with contextlib.suppress(asyncio.TimeoutError):  # rounds start a period apart
+                await asyncio.wait_for(self._wake.wait(), max(0.0, started + self.period - time.monotonic()))
 
     async def wake_others(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.publish(self.subject, self.node.encode())
 
+    async def _renew(self) -> dict[UUID, int]:
+        started = time.monotonic()
+        await self.store.beat(self.node, self._connections(), self.lease)
+        held = await self.store.renew(self.node, self.lease)
+        self.renewed_at = started
+        return held
+
     async def round(self) -> None:
         """Renew, drop what was lost, take a share, hand over a surplus (see the policies)."""
-        async with self._round_lock:
+        async with self.lock:
             if self._leaving:
                 return
-            started = time.monotonic()
-            await self.store.beat(self.node, self._connections(), self.lease)
-            held = await self.store.renew(self.node, self.lease)
-            self.renewed_at = started
+            held = await self._renew()
             await self.refresh()
             self.rounds += 1
             lost = {z for z, epoch in self.owned.items() if held.get(z) != epoch}
@@ -3169,41 +3202,57 @@ class Cluster:
             # rarely race for the same one (the claim is atomic either way).
             free.sort(key=lambda z: hashlib.blake2b(f"{self.node}/{z}".encode(), digest_size=8).digest())
             counts = collections.Counter(owner for _, owner, _, live in self.zones.values() if live)
-            others_short = any(counts.get(n, 0) < share for n in alive if n != self.node)
+            fewest = min(counts.get(n, 0) for n in alive if n != self.node) if len(alive) > 1 else None
             claimed = 0
             for zone_id in free:
-                if not self.may_tick() or (len(self.owned) >= share and others_short):
+                if not self.may_tick() or (len(self.owned) >= share and fewest is not None and fewest < share):
                     break  # past its share, a node leaves free zones to the nodes below theirs
+                if time.monotonic() - (self.renewed_at or 0.0) > self.period:
+                    await self._renew()  # a long round (many zones to load) keeps its leases
                 claimed += await self._claim(zone_id)
             if claimed:
                 await self.wake_others()  # their players of these zones follow them here
-            surplus = len(self.owned) - share
-            if surplus > 0 and others_short:
+            # Even out: a node holding two zones more than the emptiest live node gives some up.
+            surplus = (len(self.owned) - fewest) // 2 if fewest is not None else 0
+            if surplus > 0 and len(self.owned) > share - 1 and (self._handing is None or self._handing.done()):
                 give = set(sorted(self.owned)[:surplus])
-                await self._hand_over(give)
-                await self.wake_others()
+                self._handing = asyncio.ensure_future(self._give(give))
             if self.on_round is not None:
                 self.on_round()
 
-    async def _claim(self, zone_id: UUID) -> bool:
-        epoch = await self.store.claim(self.node, zone_id, self.lease)
-        if epoch is None:
-            return False
-        self.owned[zone_id] = epoch
+    async def _give(self, zone_ids: set[UUID]) -> None:
+        """A hand-over, outside the rounds (its flush may take a while; the rounds go on)."""
         try:
-            if await self._adopt(zone_id, epoch):
-                self._owns(zone_id, epoch)
-                return True
-        except Exception:  # noqa: BLE001 - give it back for another node to try
-            log.exception("cluster: taking zone %s over failed", zone_id)
-        self.owned.pop(zone_id, None)
-        with contextlib.suppress(Exception):
-            await self.store.release(self.node, [zone_id])
-        return False
+            await self._hand_over(zone_ids)
+            await self.wake_others()
+        except Exception:  # noqa: BLE001 - the zones stay here; a later round tries again
+            log.exception("cluster: handing zones over failed")
+
+    async def _claim(self, zone_id: UUID) -> bool:
+        if self.on_loading is not None:
+            self.on_loading(zone_id, True)
+        try:
+            epoch = await self.store.claim(self.node, zone_id, self.lease)
+            if epoch is None:
+                return False
+            self.owned[zone_id] = epoch
+            try:
+                if await self._adopt(zone_id, epoch):
+                    self._owns(zone_id, epoch)
+                    return True
+            except Exception:  # noqa: BLE001 - give it back for another node to try
+                log.exception("cluster: taking zone %s over failed", zone_id)
+            self.owned.pop(zone_id, None)
+            with contextlib.suppress(Exception):
+                await self.store.release(self.node, [zone_id])
+            return False
+        finally:
+            if self.on_loading is not None:
+                self.on_loading(zone_id, False)
 
     async def claim_new(self, zone_id: UUID) -> int | None:
         """A zone this node just created: claim it at once (its epoch, or None if another node
-        was quicker)."""
+        was quicker). The caller holds ``lock``."""
         epoch = await self.store.claim(self.node, zone_id, self.lease)
         if epoch is not None:
             self.owned[zone_id] = epoch
@@ -3232,6 +3281,9 @@ class Cluster:
     async def leave(self) -> None:
         """Stop taking zones (a graceful stop hands them over afterwards)."""
         self._leaving = True
+        if self._handing is not None:
+            with contextlib.suppress(Exception):
+                await self._handing
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -3381,20 +3433,20 @@ class RemotePlayer(Connection):
     def zone_id(self, value: UUID | None) -> None:
         if value != self._zone and not self.closed:
             if value is None:
-                self._relay.queue(self.node, "u", self._zone, self.player_id, b"")
+                self._relay.queue(self.node, "u", self._zone, self.player_text, b"")
             else:
-                self._relay.queue(self.node, "z", value, self.player_id, b"")
+                self._relay.queue(self.node, "z", value, self.player_text, b"")
         self._zone = value
 
     def _write(self, frame: bytes) -> bool:
         if self.closed:
             return False
-        self._relay.queue(self.node, "w", None, self.player_id, frame)
+        self._relay.queue(self.node, "w", None, self.player_text, frame)
         return True
 
     def send_tick(self, frame: bytes, max_behind: int) -> None:
         if not self.closed:  # the gateway skips a player whose socket falls behind
-            self._relay.queue(self.node, "t", self._zone, self.player_id, frame)
+            self._relay.queue(self.node, "t", self._zone, self.player_text, frame)
 
     def abort(self) -> None:
         self.closed = True
@@ -3425,6 +3477,7 @@ class Hub:
         self.debug = cfg.get("server", "debug")
         self.debug_players = {n.strip() for n in cfg.get("server", "debug_players").split(",") if n.strip()}
         self.conns: dict[UUID, Connection] = {}
+        self.by_text: dict[str, Connection] = {}  # the same, by the player id's text (the relay's key)
         #: player id -> username of every player connected since start (usernames never change),
         #: for ``FrameworkAPI.username``: written on the loop, read from game threads (one dict
         #: lookup, atomic in CPython).
@@ -3490,6 +3543,7 @@ class Hub:
             proxy.closed = True
             self._unsubscribe_conn(proxy)
         self.conns[conn.player_id] = conn
+        self.by_text[conn.player_text] = conn
         self.usernames[conn.player_id] = conn.username
         if resume is not None and resume in self.world.zones:
             resume = self.world.zones[resume].zone.id
@@ -3507,6 +3561,7 @@ class Hub:
         if self.conns.get(conn.player_id) is not conn:
             return  # replaced: the new connection owns the player now
         del self.conns[conn.player_id]
+        self.by_text.pop(conn.player_text, None)
         zone_id, routed = conn.zone_id, conn.routed
         self._unsubscribe_conn(conn)
         if routed is not None and self.left is not None:  # the zone's owner holds it, on another node
@@ -3627,6 +3682,8 @@ class Hub:
             self._replace(old, proxy)
         self.remote[proxy.player_id] = proxy
         self.subscribe(proxy, zone_id)
+        if proxy.zone_id == zone_id:  # also when it was there already: its gateway may not know
+            proxy._relay.queue(proxy.node, "z", zone_id, proxy.player_text, b"")
 
     def _replace(self, old: RemotePlayer, new: RemotePlayer) -> None:
         """``new`` takes ``old``'s place in its zone, without a leave or a join."""
@@ -3658,6 +3715,7 @@ class Hub:
         old_conn = self.conns.get(player_id)
         if old_conn is not None:  # replaced: an older connection to this node
             del self.conns[player_id]
+            self.by_text.pop(old_conn.player_text, None)
             zone_id = old_conn.zone_id
             self._unsubscribe_conn(old_conn)
             old_conn.closed = True
@@ -3811,18 +3869,25 @@ class Relay:
     The node holding the player's socket is its *gateway*; the node ticking the zone is the
     zone's *owner* (``Cluster``). Subjects, under ``gridserver.``:
 
-    * ``zone.<zone_id>`` (the owner subscribes while it owns the zone): a gateway's
-      ``sub``, ``unsub``, ``intent``, ``ping`` and ``left`` for one player, in the order the
-      player sent them. The owner plays them on a ``RemotePlayer`` in its hub, so ordering,
-      ``seq``, rate limits, joins, leaves and errors follow the single-node rules.
-    * ``node.<name>`` (each gateway): what owners send its players, in order, batched: one
-      message per owner per loop turn, holding every item queued meanwhile (``queue``): a
-      tick's frame once with every player of this gateway who shares it, a message for one
-      player, or a change of the player's zone (which the gateway applies to the socket's
-      connection before what follows).
+    * ``owner.<name>`` (each node, as an owner): a gateway's ``sub``, ``unsub``, ``intent``,
+      ``ping`` and ``left`` for its players, each naming its zone, in the order the players
+      sent them (one subject per owner: one ordered stream from each gateway), batched per
+      loop turn. The owner plays them on a ``RemotePlayer`` in its hub, so ordering, ``seq``,
+      rate limits, joins, leaves and errors follow the single-node rules. Messages about a
+      zone the owner is still loading wait for it; about a zone that left (or is leaving),
+      the gateway is told the zone moved (``m``) and the player follows it.
+    * ``node.<name>`` (each node, as a gateway): what owners send its players, in order,
+      batched: one message per owner per loop turn (split past half of NATS's largest
+      payload), holding every item queued meanwhile (``queue``): a tick's frame once with
+      every player of this gateway who shares it (``t``), a message for one player (``w``),
+      a change of the player's zone (``z``: subscribed there, ``u``: no longer), or the news
+      that the zone moved to another node (``m``).
     * ``all``: ``attach`` (a player connected somewhere: an older connection elsewhere is
       replaced with 4000, a zone held for it is resumed), ``end`` (sessions that ended:
-      their sockets close with 4001 on every node).
+      their sockets close with 4001 on every node), ``owner`` (a node took a zone: the
+      players' nodes send them there at once), ``counts`` (each node's zones' entity and
+      subscriber counts, every round).
+    * ``ask``: a debug route's question to every node, answered by NATS reply.
 
     A node is both: the single-node server is this code with every zone local and no relay.
     """
@@ -3834,10 +3899,11 @@ class Relay:
         self.node = cluster.node
         self.max_behind = max_behind
         self._out: dict[str, list[list]] = {}  # gateway -> items [kind, zone, players, frame]
+        self._in: dict[str, list[list]] = {}  # owner -> its players' messages [op, zone, player, name, arg]
         self._flushing = False
         self._sends: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self._zones: dict[UUID, Any] = {}  # owned zone -> its NATS subscription
         self._tasks: list[asyncio.Task] = []
+        self._loading: dict[UUID, list[tuple[str, list]]] = {}  # zone being taken over -> messages waiting
         #: the entity and subscriber counts of zones ticking elsewhere, as their owners told
         #: (``share_counts``, every round), for ``GET /api/zones``
         self.counts: dict[UUID, tuple[int, int]] = {}
@@ -3851,10 +3917,18 @@ class Relay:
 
     async def start(self) -> None:
         nc = self.cluster.nc
+        await nc.subscribe(self.PREFIX + "owner." + self.node, cb=self._to_owner)
         await nc.subscribe(self.PREFIX + "node." + self.node, cb=self._from_owner)
         await nc.subscribe(self.PREFIX + "all", cb=self._from_all)
         await nc.subscribe(self.PREFIX + "ask", cb=self._asked)
         self._tasks.append(asyncio.ensure_future(self._sender()))
+
+    async def drain(self, timeout: float = 2.0) -> None:
+        """Let what is queued be published (a stopping node's last words)."""
+        await asyncio.sleep(0)  # the queued items are batched on the next loop turn
+        deadline = time.monotonic() + timeout
+        while not self._sends.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -3870,98 +3944,159 @@ class Relay:
             try:
                 await nc.publish(subject, data)
             except Exception as exc:  # noqa: BLE001 - NATS down: what was queued is lost, as on a dropped socket
-                log.warning("cluster: NATS publish failed: %s", exc)
+                log.warning("cluster: NATS publish to %s failed: %s", subject, exc)
 
     def _publish(self, to: str, message: dict) -> None:
         self._sends.put_nowait((self.PREFIX + to, json_dumps(message).encode("utf-8")))
 
-    # -- the owner's side --------------------------------------------------------------------
-    async def own(self, zone_id: UUID) -> None:
-        """This node ticks the zone now: hear its players' gateways."""
-        if zone_id not in self._zones:
-            self._zones[zone_id] = await self.cluster.nc.subscribe(self.PREFIX + f"zone.{zone_id}",
-                                                                   cb=self._to_owner)
-
-    async def disown(self, zone_id: UUID) -> None:
-        sub = self._zones.pop(zone_id, None)
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        for player_id, proxy in list(self.hub.remote.items()):
-            if proxy.zone_id == zone_id:
-                del self.hub.remote[player_id]
-                proxy.closed = True
-
-    def queue(self, node: str, kind: str, zone_id: UUID | None, player_id: UUID, frame: bytes) -> None:
-        """Queue one item for a gateway; a tick's frame shared by several of its players is
-        queued once."""
-        items = self._out.setdefault(node, [])
-        if kind == "t" and items:
-            last = items[-1]
-            if last[0] == "t" and last[1] == zone_id and last[3] is frame:
-                last[2].append(player_id)
-                return
-        items.append([kind, zone_id, [player_id], frame])
+    def _soon(self) -> None:
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flushing = False
-        out, self._out = self._out, {}
-        for node, items in out.items():
-            header = [[kind, None if zone is None else str(zone), [str(p) for p in players], len(frame)]
-                      for kind, zone, players, frame in items]
-            self._sends.put_nowait((self.PREFIX + "node." + node, self.node.encode("utf-8") + b"\n" +
-                                    json_dumps(header).encode("utf-8") + b"\n" + b"".join(i[3] for i in items)))
-            self.metrics.relay_messages_total += 1
+        ins, self._in = self._in, {}
+        for owner, ops in ins.items():
+            self._sends.put_nowait((f"{self.PREFIX}owner.{owner}",
+                                    json_dumps({"n": self.node, "ops": ops}).encode("utf-8")))
+        outs, self._out = self._out, {}
+        limit = max(4096, int(getattr(self.cluster.nc, "max_payload", 1 << 20) or (1 << 20)) // 2)
+        for node, items in outs.items():
+            chunk: list[list] = []
+            size = 0
+            for item in items:
+                if len(item[3]) > limit:
+                    log.warning("cluster: a %d-byte frame is too large for NATS; not relayed", len(item[3]))
+                    continue
+                if chunk and size + len(item[3]) > limit:
+                    self._send_items(node, chunk)
+                    chunk, size = [], 0
+                chunk.append(item)
+                size += len(item[3]) + 40 * len(item[2])
+            if chunk:
+                self._send_items(node, chunk)
+
+    def _send_items(self, node: str, items: list[list]) -> None:
+        header = [[kind, None if zone is None else str(zone), players, len(frame)]
+                  for kind, zone, players, frame in items]
+        self._sends.put_nowait((self.PREFIX + "node." + node, self.node.encode("utf-8") + b"\n" +
+                                json_dumps(header).encode("utf-8") + b"\n" + b"".join(i[3] for i in items)))
+        self.metrics.relay_messages_total += 1
+
+    # -- the owner's side --------------------------------------------------------------------
+    def loading(self, zone_id: UUID, started: bool) -> None:
+        """A zone this node is claiming and loading (``started``), or done with (taken or not):
+        what its players' nodes sent meanwhile waited, and is played now."""
+        if started:
+            self._loading.setdefault(zone_id, [])
+            return
+        for node, op in self._loading.pop(zone_id, []):
+            self._play(node, op)
+
+    def disown(self, zone_id: UUID) -> None:
+        """The zone left this node: forget its players of other nodes."""
+        for player_id, proxy in list(self.hub.remote.items()):
+            if proxy.closed or proxy.zone_id == zone_id:
+                if self.hub.remote.get(player_id) is proxy:
+                    del self.hub.remote[player_id]
+                proxy.closed = True
+
+    def queue(self, node: str, kind: str, zone_id: UUID | None, player: str, frame: bytes) -> None:
+        """Queue one item for a gateway (``player``: the player id's text); a tick's frame
+        shared by several of its players is queued once."""
+        items = self._out.setdefault(node, [])
+        if kind == "t" and items:
+            last = items[-1]
+            if last[0] == "t" and last[1] == zone_id and last[3] is frame:
+                last[2].append(player)
+                return
+        items.append([kind, zone_id, [player], frame])
+        self._soon()
+
+    def _error(self, node: str, player: str, error: dict) -> None:
+        self.queue(node, "w", None, player, ws_text_frame(json_dumps(error).encode("utf-8")))
 
     async def _to_owner(self, msg: Any) -> None:
-        """A gateway's message about one of its players, for a zone this node owns."""
+        """A gateway's batch of its players' messages: ``{"n": gateway, "ops": [[op, zone,
+        player, username, argument], ...]}``, in the order sent."""
         try:
             m = json_loads(msg.data)
-            zone_id, player_id, node = UUID(msg.subject.rsplit(".", 1)[1]), UUID(m["p"]), m["n"]
+            node, ops = m["n"], m["ops"]
         except (ValueError, KeyError, TypeError):
             log.warning("cluster: unreadable message on %s", msg.subject)
             return
-        op = m.get("op")
-        proxy = self.hub.remote.get(player_id)
-        mine = proxy if proxy is not None and proxy.node == node else None
-        if zone_id not in self.world.zones or self.world.zones[zone_id].leaving:
-            if op in ("sub", "intent", "unsub", "ping"):  # it moved on meanwhile
-                error = {"type": "error", "code": "zone_moved", "zone_id": str(zone_id),
-                         "message": "The zone moved to another node; you are unsubscribed."}
-                self.queue(node, "u", zone_id, player_id, b"")
-                self.queue(node, "w", None, player_id, ws_text_frame(json_dumps(error).encode("utf-8")))
+        for op in ops:
+            try:
+                self._play(node, op)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("cluster: a message from %s could not be played: %s", node, exc)
+
+    def _play(self, node: str, item: list) -> None:
+        op, zone, player, username, arg = item
+        zone_id, player_id = UUID(zone), UUID(player)
+        if zone_id in self._loading:
+            self._loading[zone_id].append((node, item))
             return
-        if op == "sub":
-            self.hub.remote_subscribe(mine or RemotePlayer(self.hub, self, node, player_id, m["u"]), zone_id)
-        elif op == "intent":
+        hub = self.hub
+        proxy = hub.remote.get(player_id)
+        mine = proxy if proxy is not None and proxy.node == node and not proxy.closed else None
+        zs = self.world.zones.get(zone_id)
+        if zs is None or zs.leaving:  # it moved on (or is moving): the player follows it
+            if op == "ping":
+                self.queue(node, "w", None, player, ws_text_frame(b'{"type":"pong"}'))
+            elif op == "sub" and zone_id not in self.cluster.zones:
+                self.queue(node, "u", zone_id, player, b"")
+                self._error(node, player, {"type": "error", "code": "zone_deleted",
+                                           "message": "The zone you were subscribed to was deleted."})
+            elif op == "sub":
+                self.queue(node, "m", zone_id, player, b"")
+            elif op == "unsub":
+                if zs is not None and mine is not None and mine.zone_id == zone_id:
+                    hub.unsubscribe(mine)
+                else:
+                    self.queue(node, "u", zone_id, player, b"")
+                    self.queue(node, "w", None, player, ws_text_frame(b'{"type":"unsubscribed"}'))
+            elif op == "left" and zs is not None and mine is not None and mine.zone_id in (zone_id, None):
+                hub.remote_left(mine, bool(arg))
+            return  # an intent for a zone that is not ticking here is dropped
+        if op == "intent":
             if mine is None or mine.zone_id != zone_id:
-                self.queue(node, "w", None, player_id, ws_text_frame(json_dumps(
-                    {"type": "error", "code": "not_subscribed",
-                     "message": "Subscribe to a zone before sending intents."}).encode("utf-8")))
+                self._error(node, player, {"type": "error", "code": "not_subscribed",
+                                           "message": "Subscribe to a zone before sending intents."})
             else:
-                self.hub.add_intent(mine, m["d"])
-        elif op == "unsub" and mine is not None:
-            self.hub.unsubscribe(mine)
+                hub.add_intent(mine, arg)
+        elif op == "sub":
+            hub.remote_subscribe(mine or RemotePlayer(hub, self, node, player_id, username), zone_id)
+        elif op == "unsub" and mine is not None and mine.zone_id in (zone_id, None):
+            hub.unsubscribe(mine)
+        elif op == "unsub":
+            self.queue(node, "u", zone_id, player, b"")
+            self.queue(node, "w", None, player, ws_text_frame(b'{"type":"unsubscribed"}'))
         elif op == "ping":
-            self.queue(node, "w", None, player_id, ws_text_frame(b'{"type":"pong"}'))
+            self.queue(node, "w", None, player, ws_text_frame(b'{"type":"pong"}'))
         elif op == "left" and mine is not None and mine.zone_id in (zone_id, None):
-            self.hub.remote_left(mine, bool(m.get("keep")))
+            hub.remote_left(mine, bool(arg))
 
     # -- the gateway's side ------------------------------------------------------------------
-    def forward(self, conn: Connection, zone_id: UUID, op: str, **fields: Any) -> None:
-        """Send one of the player's messages to the owner of ``zone_id``."""
-        self._publish(f"zone.{zone_id}", {"op": op, "p": conn.player_text, "n": self.node, "u": conn.username,
-                                          **fields})
+    def forward(self, conn: Connection, zone_id: UUID, op: str, arg: Any = None) -> bool:
+        """Send one of the player's messages to the owner of ``zone_id`` (batched per owner
+        and loop turn, in order); False when no node holds the zone."""
+        owner = self.cluster.owner_of(zone_id)
+        if owner is None:
+            return False
+        self._in.setdefault(owner, []).append(
+            [op, str(zone_id), conn.player_text, conn.username if op == "sub" else None, arg])
+        self._soon()
+        return True
 
     def _left(self, conn: Connection, zone_id: UUID, keep: bool) -> None:
-        self.forward(conn, zone_id, "left", keep=keep)
+        self.forward(conn, zone_id, "left", keep)
 
     def after_round(self) -> None:
-        """After the cluster's round: share this node's counts, and the players of zones whose
-        owner changed (a node died, or its zones moved) follow them to the new owner."""
+        """After the cluster's round: share this node's counts; the players of zones whose
+        owner changed (a node died, or its zones moved) follow them to the new owner; the
+        players of nodes that are gone (killed) are held as dropped."""
         self.share_counts()
         owners = {zone_id: self.cluster.owner_of(zone_id) for zone_id in self.cluster.zones}
         changed = {z for z, o in owners.items() if z in self._owners and o != self._owners[z]}
@@ -3970,58 +4105,64 @@ class Relay:
             for conn in list(self.hub.conns.values()):
                 if conn.routed is not None and conn.routed in changed and conn not in self._following:
                     self.follow(conn, conn.routed, previous[conn.routed])
+        alive = {n[0] for n in self.cluster.nodes if n[4]}
+        for proxy in list(self.hub.remote.values()):
+            if proxy.node not in alive and not proxy.closed:
+                self.hub.remote_left(proxy, True)
 
     def _moved(self, conn: Connection, zone_id: UUID) -> None:
         """A zone left this node: its players follow it (through their own nodes)."""
         if isinstance(conn, RemotePlayer):
             conn.closed = True  # its gateway is told once, with "m", not with a change of zone
-            self.queue(conn.node, "m", zone_id, conn.player_id, b"")
+            self.queue(conn.node, "m", zone_id, conn.player_text, b"")
         else:
             conn.zone_id, conn.routed = None, zone_id
             self.follow(conn, zone_id, self.node)
 
     def follow(self, conn: Connection, zone_id: UUID, old: str | None) -> None:
         """Subscribe the player again where its zone ticks now, once a node other than ``old``
-        owns it (within two leases): the player hears ``subscribed`` again, and no leave or
-        join reaches the game. If no node takes the zone in time, ``zone_moved``."""
+        owns it (or ``old`` again, after a lease): the player hears ``subscribed`` again, and
+        no leave or join reaches the game. If no node takes the zone within two leases,
+        ``zone_moved``."""
         self._following.add(conn)
         conn.zone_id = None  # no tick of the old owner's from here on
         self.hub.spawn(self._follow(conn, zone_id, old))
 
     async def _follow(self, conn: Connection, zone_id: UUID, old: str | None) -> None:
         try:
-            deadline = time.monotonic() + self.cluster.lease * 2 + 2
-            while time.monotonic() < deadline:
+            started = time.monotonic()
+            while time.monotonic() < started + self.cluster.lease * 2 + 2:
                 if conn.closed or conn.routed != zone_id:
                     return  # gone, or elsewhere by its own choice
                 owner = self.cluster.owner_of(zone_id)
-                if owner is not None and (owner != old or owner == self.node):
-                    if owner == self.node and zone_id in self.world.zones:
+                if owner == self.node:
+                    if zone_id in self.world.zones and not self.world.zones[zone_id].leaving:
                         conn.routed = None
                         self.hub.subscribe(conn, zone_id)
-                    elif owner != self.node:
-                        self.forward(conn, zone_id, "sub")
-                    else:
-                        await asyncio.sleep(0.02)
-                        continue
+                        return
+                elif owner is not None and (owner != old or time.monotonic() > started + self.cluster.lease):
+                    self.forward(conn, zone_id, "sub")
                     return
                 await asyncio.sleep(0.02)
+            self.forward(conn, zone_id, "left", False)  # wherever it is held
             conn.routed = None
             conn.send({"type": "error", "code": "zone_moved", "zone_id": str(zone_id),
                        "message": "The zone moved and no node has taken it up yet; subscribe again later."})
         finally:
             self._following.discard(conn)
 
+    def leave_all(self) -> None:
+        """This node stops: its players' zones on other nodes hold them as dropped."""
+        for conn in list(self.hub.conns.values()):
+            if conn.routed is not None:
+                self.forward(conn, conn.routed, "left", True)
+
     async def moved_away(self, zone_ids: set[UUID]) -> None:
-        """A stopping node released these zones: the players of other nodes follow them, and
-        what is queued for them is published before NATS closes."""
+        """A stopping node released these zones: the players of other nodes follow them."""
         for proxy in list(self.hub.remote.values()):
-            if proxy.zone_id in zone_ids:
+            if proxy.zone_id is not None and proxy.zone_id in zone_ids:
                 self._moved(proxy, proxy.zone_id)
-        await asyncio.sleep(0)  # the queued items are batched
-        deadline = time.monotonic() + 2
-        while not self._sends.empty() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await self.drain()
 
     # -- questions to every node (debug routes) ---------------------------------------------
     async def ask_all(self, op: str, timeout: float = 10.0, **fields: Any) -> list[dict]:
@@ -4065,11 +4206,15 @@ class Relay:
         with contextlib.suppress(Exception):
             await self.cluster.nc.publish(msg.reply, json_dumps({"node": self.node, **answer}).encode("utf-8"))
 
+    # -- news for every node -----------------------------------------------------------------
     def announce(self, zone_id: UUID, epoch: int) -> None:
         """This node ticks the zone now: the nodes of its players send them here at once."""
         self._publish("all", {"op": "owner", "n": self.node, "z": str(zone_id), "e": epoch})
 
     def _owner_changed(self, zone_id: UUID, node: str, epoch: int) -> None:
+        entry = self.cluster.zones.get(zone_id)
+        if entry is not None and entry[2] > epoch:
+            return  # older news than the directory's
         previous = self.cluster.owner_of(zone_id)
         self.cluster.set_owner(zone_id, node, epoch)
         self._owners[zone_id] = node
@@ -4100,30 +4245,30 @@ class Relay:
             log.warning("cluster: unreadable frames from an owner")
             return
         at = end + 1
-        conns, max_behind = self.hub.conns, self.max_behind
+        conns, max_behind = self.hub.by_text, self.max_behind
         for kind, zone, players, length in header:
             frame, at = data[at:at + length], at + length
             zone_id = None if zone is None else UUID(zone)
             for p in players:
-                conn = conns.get(UUID(p))
+                conn = conns.get(p)
                 if conn is None:
                     continue
                 if kind == "t":
                     if conn.zone_id == zone_id:
                         conn.send_tick(frame, max_behind)
-                elif kind == "z":  # subscribed (or resumed) there, unless it went elsewhere since
-                    if conn.routed in (None, zone_id) and (conn.routed is not None or conn.zone_id is None):
+                elif kind == "z" and zone_id is not None:  # subscribed (or resumed) there
+                    if conn.routed == zone_id or (conn.routed is None and conn.zone_id is None):
                         conn.routed = conn.zone_id = zone_id
+                    else:  # it went elsewhere meanwhile: that owner lets it go
+                        self.forward(conn, zone_id, "left", False)
                 elif kind == "u":  # no longer in that zone
                     if conn.zone_id == zone_id:
                         conn.zone_id = None
                     if conn.routed == zone_id:
                         conn.routed = None
                 elif kind == "m":  # the zone moved to another node: the player follows it
-                    if zone_id is not None and conn.routed == zone_id:
-                        conn.zone_id = None
-                        if conn not in self._following:
-                            self.follow(conn, zone_id, sender)
+                    if zone_id is not None and conn.routed == zone_id and conn not in self._following:
+                        self.follow(conn, zone_id, sender)
                 else:
                     conn._write(frame)
 
@@ -4134,16 +4279,16 @@ class Relay:
             return
         if m.get("n") == self.node:
             return
-        if m.get("op") == "attach":
-            player_id, node = UUID(m["p"]), m["n"]
-            self.hub.remote_attached(player_id, lambda: RemotePlayer(self.hub, self, node, player_id, m["u"]))
-        elif m.get("op") == "end":
-            await self.hub.end_sessions(list(m.get("digests") or []), tell_others=False)
-        elif m.get("op") == "owner":
-            with contextlib.suppress(ValueError, TypeError, KeyError):
+        op = m.get("op")
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            if op == "attach":
+                player_id, node = UUID(m["p"]), m["n"]
+                self.hub.remote_attached(player_id, lambda: RemotePlayer(self.hub, self, node, player_id, m["u"]))
+            elif op == "end":
+                self.hub.spawn(self.hub.end_sessions(list(m.get("digests") or []), tell_others=False))
+            elif op == "owner":
                 self._owner_changed(UUID(m["z"]), m["n"], int(m["e"]))
-        elif m.get("op") == "counts":
-            with contextlib.suppress(ValueError, TypeError):
+            elif op == "counts":
                 self.counts.update((UUID(z), (int(c[0]), int(c[1]))) for z, c in m["zones"].items())
 
 
@@ -4220,7 +4365,7 @@ class Journal:
 
     def __init__(self, store: Store, metrics: Metrics, on_committed: Callable[[], None],
                  max_backoff: float = 30.0, strict: bool = False,
-                 on_fenced: Callable[[set[UUID]], None] | None = None):
+                 on_fenced: Callable[[dict[UUID, int]], None] | None = None):
         self.store, self.metrics, self._on_committed = store, metrics, on_committed
         self.max_backoff = max_backoff
         self.strict, self._on_fenced = strict, on_fenced
@@ -4243,6 +4388,11 @@ class Journal:
         if not self._queue:
             self.committed = max(self.committed, tick)  # nothing ran: nothing to wait for
         return False
+
+    def forget(self, zone_ids: Iterable[UUID]) -> None:
+        """Zones that left this node (cluster): their queued rows are not written."""
+        gone = set(zone_ids)
+        self._queue = [(tick, [r for r in rows if r[0] not in gone]) for tick, rows in self._queue]
 
     def waits(self, tick: int) -> bool:
         """Whether frames of ``tick`` must wait for its inputs to be committed."""
@@ -4713,6 +4863,20 @@ class TickEngine:
             self._drain()
         self._threads.stop()
 
+    def forget(self, zone_ids: Iterable[UUID]) -> None:
+        """Zones that left this node (cluster): frames of theirs waiting for the journal are
+        never sent (their ticks were refused, or belong to the next owner now)."""
+        gone = set(zone_ids)
+        keep = []
+        for job in self._held:
+            if job.zs.zone.id in gone:
+                self._pending.discard(job)
+            else:
+                keep.append(job)
+        self._held = keep
+        if not self._pending:
+            self._all_done.set()
+
     def zone_busy_seconds(self, zs: _ZoneState) -> float:
         return 0.0 if zs.busy_since is None else time.monotonic() - zs.busy_since
 
@@ -4733,7 +4897,7 @@ class Persister:
 
     def __init__(self, world: World, store: Store, metrics: Metrics, cfg: Config,
                  after_tick: Callable[[], Awaitable[None]] | None = None,
-                 on_fenced: Callable[[set[UUID]], Awaitable[None]] | None = None):
+                 on_fenced: Callable[[dict[UUID, int]], Awaitable[None]] | None = None):
         self.world, self.store, self.metrics = world, store, metrics
         self._after_tick = after_tick  # waits for the end of the tick under way, if ticks run
         #: cluster: drops zones another node took over (a flush refused as ``Fenced``)
@@ -4913,6 +5077,13 @@ class FrameworkAPI:
         except ValueError:
             raise ConfigError(f"[{self._section}] {key}: cannot use {raw!r}") from None
 
+    @property
+    def _w(self) -> World:
+        """The world the reads below look at: the server's, or (in a cluster node's thread that
+        replays a zone it takes over) the world that zone is replayed in."""
+        world: World | None = getattr(_TICK, "world", None)
+        return world if world is not None else self._world
+
     def list_zones(self) -> list[Zone]:
         """Every zone of the world (in a cluster, also those other nodes tick)."""
         if self._catalog is not None:
@@ -4940,20 +5111,20 @@ class FrameworkAPI:
         return self._usernames.get(_as_uuid(player_id))
 
     def get_entity(self, entity_id: UUID) -> Entity | None:
-        return self._world.get_entity(_as_uuid(entity_id))
+        return self._w.get_entity(_as_uuid(entity_id))
 
     def list_entities(self, zone_id: UUID) -> list[Entity]:
-        with self._world.lock:
-            return self._world.entities_of(_as_uuid(zone_id))
+        with self._w.lock:
+            return self._w.entities_of(_as_uuid(zone_id))
 
     def query_area(self, zone_id: UUID, x: int, y: int, width: int, height: int) -> list[Entity]:
         """Entities in ``[x, x+width) x [y, y+height)`` (sized ones sharing area, points inside)."""
-        return self._world.query_area(_as_uuid(zone_id), x, y, width, height)
+        return self._w.query_area(_as_uuid(zone_id), x, y, width, height)
 
     def query_overlap(self, zone_id: UUID, x: int, y: int, width: int, height: int,
                       exclude: UUID | None = None) -> list[Entity]:
         """Sized entities whose rectangle shares area with this one (``exclude``: an id to skip)."""
-        return self._world.query_overlap(_as_uuid(zone_id), x, y, width, height,
+        return self._w.query_overlap(_as_uuid(zone_id), x, y, width, height,
                                          None if exclude is None else _as_uuid(exclude))
 
 
@@ -5402,7 +5573,7 @@ class Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: TickEngine | None = None
         self.journal: Journal | None = None
-        self.persister = Persister(self.world, self.store, self.metrics, cfg, self._after_tick, self.drop_zones)
+        self.persister = Persister(self.world, self.store, self.metrics, cfg, self._after_tick, self._flush_fenced)
         self.world_executor = ThreadPoolExecutor(1, thread_name_prefix="gridserver-world")
         #: cluster mode (``[cluster] nats_url``): this node's share of the world, and the relay
         #: of players between nodes
@@ -5451,6 +5622,7 @@ class Server:
             await self.relay.start()
             self.cluster.on_round = self.relay.after_round
             self.cluster.on_owned = self.relay.announce
+            self.cluster.on_loading = self.relay.loading
             self.relay.answer = self._answer_node
         else:
             zones, entities, marks = await self.store.load()
@@ -5476,7 +5648,7 @@ class Server:
                 await self._replay_journal()
             self.journal = Journal(self.store, self.metrics, self._journal_committed,
                                    self.cfg.get("persistence", "max_backoff"), strict=self.cluster is not None,
-                                   on_fenced=lambda zones: self.hub.spawn(self.drop_zones(zones)))
+                                   on_fenced=lambda zones: self.hub.spawn(self.drop_zones(self.fenced(zones))))
             self.journal.start()
         held = self.hub.restore(list(self.world.zones.values()))
         if held:
@@ -5520,9 +5692,15 @@ class Server:
                     await self.cluster.released(zone_ids)
                 if self.relay is not None:
                     await self.relay.moved_away(zone_ids)
+            # this node's players leave their zones' owners (held there for the grace period)
             if self.relay is not None:
+                self.relay.leave_all()
+            await self.hub.close_all(1001, "server shutting down")
+            if self.relay is not None:
+                await self.relay.drain()
                 await self.relay.stop()
             await self.cluster.close()
+            return
         await self.hub.close_all(1001, "server shutting down")
 
     async def close(self) -> None:
@@ -5555,15 +5733,14 @@ class Server:
         if self.world.zone_by_name(name) is not None:  # created by a racing call meanwhile
             raise GridError("zone_name_taken", f"A zone named {name!r} exists already.")
         if self.cluster is not None:  # the node that creates a zone ticks it, unless another was quicker
-            epoch = await self.cluster.claim_new(zone.id)
-            self.cluster.zones = {**self.cluster.zones, zone.id: (zone, self.cluster.node if epoch else None,
-                                                                  epoch or 0, epoch is not None)}
-            if epoch is None:
-                return zone
-            await self.in_world(self.world.add_zone, zone, (), first_tick, epoch)
-            if self.relay is not None:
-                await self.relay.own(zone.id)
-            self.cluster._owns(zone.id, epoch)
+            async with self.cluster.lock:
+                epoch = await self.cluster.claim_new(zone.id)
+                self.cluster.zones = {**self.cluster.zones, zone.id: (zone, self.cluster.node if epoch else None,
+                                                                      epoch or 0, epoch is not None)}
+                if epoch is None:
+                    return zone
+                await self.in_world(self.world.add_zone, zone, (), first_tick, epoch)
+                self.cluster._owns(zone.id, epoch)
             return zone
         await self.in_world(self.world.add_zone, zone, (), first_tick)
         return zone
@@ -5607,22 +5784,48 @@ class Server:
             own = World(self.world.max_entities)
             zs = own.add_zone(zone, entities, tick, epoch)
             zs.joined = {UUID(p) for p in joined}
-            return zs, own, len(replay_zone(own, self.game, zs, rows, usernames=names))
-        zs, own, replayed = await asyncio.get_running_loop().run_in_executor(None, build)
+            _TICK.world = own  # the module's reads during the replay see the zone being replayed
+            try:
+                return zs, own, len(replay_zone(own, self.game, zs, rows, usernames=names))
+            finally:
+                _TICK.world = None
+        async with self._reload_lock:  # module code: not while a hot reload swaps it
+            zs, own, replayed = await asyncio.get_running_loop().run_in_executor(None, build)
         if self.cluster is None or self.cluster.owned.get(zone_id) != epoch:
             return False  # lost again meanwhile
+        if zone_id in self.world.zones:  # (cannot happen: creation and rounds hold the cluster's lock)
+            log.warning("cluster: zone %s was here already; it goes on at epoch %d", zone_id, epoch)
+            self.world.zones[zone_id].epoch = epoch
+            return True
         await self.in_world(self.world.adopt_zone, zs, own.dirty, own.deleted)
         self.hub.restore([zs])
-        if self.relay is not None:
-            await self.relay.own(zone_id)
         log.info("cluster: zone %s (%s) ticks here now, epoch %d, from tick %d (%d journaled tick(s) replayed)",
                  zone_id, zone.name, epoch, zs.tick_number, replayed)
         return True
+
+    def fenced(self, zones: dict[UUID, int]) -> set[UUID]:
+        """A write was refused for these zones at these epochs: those still held here at them
+        stop at once (nothing of theirs is sent or written from now on); the ones to drop."""
+        gone = {z for z, epoch in zones.items() if (zs := self.world.zones.get(z)) is not None and zs.epoch == epoch}
+        for zone_id in gone:
+            self.world.zones[zone_id].leaving = True
+        if self.engine is not None:
+            self.engine.forget(gone)
+        if self.journal is not None:
+            self.journal.forget(gone)
+        return gone
+
+    async def _flush_fenced(self, zones: dict[UUID, int]) -> None:
+        await self.drop_zones(self.fenced(zones))
 
     async def drop_zones(self, zone_ids: set[UUID], why: str = "taken over by another node") -> None:
         """Zones this node lost (another node took them over, or they were deleted): they stop
         here at once, unsaved changes and all (the owner goes on from the database and the
         journal), and their subscribers are told."""
+        if self.engine is not None:
+            self.engine.forget(zone_ids)
+        if self.journal is not None:
+            self.journal.forget(zone_ids)
         for zone_id in zone_ids:
             if self.cluster is not None:
                 self.cluster.owned.pop(zone_id, None)
@@ -5632,7 +5835,7 @@ class Server:
                 log.warning("cluster: zone %s (%s) no longer ticks here: %s", zone_id, zs.zone.name, why)
                 self.hub.zone_deleted(zone_id, moved=why != "deleted")
             if self.relay is not None:
-                await self.relay.disown(zone_id)
+                self.relay.disown(zone_id)
 
     async def hand_over(self, zone_ids: set[UUID]) -> None:
         """Give zones to other nodes with nothing lost: they stop ticking here, are flushed
@@ -5653,7 +5856,7 @@ class Server:
                 self.persister.forget(zs.zone.id)
                 self.hub.zone_deleted(zs.zone.id, moved=True)
                 if self.relay is not None:
-                    await self.relay.disown(zs.zone.id)
+                    self.relay.disown(zs.zone.id)
         await self.cluster.released({zs.zone.id for zs in zones})
         log.info("cluster: handed %d zone(s) over", len(zones))
 
@@ -5719,7 +5922,7 @@ class Server:
                     zs.tick_number = n
                 return done
             done = await asyncio.get_running_loop().run_in_executor(None, replay)
-            await self.store.drop_after(zs.zone.id, n)
+            await self.store.drop_after(zs.zone.id, n, zs.epoch)
             await self.persister.flush()
             if done:
                 engine.send_frames(zs.zone.id, done[-1][1])
@@ -5804,7 +6007,11 @@ class Server:
             if zs is None:
                 raise GridError("zone_not_found", f"No zone has the id {zone_id}.")
             try:
-                await self.store.delete_zone(zone_id, list(zs.entities))
+                await self.store.delete_zone(zone_id, list(zs.entities), zs.epoch)
+            except Fenced:  # another node ticks it now: not this node's to delete
+                await self.drop_zones({zone_id})
+                raise GridError("zone_not_found", "The zone moved to another node meanwhile; delete it again.") \
+                    from None
             except BaseException:
                 await self.in_world(self.world.restore_zone, zs)
                 raise
@@ -5812,7 +6019,7 @@ class Server:
                 self.cluster.owned.pop(zone_id, None)
         self.hub.zone_deleted(zone_id)
         if self.relay is not None:
-            await self.relay.disown(zone_id)
+            self.relay.disown(zone_id)
         hook = getattr(self.game, "on_zone_deleted", None)
         if hook is not None and self.engine is not None:
             async with self.engine.exclusive():  # module code runs while no tick does
@@ -6427,13 +6634,16 @@ def _subscribe_elsewhere(srv: Server, relay: Relay, conn: Connection, zone_id: U
                    "message": "No node ticks this zone right now; subscribe again in a moment."})
         return
     if conn.routed is not None and conn.routed != zone_id:
-        relay.forward(conn, conn.routed, "left", keep=False)
+        relay.forward(conn, conn.routed, "left", False)
     elif conn.zone_id is not None and conn.routed is None:
         old = conn.zone_id
         srv.hub._unsubscribe_conn(conn)
         srv.hub._leave(old, conn.player_id)
     conn.zone_id, conn.routed = None, zone_id
-    relay.forward(conn, zone_id, "sub")
+    if not relay.forward(conn, zone_id, "sub"):
+        conn.routed = None
+        conn.send({"type": "error", "code": "zone_unavailable", "zone_id": str(zone_id),
+                   "message": "No node ticks this zone right now; subscribe again in a moment."})
 
 
 def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> None:
@@ -6465,7 +6675,7 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
             conn.error("bad_message", f"The field 'data' {problem}.")
             return
         if conn.routed is not None and srv.relay is not None:
-            srv.relay.forward(conn, conn.routed, "intent", d=data)
+            srv.relay.forward(conn, conn.routed, "intent", data)  # dropped while no node holds the zone
         else:
             srv.hub.add_intent(conn, data)
     elif kind == "subscribe":
@@ -6485,19 +6695,19 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
             conn.error("zone_not_found", f"No zone has the id {zone_text[:80]!r}.")
             return
         if conn.routed is not None and srv.relay is not None:  # leaves the zone of another node
-            srv.relay.forward(conn, conn.routed, "left", keep=False)
+            srv.relay.forward(conn, conn.routed, "left", False)
             conn.routed = conn.zone_id = None
         srv.hub.subscribe(conn, zone_id)
     elif kind == "unsubscribe":
         if conn.routed is not None and srv.relay is not None:
-            srv.relay.forward(conn, conn.routed, "unsub")
-            conn.routed = None
+            if not srv.relay.forward(conn, conn.routed, "unsub"):  # answered there, or here if nobody holds it
+                conn.routed = conn.zone_id = None
+                conn.send({"type": "unsubscribed"})
         else:
             srv.hub.unsubscribe(conn)
     elif kind == "ping":
-        if conn.routed is not None and srv.relay is not None:  # after the answers on their way from there
-            srv.relay.forward(conn, conn.routed, "ping")
-        else:
+        # after the answers on their way from the zone's node
+        if conn.routed is None or srv.relay is None or not srv.relay.forward(conn, conn.routed, "ping"):
             conn.send({"type": "pong"})
     elif not isinstance(kind, str):
         conn.error("bad_message", "The field 'type' must be a string.")
@@ -7146,9 +7356,11 @@ def _event_loop(cfg: Config) -> tuple[str, Callable[[], asyncio.AbstractEventLoo
 
 def _workers(cfg: Config, argv: list[str]) -> int:
     """``--workers N``: run N node processes of this configuration on one port (each listens
-    with ``SO_REUSEPORT``, so the kernel spreads connections over them); a node that dies is
-    started again after a second. SIGTERM or SIGINT stops them all (each hands its zones
-    over as a stopped node does) and waits for them."""
+    with ``SO_REUSEPORT``, so the kernel spreads connections over them). The first starts
+    alone (a game module creating its zones in ``on_init`` finds them made by then); a node
+    that dies is started again after a second, unless it keeps dying within seconds of its
+    start (a configuration it cannot run: then all stop). SIGTERM or SIGINT stops them all
+    (each hands its zones over as a stopped node does) and waits for them."""
     n, port = cfg.get("server", "workers"), cfg.get("server", "port")
     if port == 0:
         print("gridserver: --workers needs a fixed [server] port (0 would give each node its own)", file=sys.stderr)
@@ -7156,6 +7368,9 @@ def _workers(cfg: Config, argv: list[str]) -> int:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker"]
     env = dict(os.environ, GRIDSERVER_SERVER_WORKERS="1")
     stopping = False
+    children: list[subprocess.Popen] = []
+    started: list[float] = []
+    quick_deaths = 0
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
@@ -7163,24 +7378,46 @@ def _workers(cfg: Config, argv: list[str]) -> int:
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-    children = [subprocess.Popen(cmd, env=env) for _ in range(n)]
+
+    def listening() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((cfg.get("server", "host"), port), timeout=1):
+            return True
+        return False
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
+    for i in range(n):
+        if stopping:
+            break
+        children.append(subprocess.Popen(cmd, env=env))
+        started.append(time.monotonic())
+        while i == 0 and not stopping and children[0].poll() is None and not listening():
+            time.sleep(0.1)  # the first node alone until it listens
     log.info("gridserver: %d nodes on port %d (pids %s)", n, port, ", ".join(str(c.pid) for c in children))
+    code = 0
     while not stopping:
         time.sleep(0.2)
         for i, child in enumerate(children):
-            if child.poll() is not None and not stopping:
-                log.error("gridserver: node pid %d ended with %s; starting another", child.pid, child.returncode)
-                time.sleep(1.0)
+            if child.poll() is None or stopping:
+                continue
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started[i] < 5 else 0
+            if quick_deaths >= 3:
+                log.error("gridserver: nodes keep ending within seconds of their start (last: %s); stopping",
+                          child.returncode)
+                code = 1
+                stop(signal.SIGTERM, None)
+                break
+            log.error("gridserver: node pid %d ended with %s; starting another", child.pid, child.returncode)
+            time.sleep(1.0)
+            if not stopping:
                 children[i] = subprocess.Popen(cmd, env=env)
+                started[i] = time.monotonic()
     for child in children:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(cfg.get("server", "shutdown_timeout") + 10)
         if child.poll() is None:
             child.kill()
             child.wait()
-    return 0
+    return code
 
 
 def _run(main: Coroutine[Any, Any, int], factory: Callable[[], asyncio.AbstractEventLoop] | None) -> int:
