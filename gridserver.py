@@ -3893,6 +3893,8 @@ class Relay:
     """
 
     PREFIX = "gridserver."
+    #: intents kept for a player while it follows its zone to another node
+    MAX_WAITING = 32
 
     def __init__(self, cluster: Cluster, hub: Hub, world: World, metrics: Metrics, max_behind: int):
         self.cluster, self.hub, self.world, self.metrics = cluster, hub, world, metrics
@@ -3912,6 +3914,7 @@ class Relay:
         hub.moved = self._moved
         self._owners: dict[UUID, str | None] = {}  # each zone's owner as of the last round
         self._following: set[Connection] = set()
+        self._waiting: dict[Connection, list[dict]] = {}  # following players' intents, in order
         #: ``answer(op, message)``: this node's answer to another node's question (``ask_all``)
         self.answer: Callable[[str, dict], Awaitable[dict]] | None = None
 
@@ -4090,6 +4093,17 @@ class Relay:
         self._soon()
         return True
 
+    def intent(self, conn: Connection, data: dict) -> None:
+        """A player's intent for a zone of another node. While the player follows its zone to
+        a new node, intents wait (up to ``MAX_WAITING``) and go there after the subscribe;
+        while no node holds the zone, they are dropped."""
+        waiting = self._waiting.get(conn)
+        if waiting is not None:
+            if len(waiting) < self.MAX_WAITING:
+                waiting.append(data)
+        elif conn.routed is not None:
+            self.forward(conn, conn.routed, "intent", data)
+
     def _left(self, conn: Connection, zone_id: UUID, keep: bool) -> None:
         self.forward(conn, zone_id, "left", keep)
 
@@ -4125,6 +4139,7 @@ class Relay:
         no leave or join reaches the game. If no node takes the zone within two leases,
         ``zone_moved``."""
         self._following.add(conn)
+        self._waiting.setdefault(conn, [])
         conn.zone_id = None  # no tick of the old owner's from here on
         self.hub.spawn(self._follow(conn, zone_id, old))
 
@@ -4139,9 +4154,13 @@ class Relay:
                     if zone_id in self.world.zones and not self.world.zones[zone_id].leaving:
                         conn.routed = None
                         self.hub.subscribe(conn, zone_id)
+                        for data in self._waiting.pop(conn, []):
+                            self.hub.add_intent(conn, data)
                         return
                 elif owner is not None and (owner != old or time.monotonic() > started + self.cluster.lease):
                     self.forward(conn, zone_id, "sub")
+                    for data in self._waiting.pop(conn, []):  # after the subscribe, to the same node
+                        self.forward(conn, zone_id, "intent", data)
                     return
                 await asyncio.sleep(0.02)
             self.forward(conn, zone_id, "left", False)  # wherever it is held
@@ -4150,6 +4169,7 @@ class Relay:
                        "message": "The zone moved and no node has taken it up yet; subscribe again later."})
         finally:
             self._following.discard(conn)
+            self._waiting.pop(conn, None)
 
     def leave_all(self) -> None:
         """This node stops: its players' zones on other nodes hold them as dropped."""
@@ -6675,7 +6695,7 @@ def _handle_message(srv: Server, conn: Connection, text: str, max_size: int) -> 
             conn.error("bad_message", f"The field 'data' {problem}.")
             return
         if conn.routed is not None and srv.relay is not None:
-            srv.relay.forward(conn, conn.routed, "intent", data)  # dropped while no node holds the zone
+            srv.relay.intent(conn, data)
         else:
             srv.hub.add_intent(conn, data)
     elif kind == "subscribe":

@@ -317,3 +317,28 @@ class Stepper:
         world = sorted([str(e.id), e.x, e.y, e.width, e.height, dict(e.metadata)]
                        for e in self.fw.list_entities(zone_id))
         return {**full_state, "entities": world}
+
+
+class Census:
+    """Each tick of a zone creates one entity whose ``n`` is what ``framework.list_entities``
+    counted in the zone, plus one: a world read as every tick's input. The state lists every
+    ``n``: ``1, 2, ... count`` exactly when each tick read the world as it was. A tick replayed
+    against another world (an empty one) would write a 1 again. Settings: ``zones`` (number of
+    ``census-N`` zones, default 2)."""
+
+    def on_init(self, framework):
+        self.fw = framework
+        names = {z.name for z in framework.list_zones()}
+        for n in range(framework.setting("zones", 2, int)):
+            if f"census-{n}" not in names:
+                framework.create_zone(f"census-{n}", 64, 64, {"game": "census"})
+
+    def on_tick(self, zone_id, entities, intents, tick_number):
+        seen = len(self.fw.list_entities(zone_id))
+        n = seen + 1
+        ns = sorted(e.metadata["n"] for e in entities) + [n]
+        return TickResult(entity_creates=[EntityCreate(n % 64, n // 64 % 64, 0, 0, {"n": n})],
+                          broadcast_state={"count": len(ns), "ns": ns})
+
+    def get_player_state(self, zone_id, player_id, full_state):
+        return full_state

@@ -109,11 +109,11 @@ def world_schema():
 
 
 def node(processes, tmp_path, dsn: str, nats_url: str, zones: int = 4, port: int | None = None,
-         **settings) -> ServerProcess:
+         game: str = COUNTER, **settings) -> ServerProcess:
     env = {"CLUSTER_NATS_URL": nats_url, "CLUSTER_LEASE": LEASE, "TICK_INTERVAL": INTERVAL,
            "PERSISTENCE_INTERVAL": 0.3, **settings}
-    return start(processes, tmp_path, dsn, game=COUNTER, settings=env, port=port,
-                 game_settings={"zones": zones, "entities": 20, "size": 32})
+    game_settings = {"zones": zones, "entities": 20, "size": 32} if game == COUNTER else {"zones": zones}
+    return start(processes, tmp_path, dsn, game=game, settings=env, port=port, game_settings=game_settings)
 
 
 async def cluster_view(http: aiohttp.ClientSession, proc: ServerProcess) -> dict:
@@ -271,16 +271,16 @@ class Watcher:
 
 async def test_zones_spread_over_three_nodes_each_ticked_by_exactly_one(world_schema, nats, tmp_path, http,
                                                                         processes):
-    a = node(processes, tmp_path, world_schema, nats.url, zones=6)
+    a = node(processes, tmp_path, world_schema, nats.url, zones=4)
     await a.ready(http)
-    b = node(processes, tmp_path, world_schema, nats.url, zones=6)
-    c = node(processes, tmp_path, world_schema, nats.url, zones=6)
+    b = node(processes, tmp_path, world_schema, nats.url, zones=4)
+    c = node(processes, tmp_path, world_schema, nats.url, zones=4)
     await b.ready(http)
     await c.ready(http)
-    view = await settled(http, a, nodes=3, zones=6)
+    view = await settled(http, a, nodes=3, zones=4)  # 4 zones on 3 nodes: 2, 1, 1
     names = {await node_name(http, p) for p in (a, b, c)}
     assert {n["name"] for n in view["nodes"]} == names
-    assert {n["zones"] for n in view["nodes"]} == {2}
+    assert sorted(n["zones"] for n in view["nodes"]) == [1, 1, 2]
     # every node sees the same placement (each as of its last round)
     placement = {z["zone_id"]: z["node"] for z in view["zones"]}
     for p in (b, c):
@@ -291,6 +291,15 @@ async def test_zones_spread_over_three_nodes_each_ticked_by_exactly_one(world_sc
     token = (await Client(b.url, http).player())["token"]
     listed = await Client(b.url, http).zones(token)
     assert sorted(z["id"] for z in listed.values()) == sorted(z["zone_id"] for z in view["zones"])
+    # a zone created on c ticks on c at once, and a player on a plays it
+    status, created = await Client(c.url, http).call("POST", "/api/zones", token,
+                                                     {"name": "made-on-c", "width": 8, "height": 8})
+    assert status == 201, created
+    assert await owner(http, c, created["id"]) == await node_name(http, c)
+    watcher = await Watcher(http, a, created["id"]).start()
+    await wait_for(lambda: len(watcher.ticks) >= 3, timeout=10, what="ticks of the new zone through a")
+    await watcher.close()
+    await settled(http, a, nodes=3, zones=5)
     # every zone advances: ticked somewhere, by one node only
     before = dict(pg_exec("SELECT name, tick_number FROM zones", dsn=world_schema))
     await asyncio.sleep(scaled(1.5))
@@ -495,6 +504,32 @@ def test_cluster_mode_needs_postgresql(tmp_path):
     proc = subprocess.run([gridserver_python(), gridserver.__file__], env=env, capture_output=True, text=True,
                           timeout=scaled(30), cwd=tmp_path)
     assert proc.returncode == 2 and "[server] workers" in proc.stderr and "nats_url" in proc.stderr
+    pg = dict(env, GRIDSERVER_DATABASE_DSN="postgresql://root@127.0.0.1:5432/test",
+              GRIDSERVER_CLUSTER_NATS_URL="nats://127.0.0.1:4222")
+    for extra, key in (({"GRIDSERVER_JOURNAL_MODE": "off", "GRIDSERVER_SERVER_WORKERS": "1"}, "[journal] mode"),
+                       ({"GRIDSERVER_CLUSTER_NODE_NAME": "n1"}, "[cluster] node_name")):
+        proc = subprocess.run([gridserver_python(), gridserver.__file__], env=dict(pg, **extra), capture_output=True,
+                              text=True, timeout=scaled(30), cwd=tmp_path)
+        assert proc.returncode == 2 and key in proc.stderr, proc.stderr
+
+
+async def all_renamed(url: str, names: set[str]) -> bool:
+    """Whether the cluster behind ``url`` is two live nodes, one of them not in ``names``."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        try:
+            async with s.get(url + "/healthz") as r:
+                names_now = {(await r.json())["node"]}
+        except aiohttp.ClientError:
+            return False
+        async with s.post(url + "/api/auth/register", json={"username": "u" + uuid.uuid4().hex[:10],
+                                                            "password": "correct horse"}) as r:
+            account = await r.json()
+        async with s.post(url + "/api/auth/login", json={"username": account["username"],
+                                                         "password": "correct horse"}) as r:
+            token = (await r.json())["token"]
+        async with s.get(url + "/api/debug/cluster", headers={"Authorization": f"Bearer {token}"}) as r:
+            alive = {n["name"] for n in (await r.json())["nodes"] if n["alive"]}
+    return len(alive) == 2 and bool(alive - names) and bool(names_now)
 
 
 def gridserver_python() -> str:
@@ -530,6 +565,11 @@ async def test_workers_run_nodes_on_one_port_and_stop_together(world_schema, nat
             proc = type("P", (), {"url": url})()
             view = await settled(http, proc, nodes=2, zones=4)
             assert {n["name"] for n in view["nodes"]} == names
+            # a node that dies is started again, and takes its share
+            pid = int(next(n for n in view["nodes"]).get("name").rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGKILL)
+            await wait_for(lambda: all_renamed(url, names), timeout=LEASE + 30, what="a new node in the dead one's place")
+            await settled(http, proc, nodes=2, zones=4, timeout=30)
             parent.send_signal(signal.SIGTERM)
             assert parent.wait(scaled(30)) == 0
             rows = pg_exec("SELECT count(*) FROM zones WHERE owner IS NOT NULL", dsn=world_schema)
@@ -683,3 +723,81 @@ async def test_debug_pause_step_resume_and_connections_act_on_every_node(world_s
                    what="ticks after the resume")
     await on_a.close()
     await on_b.close()
+
+
+async def test_a_zone_taken_over_is_replayed_against_its_own_world(world_schema, nats, tmp_path, http, processes):
+    """tests.fault_games:Census reads the zone through the framework every tick: the journal's
+    replay on the node taking a killed node's zone over must read the zone being replayed."""
+    census = "tests.fault_games:Census"
+    a = node(processes, tmp_path, world_schema, nats.url, zones=2, game=census, PERSISTENCE_INTERVAL=30)
+    await a.ready(http)
+    b = node(processes, tmp_path, world_schema, nats.url, zones=2, game=census, PERSISTENCE_INTERVAL=30)
+    await b.ready(http)
+    view = await settled(http, b, nodes=2, zones=2)
+    name_a = await node_name(http, a)
+    zone_id = next(z["zone_id"] for z in view["zones"] if z["node"] == name_a)
+    player = await Player(http, b).connect()  # through b: it keeps its socket when a dies
+    await player.send({"type": "subscribe", "zone_id": zone_id})
+    await wait_for(lambda: len(player.ticks(zone_id)) >= 20, timeout=10, what="ticks from a")
+    a.send(signal.SIGKILL)  # with flushes 30 s apart, b goes on from the journal alone
+    await a.wait_exit()
+    seen = len(player.of("tick"))
+    await wait_for(lambda: len(player.of("tick")) > seen + 5, timeout=LEASE + 10, what="ticks from b")
+    taken = [line for line in b.log_text().splitlines() if zone_id in line and "ticks here now" in line]
+    replayed = int(taken[-1].split("journaled tick(s) replayed")[0].rsplit("(", 1)[1].split()[0])
+    assert replayed >= 10, taken
+    for tick in player.of("tick"):
+        assert tick["state"]["ns"] == list(range(1, tick["state"]["count"] + 1)), tick["state"]
+    await player.close()
+    check_fencing(world_schema)
+
+
+async def test_players_of_a_killed_gateway_leave_their_zones_and_intents_never_drop_a_player_in_a_hand_over(
+        world_schema, nats, tmp_path, http, processes):
+    a = node(processes, tmp_path, world_schema, nats.url, zones=4, WEBSOCKET_RECONNECT_GRACE=1)
+    await a.ready(http)
+    view = await settled(http, a, nodes=1, zones=4)
+    zones = [z["zone_id"] for z in view["zones"]]
+    # players on a, each sending an intent every 20 ms, while a hands half its zones to b
+    busy = [await Watcher(http, a, z).start() for z in zones]
+    stop = asyncio.Event()
+
+    async def chatter(w: Watcher) -> None:
+        k = 0
+        while not stop.is_set() and w.closed is None:
+            k += 1
+            await w.ws.send_json({"type": "intent", "data": {"spawn": k}})
+            await asyncio.sleep(0.02)
+    chatting = [asyncio.ensure_future(chatter(w)) for w in busy]
+    b = node(processes, tmp_path, world_schema, nats.url, zones=4, WEBSOCKET_RECONNECT_GRACE=1)
+    await b.ready(http)
+    await settled(http, a, nodes=2, zones=4)
+    await wait_for(lambda: sum(len(w.subscribed) == 2 for w in busy) == 2, timeout=10,
+                   what="the players of two zones to follow them to b")
+    await asyncio.sleep(scaled(1))
+    stop.set()
+    await asyncio.gather(*chatting)
+    for w in busy:  # nobody dropped out of its zone: every one still gets ticks
+        assert not [e for e in w.errors if e["code"] != "rate_limited"], w.errors
+        n = len(w.ticks)
+        await wait_for(lambda: len(w.ticks) > n + 2, timeout=5, what="ticks after the hand-over")
+        await w.close()
+    # a player on b playing a zone of a, then b is killed: a lets the player go (grace 1 s)
+    name_a = await node_name(http, a)
+    zone_id = next(z["zone_id"] for z in (await cluster_view(http, a))["zones"] if z["node"] == name_a)
+    orphan = await Watcher(http, b, zone_id).start()
+    await wait_for(lambda: orphan.ticks, timeout=10, what="ticks through b")
+    token = (await Client(a.url, http).player())["token"]
+
+    async def subscribers() -> int:
+        status, body = await Client(a.url, http).call("GET", f"/api/zones/{zone_id}", token)
+        return body["subscriber_count"]
+    assert await subscribers() == 1
+    b.send(signal.SIGKILL)
+    await b.wait_exit()
+    await wait_for(lambda: subscribers_is(subscribers, 0), timeout=LEASE + 10,
+                   what="the dead node's player to leave the zone")
+
+
+async def subscribers_is(count, expected: int) -> bool:
+    return await count() == expected
