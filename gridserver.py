@@ -3213,8 +3213,9 @@ class Cluster:
             if claimed:
                 await self.wake_others()  # their players of these zones follow them here
             # Even out: a node holding two zones more than the emptiest live node gives some up.
-            surplus = (len(self.owned) - fewest) // 2 if fewest is not None else 0
-            if surplus > 0 and len(self.owned) > share - 1 and (self._handing is None or self._handing.done()):
+            # (not while zones are free: the nodes below their share are about to take them)
+            surplus = (len(self.owned) - fewest) // 2 if fewest is not None and not free else 0
+            if surplus > 0 and (self._handing is None or self._handing.done()):
                 give = set(sorted(self.owned)[:surplus])
                 self._handing = asyncio.ensure_future(self._give(give))
             if self.on_round is not None:
