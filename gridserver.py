@@ -3896,6 +3896,9 @@ class Relay:
     PREFIX = "gridserver."
     #: intents kept for a player while it follows its zone to another node
     MAX_WAITING = 32
+    #: seconds a gateway gathers intents for their owners before sending them (an intent waits
+    #: for its zone's next tick anyway; answers and control messages go at once)
+    BATCH_DELAY = 0.01
 
     def __init__(self, cluster: Cluster, hub: Hub, world: World, metrics: Metrics, max_behind: int):
         self.cluster, self.hub, self.world, self.metrics = cluster, hub, world, metrics
@@ -3904,9 +3907,11 @@ class Relay:
         self._out: dict[str, list[list]] = {}  # gateway -> items [kind, zone, players, frame]
         self._in: dict[str, list[list]] = {}  # owner -> its players' messages [op, zone, player, name, arg]
         self._flushing = False
+        self._later: asyncio.TimerHandle | None = None
         self._sends: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._loading: dict[UUID, list[tuple[str, list]]] = {}  # zone being taken over -> messages waiting
+        self._uuids: dict[str, UUID] = {}
         #: the entity and subscriber counts of zones ticking elsewhere, as their owners told
         #: (``share_counts``, every round), for ``GET /api/zones``
         self.counts: dict[UUID, tuple[int, int]] = {}
@@ -3953,13 +3958,26 @@ class Relay:
     def _publish(self, to: str, message: dict) -> None:
         self._sends.put_nowait((self.PREFIX + to, json_dumps(message).encode("utf-8")))
 
-    def _soon(self) -> None:
-        if not self._flushing:
+    def _soon(self, later: bool = False) -> None:
+        """Publish what is queued at the end of this loop turn, or (``later``: intents, which
+        wait for the tick anyway) within ``BATCH_DELAY`` seconds, so that a busy gateway sends
+        each owner a few messages per tick rather than one per intent."""
+        if self._flushing:
+            return
+        if not later:
             self._flushing = True
+            if self._later is not None:
+                self._later.cancel()
+                self._later = None
             asyncio.get_running_loop().call_soon(self._flush)
+        elif self._later is None:
+            self._later = asyncio.get_running_loop().call_later(self.BATCH_DELAY, self._flush)
 
     def _flush(self) -> None:
         self._flushing = False
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         ins, self._in = self._in, {}
         for owner, ops in ins.items():
             self._sends.put_nowait((f"{self.PREFIX}owner.{owner}",
@@ -4036,9 +4054,18 @@ class Relay:
             except (ValueError, TypeError, KeyError) as exc:
                 log.warning("cluster: a message from %s could not be played: %s", node, exc)
 
+    def _uuid(self, text: str) -> UUID:
+        """``UUID(text)``, remembered (ids of zones and players come again every tick)."""
+        known = self._uuids.get(text)
+        if known is None:
+            if len(self._uuids) > 200_000:
+                self._uuids.clear()
+            known = self._uuids[text] = UUID(text)
+        return known
+
     def _play(self, node: str, item: list) -> None:
         op, zone, player, username, arg = item
-        zone_id, player_id = UUID(zone), UUID(player)
+        zone_id, player_id = self._uuid(zone), self._uuid(player)
         if zone_id in self._loading:
             self._loading[zone_id].append((node, item))
             return
@@ -4091,7 +4118,7 @@ class Relay:
             return False
         self._in.setdefault(owner, []).append(
             [op, str(zone_id), conn.player_text, conn.username if op == "sub" else None, arg])
-        self._soon()
+        self._soon(later=op == "intent")
         return True
 
     def intent(self, conn: Connection, data: dict) -> None:
@@ -4269,7 +4296,7 @@ class Relay:
         conns, max_behind = self.hub.by_text, self.max_behind
         for kind, zone, players, length in header:
             frame, at = data[at:at + length], at + length
-            zone_id = None if zone is None else UUID(zone)
+            zone_id = None if zone is None else self._uuid(zone)
             for p in players:
                 conn = conns.get(p)
                 if conn is None:
