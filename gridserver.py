@@ -75,6 +75,13 @@ threading lock.
   PostgreSQL goes through aiopg on the loop.
 * Recovery replays journaled ticks through the module in a worker thread at start-up,
   before the first tick (like ``on_init``).
+* Cluster mode: the zone directory's rounds, the relay and the NATS client (nats-py is
+  asyncio) run on the event loop and write only the directory, the relay's queues and the
+  hub's stand-ins for players of other nodes. A zone taken over from another node is
+  loaded on the loop and replayed through the module in a worker thread, in a world of its
+  own (the module's reads see that world: ``_TICK.world``), while the other zones tick; a
+  hot reload waits for it. Game threads read the directory (``FrameworkAPI.list_zones``),
+  which the loop replaces whole, never changes in place.
 """
 
 from __future__ import annotations
