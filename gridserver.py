@@ -102,6 +102,7 @@ import ipaddress
 import itertools
 import logging
 import math
+import operator
 import os
 import queue
 import random
@@ -1049,11 +1050,16 @@ class SpatialIndex:
     hashes faster than a tuple. Pure and synchronous: the world calls it under its lock.
     """
 
-    __slots__ = ("_buckets", "_size")
+    __slots__ = ("_buckets", "_size", "_big")
 
     def __init__(self, bucket_size: int = BUCKET_SIZE):
         self._buckets: dict[int, set[Entity]] = {}
         self._size = bucket_size
+        self._big: set[Entity] = set()  # the entities larger than one cell
+
+    def cells_only(self) -> bool:
+        """Every entity in the index is a point or a single cell (none is wider or taller than 1)."""
+        return not self._big
 
     def _keys(self, x: int, y: int, w: int, h: int) -> list[int]:
         """The bucket keys of a rectangle (of its point when it has no area), clipped at 0.
@@ -1079,9 +1085,13 @@ class SpatialIndex:
             if bucket is None:
                 buckets[key] = bucket = set()
             bucket.add(e)
+        if e.width > 1 or e.height > 1:
+            self._big.add(e)
 
     def remove(self, e: Entity) -> None:
         self._remove_keys(e, self._keys(e.x, e.y, e.width, e.height))
+        if self._big:
+            self._big.discard(e)
 
     def _remove_keys(self, e: Entity, keys: list[int]) -> None:
         buckets = self._buckets
@@ -1116,6 +1126,10 @@ class SpatialIndex:
         _set_rect(e, x, y, w, h)
         if old != new:
             self.insert(e)
+        if w <= 1 and h <= 1:
+            self._big.discard(e)
+        else:
+            self._big.add(e)
 
     def move_many(self, es: list[Entity], xs: Sequence[int], ys: Sequence[int], cells: bool = False) -> None:
         """``move`` for many entities at once, sizes unchanged: ``es[i]`` goes to ``(xs[i], ys[i])``,
@@ -1139,10 +1153,13 @@ class SpatialIndex:
                 raise
             return
         s, buckets = self._size, self._buckets
-        across = [(e, (e.x // s) << 32 | (e.y // s), (x // s) << 32 | (y // s))
-                  for e, x, y in zip(es, xs, ys) if e.x // s != x // s or e.y // s != y // s]
+        if s & (s - 1):
+            across = [(e, x, y) for e, x, y in zip(es, xs, ys) if e.x // s != x // s or e.y // s != y // s]
+        else:  # a power of two: the same bucket when no bit worth s or more differs (nothing is at x < 0)
+            across = [(e, x, y) for e, x, y in zip(es, xs, ys) if (e.x ^ x) | (e.y ^ y) >= s]
+        keys = [(e, (e.x // s) << 32 | (e.y // s), (x // s) << 32 | (y // s)) for e, x, y in across]
         try:
-            for e, old_key, new_key in across:
+            for e, old_key, new_key in keys:
                 new_bucket = buckets.get(new_key)
                 if new_bucket is None:
                     buckets[new_key] = new_bucket = set()
@@ -1152,7 +1169,7 @@ class SpatialIndex:
                 if not old_bucket:
                     del buckets[old_key]
         except BaseException:
-            for e, old_key, new_key in across:  # the positions are still the old ones
+            for e, old_key, new_key in keys:  # the positions are still the old ones
                 buckets.setdefault(old_key, set()).add(e)
                 new_bucket = buckets.get(new_key)
                 if new_bucket is not None:
@@ -1321,7 +1338,7 @@ def _as_list(value: Any, what: str) -> list | tuple:
 #: ``array.array`` type codes whose items are ints.
 _INT_CODES = frozenset("bBhHiIlLqQ")
 _INT = frozenset({int})
-_WIDTH, _HEIGHT = (Entity.__dict__[n].__get__ for n in ("width", "height"))
+_WIDTH, _HEIGHT = operator.attrgetter("width"), operator.attrgetter("height")
 
 
 def _moves_columns(moves: Any) -> tuple[Sequence, Sequence, Sequence]:
@@ -1581,12 +1598,15 @@ class World:
                 es = list(entities.values())  # all of them, in the order on_tick had them: no lookups
             else:
                 es = list(map(entities.get, ids))
-            widest, tallest = max(map(_WIDTH, es)), max(map(_HEIGHT, es))
             moved = set(es)
-            fits = (len(moved) == len(es) and _all_ints(xs) and _all_ints(ys) and min(xs) >= 0 and min(ys) >= 0
-                    and max(xs) + widest <= width and max(ys) + tallest <= height
-                    and max(xs) < width and max(ys) < height)
-        except TypeError:  # an id that cannot be hashed, or one no entity has (None has no width)
+            # x + max(w, 1) <= width keeps an entity inside (a point too: x < width)
+            if zs.index.cells_only():
+                widest = tallest = 1
+            else:
+                widest, tallest = max(1, max(map(_WIDTH, es))), max(1, max(map(_HEIGHT, es)))
+            fits = (None not in moved and len(moved) == len(es) and _all_ints(xs) and _all_ints(ys)
+                    and min(xs) >= 0 and min(ys) >= 0 and max(xs) + widest <= width and max(ys) + tallest <= height)
+        except TypeError:  # an id that cannot be hashed (or, reading sizes, one no entity has)
             fits = False
         if not fits:
             es = self._check_moves_one_by_one(zs, ids, xs, ys, born)
