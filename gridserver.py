@@ -1591,23 +1591,23 @@ class World:
             return None
         entities = zs.entities
         width, height = zs.zone.width, zs.zone.height
-        es: list[Any] = []
-        moved: set[Any] = set()
+        es: list[Any]
         try:
             if len(ids) == len(entities) and list(entities) == ids:
                 es = list(entities.values())  # all of them, in the order on_tick had them: no lookups
             else:
                 es = list(map(entities.get, ids))
-            moved = set(es)
+        except TypeError:  # an id that cannot be hashed
+            es = [None]
+        moved = set(es)
+        fits = None not in moved and len(moved) == len(es) and _all_ints(xs) and _all_ints(ys)
+        if fits:
             # x + max(w, 1) <= width keeps an entity inside (a point too: x < width)
             if zs.index.cells_only():
                 widest = tallest = 1
             else:
                 widest, tallest = max(1, max(map(_WIDTH, es))), max(1, max(map(_HEIGHT, es)))
-            fits = (None not in moved and len(moved) == len(es) and _all_ints(xs) and _all_ints(ys)
-                    and min(xs) >= 0 and min(ys) >= 0 and max(xs) + widest <= width and max(ys) + tallest <= height)
-        except TypeError:  # an id that cannot be hashed (or, reading sizes, one no entity has)
-            fits = False
+            fits = min(xs) >= 0 and min(ys) >= 0 and max(xs) + widest <= width and max(ys) + tallest <= height
         if not fits:
             es = self._check_moves_one_by_one(zs, ids, xs, ys, born)
             moved = set(es)
