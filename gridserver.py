@@ -984,7 +984,9 @@ class GameLogicModule(Protocol):
     """What a game module implements.
 
     ``on_tick`` runs in the server's game thread, never on the event loop, so a slow module
-    cannot stall the network; it must not keep references to ``entities`` past the call.
+    cannot stall the network; it must not keep references to ``entities`` past the call. It
+    returns a ``TickResult`` (None changes nothing); a tick that moves many entities hands
+    their moves in as one ``EntityMoves`` (three lists) rather than an ``EntityUpdate`` each.
     Optional hooks: ``on_player_join(zone_id, player_id)`` and ``on_player_leave(zone_id,
     player_id)`` (each may return a ``TickResult``, applied with the tick's own; each join
     and leave is delivered exactly once, with a tick that succeeds), ``on_zone_deleted(zone_id)``

@@ -399,6 +399,14 @@ async def grid_walk(players_total: int, per_zone: int, fog: int, window: float, 
         db.drop()
 
 
+def machine_cpu() -> float:
+    """CPU seconds every process on the machine has used since boot (user, nice, system...)."""
+    with open("/proc/stat") as fh:
+        fields = fh.readline().split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu_rss(pid: int) -> tuple[float, int]:
     """CPU seconds (user + system) and resident bytes of a process, from /proc."""
     with open(f"/proc/{pid}/stat") as fh:
@@ -455,15 +463,18 @@ async def world(zones: int, per_zone: int, window: float, use_pg: bool) -> dict:
             await server.wait_ready(http, timeout=300)
             await asyncio.sleep(8)  # entities created and a first flush of all of them done
             m0 = await metrics(http, server)
+            busy0 = machine_cpu()
             t0 = time.monotonic()
             spy = profile(server, window)
             await asyncio.sleep(window)
             m1 = await metrics(http, server)
+            busy1 = machine_cpu()
             if spy:
                 spy.wait()
             elapsed = time.monotonic() - t0
 
         ticks = m1["gridserver_tick_number"] - m0["gridserver_tick_number"]
+        server_cpu = m1["gridserver_process_cpu_seconds"] - m0["gridserver_process_cpu_seconds"]
         flushes = m1["gridserver_flushes_total"] - m0["gridserver_flushes_total"]
         rows = m1["gridserver_entities_flushed_total"] - m0["gridserver_entities_flushed_total"]
         row = summarize_server_only("world", m0, m1, elapsed)
@@ -477,6 +488,9 @@ async def world(zones: int, per_zone: int, window: float, use_pg: bool) -> dict:
             "flush_max_ms": _ms(hist_quantile(m0, m1, "gridserver_flush_duration_seconds", 1.0)),
             "overruns": int(m1["gridserver_tick_overruns_total"] - m0["gridserver_tick_overruns_total"]),
             "database": "PostgreSQL" if use_pg else "SQLite",
+            # what the rest of the machine (PostgreSQL included) used meanwhile: on a shared
+            # machine, other work takes the cores the server's threads wait for
+            "other_cpu_s_per_s": round((busy1 - busy0 - server_cpu) / elapsed, 3),
         })
         return row
     finally:
