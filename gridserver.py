@@ -1524,9 +1524,9 @@ class World:
         """Check a zone's whole ``TickResult`` against the zone; raise ``TickRejected`` naming
         the first offending change. Returns normalized (creates, updates, moves, deletes).
 
-        Changes are checked in the order they are applied: creates, then updates, then moves,
-        then deletes; an update may touch an entity created in the same result, a move may
-        not (nor one that an update or a delete of the result touches).
+        Changes are checked creates, then updates, then moves, then deletes; an update may
+        touch an entity created in the same result, a move may not, nor one that an update or
+        a delete of the result touches (so the moves, applied last, need no undo).
         """
         if result is None:
             return [], [], None, []
