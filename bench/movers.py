@@ -2,16 +2,17 @@
 
 Used by ``bench/run.py --scenario world``. Settings (section ``[bench.movers]``, or
 ``GRIDSERVER_BENCH_MOVERS_<KEY>``): ``zones`` (created at start when missing), ``entities``
-per zone, ``size`` of each zone.
+per zone, ``size`` of each zone, ``bulk`` (1: the moves go in one ``EntityMoves``; 0: one
+``EntityUpdate`` per entity, the form before ``EntityMoves`` existed).
 """
 
 from __future__ import annotations
 
 import random
 
-from gridserver import EntityCreate, EntityUpdate, TickResult
+from gridserver import EntityCreate, EntityMoves, EntityUpdate, TickResult
 
-_cfg = {"zones": 1000, "entities": 100, "size": 64}
+_cfg = {"zones": 1000, "entities": 100, "size": 64, "bulk": 1}
 _rng = random.Random(1)
 _fw = None
 _STEPS = [(1, 0), (-1, 0), (0, 1), (0, -1)]
@@ -34,7 +35,7 @@ def on_tick(zone_id, entities, intents, tick_number):
             EntityCreate(_rng.randrange(size), _rng.randrange(size), 1, 1, {"n": i})
             for i in range(_cfg["entities"])])
     rand = _rng.random
-    updates = []
+    xs, ys = [], []
     for e in entities:
         dx, dy = _STEPS[int(rand() * 4)]
         x, y = e.x + dx, e.y + dy
@@ -42,8 +43,13 @@ def on_tick(zone_id, entities, intents, tick_number):
             x = e.x - dx
         if not 0 <= y < size:
             y = e.y - dy
-        updates.append(EntityUpdate(e.id, x, y))
-    return TickResult(entity_updates=updates, broadcast_state={"tick": tick_number})
+        xs.append(x)
+        ys.append(y)
+    if not _cfg["bulk"]:
+        updates = [EntityUpdate(e.id, x, y) for e, x, y in zip(entities, xs, ys)]
+        return TickResult(entity_updates=updates, broadcast_state={"tick": tick_number})
+    moves = EntityMoves([e.id for e in entities], xs, ys)
+    return TickResult(entity_moves=moves, broadcast_state={"tick": tick_number})
 
 
 def get_player_state(zone_id, player_id, full_state):

@@ -33,6 +33,9 @@ RESULTS = os.path.join(HERE, "results")
 JOURNAL_MODE = "replay"
 #: [server] event_loop of the servers started (``--event-loop``).
 EVENT_LOOP = "asyncio"
+#: How ``bench/movers.py`` hands in its moves in the world scenario (``--moves``): "bulk"
+#: (one ``EntityMoves`` per zone) or "updates" (one ``EntityUpdate`` per entity).
+MOVES = "bulk"
 PG_DSN = os.environ.get("GRIDSERVER_BENCH_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
 HOST = "127.0.0.1"
 
@@ -396,6 +399,14 @@ async def grid_walk(players_total: int, per_zone: int, fog: int, window: float, 
         db.drop()
 
 
+def machine_cpu() -> float:
+    """CPU seconds every process on the machine has used since boot (user, nice, system...)."""
+    with open("/proc/stat") as fh:
+        fields = fh.readline().split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu_rss(pid: int) -> tuple[float, int]:
     """CPU seconds (user + system) and resident bytes of a process, from /proc."""
     with open(f"/proc/{pid}/stat") as fh:
@@ -445,21 +456,25 @@ async def world(zones: int, per_zone: int, window: float, use_pg: bool) -> dict:
     server = ServerProcess(db.dsn, {"GRIDSERVER_GAME_MODULE": "bench.movers",
                                     "GRIDSERVER_BENCH_MOVERS_ZONES": str(zones),
                                     "GRIDSERVER_BENCH_MOVERS_ENTITIES": str(per_zone),
+                                    "GRIDSERVER_BENCH_MOVERS_BULK": "1" if MOVES == "bulk" else "0",
                                     "GRIDSERVER_TICK_ZONE_TIMEOUT": "5"})
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
             await server.wait_ready(http, timeout=300)
             await asyncio.sleep(8)  # entities created and a first flush of all of them done
             m0 = await metrics(http, server)
+            busy0 = machine_cpu()
             t0 = time.monotonic()
             spy = profile(server, window)
             await asyncio.sleep(window)
             m1 = await metrics(http, server)
+            busy1 = machine_cpu()
             if spy:
                 spy.wait()
             elapsed = time.monotonic() - t0
 
         ticks = m1["gridserver_tick_number"] - m0["gridserver_tick_number"]
+        server_cpu = m1["gridserver_process_cpu_seconds"] - m0["gridserver_process_cpu_seconds"]
         flushes = m1["gridserver_flushes_total"] - m0["gridserver_flushes_total"]
         rows = m1["gridserver_entities_flushed_total"] - m0["gridserver_entities_flushed_total"]
         row = summarize_server_only("world", m0, m1, elapsed)
@@ -473,6 +488,9 @@ async def world(zones: int, per_zone: int, window: float, use_pg: bool) -> dict:
             "flush_max_ms": _ms(hist_quantile(m0, m1, "gridserver_flush_duration_seconds", 1.0)),
             "overruns": int(m1["gridserver_tick_overruns_total"] - m0["gridserver_tick_overruns_total"]),
             "database": "PostgreSQL" if use_pg else "SQLite",
+            # what the rest of the machine (PostgreSQL included) used meanwhile: on a shared
+            # machine, other work takes the cores the server's threads wait for
+            "other_cpu_s_per_s": round((busy1 - busy0 - server_cpu) / elapsed, 3),
         })
         return row
     finally:
@@ -566,10 +584,13 @@ async def main() -> int:
     parser.add_argument("--event-loop", choices=["asyncio", "uvloop", "auto", "both"], default="asyncio",
                         help="[server] event_loop of the server; both: grid-walk and world run twice, asyncio then "
                              "uvloop (pip install -e '.[fast]'), so what uvloop saves is measured in one run")
+    parser.add_argument("--moves", choices=["bulk", "updates", "both"], default="bulk",
+                        help="world: how the movers hand in their moves (one EntityMoves per zone, or one "
+                             "EntityUpdate per entity); both: world runs twice, updates then bulk, in one run")
     parser.add_argument("--knee", action="store_true",
                         help="grid-walk: past the last count, add 2,500 players a run until a target breaks")
     args = parser.parse_args()
-    global PROFILE_DIR, RESULTS, JOURNAL_MODE, EVENT_LOOP
+    global PROFILE_DIR, RESULTS, JOURNAL_MODE, EVENT_LOOP, MOVES
     PROFILE_DIR = args.profile
     RESULTS = args.out or RESULTS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -584,12 +605,14 @@ async def main() -> int:
     for scenario in scenarios:
         rows = []
         twice = scenario in ("grid-walk", "grid-walk-fog", "world")
+        forms = (["updates", "bulk"] if args.moves == "both" else [args.moves]) if scenario == "world" else [MOVES]
         for mode in modes if twice else [modes[-1]]:
             for loop in loops if twice else [loops[-1]]:
-                JOURNAL_MODE, EVENT_LOOP = mode, loop
-                code = await _run_scenario(scenario, args, window, use_pg, rows)
-                if code is not None:
-                    return code
+                for moves in forms:
+                    JOURNAL_MODE, EVENT_LOOP, MOVES = mode, loop, moves
+                    code = await _run_scenario(scenario, args, window, use_pg, rows)
+                    if code is not None:
+                        return code
         if scenario != "queries":
             save(scenario, rows)
     return 0
@@ -613,7 +636,7 @@ async def _run_scenario(scenario: str, args: argparse.Namespace, window: float, 
     elif scenario == "world":
         zones, per_zone = (20, 50) if args.quick else (1000, 100)
         row = await world(zones, per_zone, window if not args.quick else 4.0, use_pg)
-        row["journal"], row["loop"] = JOURNAL_MODE, EVENT_LOOP
+        row["journal"], row["loop"], row["moves"] = JOURNAL_MODE, EVENT_LOOP, MOVES
         print("world: " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("scenario", "clients", "alive")),
               flush=True)
         rows.append(row)

@@ -1,6 +1,7 @@
 """The journal's time line against a known sequence, on SQLite and PostgreSQL: the history
 of a zone's inputs, a rewind to an earlier tick, and ``gridserver replay`` printing the
-ticks again from the database (``tests.fault_games:Stepper``, a deterministic game).
+ticks again from the database (``tests.fault_games:Stepper``, a deterministic game, and
+``BulkStepper``, the same game moving its entities in one ``EntityMoves``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
 
+import fault_games
 import gridserver
-from fault_games import Stepper
 from helpers import ROOT, make_config, scaled, stop_server, wait_for
 
 
@@ -21,9 +23,11 @@ def entities_of(body: list) -> list:
     return sorted([e["id"], e["x"], e["y"], e["width"], e["height"], e["metadata"]] for e in body)
 
 
-async def test_history_rewind_and_replay_of_a_known_sequence(start_server, dsn):
+@pytest.mark.parametrize("game", ["Stepper", "BulkStepper"])
+async def test_history_rewind_and_replay_of_a_known_sequence(start_server, dsn, game):
+    """``BulkStepper`` is ``Stepper`` moving its entities in one ``EntityMoves``."""
     cfg = make_config(dsn, server_debug=True, tick_paused=True, journal_keep=8, persistence_interval=0.05)
-    running = await start_server(cfg, Stepper())
+    running = await start_server(cfg, getattr(fault_games, game)())
     srv = running.srv
     p = await running.player()
     token = p["token"]
@@ -118,7 +122,7 @@ async def test_history_rewind_and_replay_of_a_known_sequence(start_server, dsn):
     # gridserver replay: the kept ticks up to the rewind point and the tick after it, printed
     # again from the database.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSERVER_")}
-    env.update(GRIDSERVER_DATABASE_DSN=dsn, GRIDSERVER_GAME_MODULE="tests.fault_games:Stepper",
+    env.update(GRIDSERVER_DATABASE_DSN=dsn, GRIDSERVER_GAME_MODULE=f"tests.fault_games:{game}",
                GRIDSERVER_DEBUG_LOG_LEVEL="warning")
     lo = max(kept[0] + 1, target - 4)
     done = subprocess.run([sys.executable, os.path.join(ROOT, "gridserver.py"), "replay", "--zone", zone["id"],
@@ -181,7 +185,7 @@ async def test_with_debug_on_a_module_that_is_not_deterministic_is_named(start_s
 
     # a deterministic module run the same way is never named
     cfg = make_config(f"sqlite:///{tmp_path / 'db2'}", server_debug=True, journal_verify_every=1)
-    steady = await start_server(cfg, Stepper())
+    steady = await start_server(cfg, fault_games.Stepper())
     q = await steady.player()
     zone = await steady.zone(q["token"], width=20, height=4)
     ws = await steady.http.ws_connect(steady.ws_url(q["token"]))
@@ -199,7 +203,7 @@ async def test_with_debug_on_a_module_that_is_not_deterministic_is_named(start_s
 async def test_tick_numbers_beyond_a_database_integer_are_bad_requests(start_server, dsn):
     """Found by tests/test_fuzz.py: a rewind to tick -10**30, or a history from it, reached the
     database driver, which cannot bind such an integer (500 internal_error)."""
-    running = await start_server(make_config(dsn, server_debug=True), Stepper())
+    running = await start_server(make_config(dsn, server_debug=True), fault_games.Stepper())
     p = await running.player()
     zone = await running.zone(p["token"], width=20, height=4)
     huge = 10 ** 30
