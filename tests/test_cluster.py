@@ -141,6 +141,21 @@ async def settled(http, proc: ServerProcess, nodes: int, zones: int, timeout: fl
     return view
 
 
+async def pair(http, processes, tmp_path, world_schema: str, nats_url: str, a_dsn: str | None = None,
+               **settings) -> tuple[ServerProcess, ServerProcess, list[str]]:
+    """Nodes a (started first, on ``a_dsn`` if given) and b sharing 4 zones evenly: (a, b, the
+    zones ticking on a)."""
+    a = node(processes, tmp_path, a_dsn or world_schema, nats_url, **settings)
+    await a.ready(http)
+    b = node(processes, tmp_path, world_schema, nats_url)
+    await b.ready(http)
+    await settled(http, b, nodes=2, zones=4)
+    name_a = await node_name(http, a)
+    on_a = [z for z in (await zone_ids(http, b)).values() if await owner(http, b, z) == name_a]
+    assert on_a
+    return a, b, on_a
+
+
 def check_fencing(dsn: str) -> dict:
     """No zone written by an older owner after a newer one; each zone's journal contiguous."""
     writes = pg_exec("SELECT zone_id, epoch FROM audit ORDER BY n", dsn=dsn)
@@ -313,15 +328,7 @@ async def test_zones_spread_over_three_nodes_each_ticked_by_exactly_one(world_sc
 
 async def test_sigkill_of_an_owner_its_zones_tick_again_elsewhere_from_the_last_tick_seen(
         world_schema, nats, tmp_path, http, processes):
-    a = node(processes, tmp_path, world_schema, nats.url)
-    await a.ready(http)
-    b = node(processes, tmp_path, world_schema, nats.url)
-    await b.ready(http)
-    await settled(http, b, nodes=2, zones=4)
-    name_a = await node_name(http, a)
-    ids = await zone_ids(http, b)
-    on_a = [z for z in ids.values() if await owner(http, b, z) == name_a]
-    assert on_a
+    a, b, on_a = await pair(http, processes, tmp_path, world_schema, nats.url)
     watcher = await Watcher(http, a, on_a[0]).start()
     remote = await Watcher(http, b, on_a[0]).start()  # the same zone, played through b
     await wait_for(lambda: len(watcher.ticks) >= 10 and len(remote.ticks) >= 10, timeout=10,
@@ -355,13 +362,7 @@ async def test_sigkill_of_an_owner_its_zones_tick_again_elsewhere_from_the_last_
 
 async def test_sigterm_hands_every_zone_over_with_no_tick_lost_or_repeated(world_schema, nats, tmp_path, http,
                                                                            processes):
-    a = node(processes, tmp_path, world_schema, nats.url)
-    await a.ready(http)
-    b = node(processes, tmp_path, world_schema, nats.url)
-    await b.ready(http)
-    await settled(http, b, nodes=2, zones=4)
-    name_a = await node_name(http, a)
-    on_a = [z for z in (await zone_ids(http, b)).values() if await owner(http, b, z) == name_a]
+    a, b, on_a = await pair(http, processes, tmp_path, world_schema, nats.url)
     watcher = await Watcher(http, a, on_a[0]).start()
     remote = await Watcher(http, b, on_a[0]).start()  # the same zone, played through b
     await wait_for(lambda: len(watcher.ticks) >= 5 and len(remote.ticks) >= 5, timeout=10, what="ticks")
@@ -422,13 +423,7 @@ async def test_a_joining_node_takes_its_share_without_a_tick_missed(world_schema
 
 async def test_a_node_paused_past_its_lease_is_fenced_and_the_world_converges(world_schema, nats, tmp_path, http,
                                                                               processes):
-    a = node(processes, tmp_path, world_schema, nats.url)
-    await a.ready(http)
-    b = node(processes, tmp_path, world_schema, nats.url)
-    await b.ready(http)
-    await settled(http, b, nodes=2, zones=4)
-    name_a = await node_name(http, a)
-    on_a = [z for z in (await zone_ids(http, b)).values() if await owner(http, b, z) == name_a]
+    a, b, on_a = await pair(http, processes, tmp_path, world_schema, nats.url)
     watcher = await Watcher(http, a, on_a[0]).start()
     await wait_for(lambda: len(watcher.ticks) >= 5, timeout=10, what="ticks")
     a.send(signal.SIGSTOP)
@@ -454,13 +449,7 @@ async def test_a_node_cut_from_postgresql_stops_ticking_and_never_writes_over_th
     proxy = await tcp_proxy()
     a_dsn = world_schema.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     assert a_dsn != world_schema
-    a = node(processes, tmp_path, a_dsn, nats.url, DATABASE_TIMEOUT=1)
-    await a.ready(http)
-    b = node(processes, tmp_path, world_schema, nats.url)
-    await b.ready(http)
-    await settled(http, b, nodes=2, zones=4)
-    name_a = await node_name(http, a)
-    on_a = [z for z in (await zone_ids(http, b)).values() if await owner(http, b, z) == name_a]
+    a, b, on_a = await pair(http, processes, tmp_path, world_schema, nats.url, a_dsn=a_dsn, DATABASE_TIMEOUT=1)
     watcher = await Watcher(http, a, on_a[0]).start()
     await wait_for(lambda: len(watcher.ticks) >= 5, timeout=10, what="ticks")
     proxy.cut()
