@@ -383,6 +383,7 @@ def plot(results: str, out: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     def rows(name: str) -> tuple[list[dict], dict]:
         path = os.path.join(results, f"{name}.json")
@@ -408,6 +409,8 @@ def plot(results: str, out: str) -> str:
                             label=label if style == "-" else None)
         if log:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         if keys[0][0] == "server_cpu_s_per_s":
             ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_title(title, fontsize=10)
