@@ -4,7 +4,11 @@ Starts a real server process (``python gridserver.py``) per scenario, drives it 
 load-driver processes (``bench/driver.py``) over real sockets on 127.0.0.1, prints one
 table row per run and writes the rows to ``bench/results/<scenario>.json``. Every process
 it starts is stopped before it exits. Scenarios: grid-walk, grid-walk-fog, world, logins,
-queries (``bench/bench_queries.py``), baseline (the thinnest Python fan-out, for comparison).
+queries (``bench/bench_queries.py``), baseline (the thinnest Python fan-out, for comparison;
+after grid-walk, at the counts grid-walk ran), memory (grid-walk and the baseline at two
+counts, the server's RSS read from /proc; ``--soak MINUTES`` plays the last count that long).
+``--plot FILE.png`` draws the grid-walk and baseline rows into a picture (matplotlib, the
+``[bench]`` extra).
 
 PostgreSQL is used when ``GRIDSERVER_BENCH_PG_DSN`` (default
 ``postgresql://root@127.0.0.1:5432/test``) answers; each run gets a fresh schema.
