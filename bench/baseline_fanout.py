@@ -4,7 +4,9 @@ One asyncio process, no auth, no database, no game logic: it accepts WebSocket u
 answers ``subscribe`` with ``subscribed``, reads and drops intents (one JSON parse each, as
 any server must), and once a second writes one pre-serialized tick frame per zone to each
 of the zone's subscribers, with a state of the same size as the example game's. Run by
-``bench/run.py --scenario baseline``; ``python bench/baseline_fanout.py PORT`` by hand.
+``bench/run.py --scenario baseline``; ``python bench/baseline_fanout.py PORT [PER_ZONE
+[STARTS_FILE]]`` by hand. With ``STARTS_FILE``, each tick's number and start (seconds since the
+epoch) are appended to it, one line a tick, for latency measured from the tick's start.
 """
 
 from __future__ import annotations
@@ -91,9 +93,10 @@ class Conn(asyncio.Protocol):
 
 
 class Hub:
-    def __init__(self, per_zone: int):
+    def __init__(self, per_zone: int, starts=None):
         self.zones: dict[str, set[Conn]] = {}
         self.state = json.dumps(fake_state(per_zone), separators=(",", ":"))
+        self.starts = starts
 
     async def ticks(self, interval: float = 1.0):
         n = 0
@@ -101,6 +104,9 @@ class Hub:
         while True:
             n += 1
             await asyncio.sleep(max(0.0, start + n * interval - time.monotonic()))
+            if self.starts is not None:
+                self.starts.write(f"{n} {time.time():.6f}\n")
+                self.starts.flush()
             for zone_id, conns in self.zones.items():
                 data = frame((f'{{"type":"tick","zone_id":"{zone_id}","tick_number":{n},'
                               f'"sent_at":{time.time():.6f},"state":{self.state}}}').encode())
@@ -109,8 +115,8 @@ class Hub:
             self.tick_number = n
 
 
-async def main(port: int, per_zone: int) -> None:
-    hub = Hub(per_zone)
+async def main(port: int, per_zone: int, starts_file: str | None = None) -> None:
+    hub = Hub(per_zone, open(starts_file, "a") if starts_file else None)
     hub.tick_number = 0
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Conn(hub), "127.0.0.1", port, backlog=4096)
@@ -121,4 +127,5 @@ async def main(port: int, per_zone: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 50))
+    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 50,
+                     sys.argv[3] if len(sys.argv) > 3 else None))

@@ -129,11 +129,11 @@ def summarize(name: str, m0s: list[dict], m1s: list[dict], window: float, result
     received = expected = 0
     latencies: list[float] = []
     for r in results:
-        for ticks in r["ticks"]:
-            numbers = [t for t, _ in ticks]
+        for ticks in r["ticks"]:  # [tick number, latency from sent_at, receipt time]
+            numbers = [t[0] for t in ticks]
             received += len(set(numbers))
             expected += (max(numbers) - min(numbers) + 1) if numbers else int(window / interval)
-            latencies += [lat for _, lat in ticks]
+            latencies += [t[1] for t in ticks]
     cpu = sum(m1["gridserver_process_cpu_seconds"] - m0["gridserver_process_cpu_seconds"]
               for m0, m1 in zip(m0s, m1s)) / window
     ticks_per_s = 1.0 / interval

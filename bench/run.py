@@ -4,7 +4,11 @@ Starts a real server process (``python gridserver.py``) per scenario, drives it 
 load-driver processes (``bench/driver.py``) over real sockets on 127.0.0.1, prints one
 table row per run and writes the rows to ``bench/results/<scenario>.json``. Every process
 it starts is stopped before it exits. Scenarios: grid-walk, grid-walk-fog, world, logins,
-queries (``bench/bench_queries.py``), baseline (the thinnest Python fan-out, for comparison).
+queries (``bench/bench_queries.py``), baseline (the thinnest Python fan-out, for comparison;
+after grid-walk, at the counts grid-walk ran), memory (grid-walk and the baseline at two
+counts, the server's RSS read from /proc; ``--soak MINUTES`` plays the last count that long).
+``--plot FILE.png`` draws the grid-walk and baseline rows into a picture (matplotlib, the
+``[bench]`` extra).
 
 PostgreSQL is used when ``GRIDSERVER_BENCH_PG_DSN`` (default
 ``postgresql://root@127.0.0.1:5432/test``) answers; each run gets a fresh schema.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import re
@@ -265,19 +270,30 @@ class Drivers:
             p.wait()
 
 
-def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict], extra: dict | None = None) -> dict:
+def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict], extra: dict | None = None,
+              starts: dict[tuple[str, int], float] | None = None, interval: float = 1.0) -> dict:
+    """A row from two scrapes and the drivers' results. ``starts`` maps (zone id, tick number) to
+    the tick's start (seconds since the epoch): latency is then also measured from it."""
     clients = sum(r["clients"] for r in results)
     alive = sum(r["alive"] for r in results)
     expected = m1["gridserver_tick_number"] - m0["gridserver_tick_number"]
-    latencies, received = [], 0
+    latencies, from_start, gaps, received = [], [], [], 0
+    starts = starts or {}
     first_tick = m0["gridserver_tick_number"] + 1
     last_tick = m1["gridserver_tick_number"]
     for r in results:
-        for ticks in r["ticks"]:
-            for tick, lat in ticks:
+        for zone, ticks in zip(r["zones"], r["ticks"]):
+            prev = None
+            for tick, lat, at in ticks:
                 if first_tick <= tick <= last_tick:
                     received += 1
                     latencies.append(lat)
+                    start = starts.get((zone, tick))
+                    if start is not None:
+                        from_start.append(at - start)
+                    if prev is not None and prev[0] == tick - 1:
+                        gaps.append(abs(at - prev[1] - interval))  # jitter: off the tick interval
+                    prev = (tick, at)
     cpu = (m1["gridserver_process_cpu_seconds"] - m0["gridserver_process_cpu_seconds"]) / window
     driver_cpu = sum(r["cpu_seconds"] for r in results) / window
     ms = _ms
@@ -299,6 +315,9 @@ def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict],
         "zone_tick_sum_s_per_tick": round((m1.get("gridserver_zone_tick_seconds_sum", 0)
                                            - m0.get("gridserver_zone_tick_seconds_sum", 0)) / max(1.0, expected), 4),
         "latency_p50_ms": ms(percentile(latencies, 0.5)), "latency_p99_ms": ms(percentile(latencies, 0.99)),
+        "start_latency_p50_ms": ms(percentile(from_start, 0.5)),
+        "start_latency_p99_ms": ms(percentile(from_start, 0.99)),
+        "jitter_p50_ms": ms(percentile(gaps, 0.5)), "jitter_p99_ms": ms(percentile(gaps, 0.99)),
         "driver_cpu_s_per_s": round(driver_cpu, 3),
         "driver_cpu_max_process": round(max(r["cpu_seconds"] for r in results) / window, 3),
         "overruns": int(m1.get("gridserver_tick_overruns_total", 0) - m0.get("gridserver_tick_overruns_total", 0)),
@@ -313,9 +332,11 @@ def summarize(name: str, m0: dict, m1: dict, window: float, results: list[dict],
 COLUMNS = [("scenario", 16), ("journal", 7), ("loop", 7), ("clients", 7), ("alive", 6), ("ticks_received_pct", 7), ("server_cpu_s_per_s", 7),
            ("cpu_us_per_player_tick", 8), ("rss_mib", 7), ("lateness_p50_ms", 7), ("lateness_p99_ms", 7),
            ("work_p99_ms", 7), ("broadcast_p99_ms", 8), ("latency_p50_ms", 7), ("latency_p99_ms", 7),
-           ("driver_cpu_s_per_s", 7)]
+           ("start_latency_p50_ms", 7), ("start_latency_p99_ms", 7), ("jitter_p99_ms", 7), ("driver_cpu_s_per_s", 7)]
+#: lat: client latency from the frame's ``sent_at``; tlat: from the tick's start; jit99: how far
+#: apart a client's consecutive ticks arrive, off the tick interval (p99)
 HEADERS = ["scenario", "journal", "loop", "clients", "alive", "recv%", "cpu/s", "us/p/t", "RSS MiB", "late50", "late99",
-           "work99", "bcast99", "lat50", "lat99", "drvcpu"]
+           "work99", "bcast99", "lat50", "lat99", "tlat50", "tlat99", "jit99", "drvcpu"]
 
 
 def print_header() -> None:
@@ -335,6 +356,82 @@ def save(name: str, rows: list[dict]) -> None:
 def machine() -> dict:
     return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+# -- the picture -----------------------------------------------------------------------------
+
+#: What ``--plot`` draws, one panel each: (title, [(row key, line style)], log scale).
+PANELS = [
+    ("server CPU, s per s (1 = one core)", [("server_cpu_s_per_s", "-")], False),
+    ("tick start → client receipt, ms (p50 dashed, p99 solid)",
+     [("start_latency_p50_ms", "--"), ("start_latency_p99_ms", "-")], True),
+    ("jitter: arrival gap off 1 s, p99 ms (gridserver's tick lateness p99 dotted)",
+     [("jitter_p99_ms", "-"), ("lateness_p99_ms", ":")], True),
+    ("RSS, MiB", [("rss_mib", "-")], False),
+]
+
+
+def plot_series(walk: list[dict], base: list[dict]) -> dict[str, list[dict]]:
+    """The lines of the picture: grid-walk's rows without fog (one line per journal mode and
+    event loop, if the run had several) and the baseline's, each sorted by players."""
+    lines: dict[str, list[dict]] = {}
+    groups = sorted({(r.get("journal", "replay"), r.get("loop", "asyncio")) for r in walk if not r.get("fog_radius")})
+    for journal, loop in groups:
+        label = "gridserver" if len(groups) == 1 else f"gridserver (journal {journal}, {loop})"
+        lines[label] = sorted((r for r in walk if not r.get("fog_radius") and r.get("journal", "replay") == journal
+                               and r.get("loop", "asyncio") == loop), key=lambda r: r["clients"])
+    if base:
+        lines["baseline fan-out"] = sorted(base, key=lambda r: r["clients"])
+    return lines
+
+
+def plot(results: str, out: str) -> str:
+    """Draw ``grid-walk.json`` and ``baseline.json`` of ``results`` into the PNG ``out``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    def rows(name: str) -> tuple[list[dict], dict]:
+        path = os.path.join(results, f"{name}.json")
+        if not os.path.exists(path):
+            return [], {}
+        with open(path) as fh:
+            data = json.load(fh)
+        return data["rows"], data.get("machine", {})
+
+    walk, where = rows("grid-walk")
+    base, _ = rows("baseline")
+    lines = plot_series(walk, base)
+    if not lines:
+        raise SystemExit(f"nothing to draw: no grid-walk or baseline rows in {results}")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for ax, (title, keys, log) in zip(axes.flat, PANELS):
+        for i, (label, series) in enumerate(lines.items()):
+            color = f"C{i}"
+            for key, style in keys:
+                points = [(r["clients"], r[key]) for r in series if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, color=color, marker="o", markersize=4,
+                            label=label if style == "-" else None)
+        if log:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        if keys[0][0] == "server_cpu_s_per_s":
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("players")
+    axes.flat[0].legend(fontsize=9)
+    fig.suptitle("grid-walk (fog off, 50 players a zone, 1 s tick) beside the thinnest fan-out, one run"
+                 + (f" ({where.get('cpus')} CPUs, Python {where.get('python')}, {where.get('time', '')[:10]})"
+                    if where else ""), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 PROFILE_DIR: str | None = None
@@ -365,7 +462,7 @@ def meets_targets(row: dict) -> bool:
 # -- scenarios -----------------------------------------------------------------------------
 
 async def grid_walk(players_total: int, per_zone: int, fog: int, window: float, use_pg: bool,
-                    drivers: int) -> dict:
+                    drivers: int, soak: float = 0) -> dict:
     db = Database(use_pg)
     server = ServerProcess(db.dsn, {"GRIDSERVER_GAME_MODULES_WALKERS_FOG_RADIUS": str(fog),
                                     "GRIDSERVER_WEBSOCKET_HEARTBEAT": "30"})
@@ -380,18 +477,24 @@ async def grid_walk(players_total: int, per_zone: int, fog: int, window: float, 
             drv = Drivers(server.port, players, drivers)
             await drv.ready()
             await asyncio.sleep(3)  # joins processed, avatars spawned
-            m0 = await metrics(http, server)
-            t0 = time.monotonic()
-            spy = profile(server, window)
-            drv.go(window)
-            await asyncio.sleep(window)
-            m1 = await metrics(http, server)
-            results = await drv.results()
-            if spy:
-                spy.wait()
-            elapsed = time.monotonic() - t0
             name = "grid-walk-fog" if fog else "grid-walk"
-            return summarize(name, m0, m1, elapsed, results, {"zones": len(zones), "fog_radius": fog})
+
+            async def one_window(length: float, first: bool) -> dict:
+                m0 = await metrics(http, server)
+                t0 = time.monotonic()
+                spy = profile(server, length) if first else None
+                drv.go(length)
+                await asyncio.sleep(length)
+                m1 = await metrics(http, server)
+                results = await drv.results()
+                if spy:
+                    spy.wait()
+                elapsed = time.monotonic() - t0
+                starts = await journal_starts(http, server, players[0]["token"], results)
+                return summarize(name, m0, m1, elapsed, results, {"zones": len(zones), "fog_radius": fog,
+                                                                  "journal": JOURNAL_MODE, "loop": EVENT_LOOP}, starts)
+
+            return await play_windows(server.proc.pid, window, soak, one_window)
     finally:
         if drv:
             drv.stop()
@@ -407,6 +510,90 @@ def machine_cpu() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+async def journal_starts(http: aiohttp.ClientSession, server: ServerProcess, token: str,
+                         results: list[dict]) -> dict[tuple[str, int], float]:
+    """Each zone tick's start (seconds since the epoch) as the journal holds it: the ``at`` of
+    ``GET /api/debug/zones/{id}/history``, the time the tick's inputs were taken. Read after
+    the window, so the measurement is not disturbed; none with the journal off."""
+    if JOURNAL_MODE != "replay":
+        return {}
+    span: dict[str, tuple[int, int]] = {}
+    for r in results:
+        for zone, ticks in zip(r["zones"], r["ticks"]):
+            if ticks:
+                lo, hi = span.get(zone, (ticks[0][0], ticks[-1][0]))
+                span[zone] = (min(lo, ticks[0][0]), max(hi, ticks[-1][0]))
+    starts: dict[tuple[str, int], float] = {}
+    sem = asyncio.Semaphore(8)
+
+    async def one(zone: str, lo: int, hi: int) -> None:
+        async with sem, http.get(f"{server.url}/api/debug/zones/{zone}/history", params={"from": lo, "to": hi},
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+            body = await r.json()
+            if r.status != 200:
+                raise RuntimeError(f"history: {r.status} {body}")
+        for t in body["ticks"]:
+            starts[zone, t["tick_number"]] = datetime.datetime.fromisoformat(t["at"]).timestamp()
+
+    await asyncio.gather(*(one(zone, lo, hi) for zone, (lo, hi) in span.items()))
+    return starts
+
+
+class RssSampler:
+    """A process's resident size, read from /proc every ``every`` seconds until ``stop``."""
+
+    def __init__(self, pid: int, every: float = 5.0):
+        self.pid, self.every = pid, every
+        self.samples: list[tuple[float, int]] = []
+        self._task = asyncio.ensure_future(self._run())
+
+    def sample(self) -> None:
+        self.samples.append((time.time(), proc_cpu_rss(self.pid)[1]))
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.every)
+
+    def stop(self) -> dict:
+        self._task.cancel()
+        self.sample()
+        rss = [b for _, b in self.samples]
+        return {"rss_start_mib": _mib(rss[0]), "rss_end_mib": _mib(rss[-1]), "rss_max_mib": _mib(max(rss)),
+                "rss_samples": [[round(t - self.samples[0][0], 1), _mib(b)] for t, b in self.samples]}
+
+
+def _mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+#: What a soak keeps of each of its windows.
+SERIES = ["window_s", "ticks", "ticks_received_pct", "alive", "server_cpu_s_per_s", "rss_mib", "lateness_p99_ms",
+          "latency_p50_ms", "latency_p99_ms", "start_latency_p50_ms", "start_latency_p99_ms", "jitter_p99_ms"]
+
+
+async def play_windows(pid: int, window: float, soak: float, one_window) -> dict:
+    """One measured window; with ``soak`` (seconds), back-to-back windows of about a minute
+    through it instead. The server's RSS is read from /proc every 5 s throughout: its start is
+    once every player is connected and subscribed. The row is the last window's, with the
+    RSS figures and (soak) each window's main figures."""
+    count = max(2, round(soak / 60)) if soak else 1
+    length = soak / count if soak else window
+    sampler = RssSampler(pid)
+    series = []
+    try:
+        for i in range(count):
+            series.append(await one_window(length, i == 0))
+            if soak:
+                print_row(dict(series[-1], scenario=f"{series[-1]['scenario'][:11]} {i + 1}/{count}"))
+    finally:
+        rss = sampler.stop()
+    row = dict(series[-1], **rss)
+    if soak:
+        row.update({"soak_s": round(soak), "series": [{k: r.get(k) for k in SERIES} for r in series]})
+    return row
+
+
 def proc_cpu_rss(pid: int) -> tuple[float, int]:
     """CPU seconds (user + system) and resident bytes of a process, from /proc."""
     with open(f"/proc/{pid}/stat") as fh:
@@ -416,11 +603,12 @@ def proc_cpu_rss(pid: int) -> tuple[float, int]:
     return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def baseline(players_total: int, per_zone: int, window: float, drivers: int) -> dict:
+async def baseline(players_total: int, per_zone: int, window: float, drivers: int, soak: float = 0) -> dict:
     """The same workload against ``bench/baseline_fanout.py``: what the thinnest fan-out costs."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline_fanout.py"), str(port), str(per_zone)],
-                            stdout=subprocess.PIPE, text=True)
+    starts_file = os.path.join("/tmp", f"baseline-starts-{port}.txt")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline_fanout.py"), str(port), str(per_zone),
+                             starts_file], stdout=subprocess.PIPE, text=True)
     drv = None
     try:
         assert proc.stdout.readline().startswith("READY")
@@ -429,25 +617,35 @@ async def baseline(players_total: int, per_zone: int, window: float, drivers: in
         drv = Drivers(port, players, drivers)
         await drv.ready()
         await asyncio.sleep(2)
-        cpu0, _ = proc_cpu_rss(proc.pid)
-        t0 = time.monotonic()
-        drv.go(window)
-        await asyncio.sleep(window)
-        cpu1, rss = proc_cpu_rss(proc.pid)
-        elapsed = time.monotonic() - t0
-        results = await drv.results()
-        seen = [t for r in results for ticks in r["ticks"] for t, _ in ticks]
-        first, last = min(seen) + 1, min(seen) + round(elapsed)  # the ticks due in the window
-        zero = {"gridserver_intents_accepted_total": 0}
-        m0 = dict(zero, gridserver_tick_number=first - 1, gridserver_process_cpu_seconds=cpu0)
-        m1 = dict(zero, gridserver_tick_number=last, gridserver_process_cpu_seconds=cpu1,
-                  gridserver_process_resident_bytes=rss)
-        return summarize("baseline", m0, m1, elapsed, results, {"zones": len(zones)})
+
+        async def one_window(length: float, first: bool) -> dict:
+            cpu0, _ = proc_cpu_rss(proc.pid)
+            t0 = time.monotonic()
+            drv.go(length)
+            await asyncio.sleep(length)
+            cpu1, rss = proc_cpu_rss(proc.pid)
+            elapsed = time.monotonic() - t0
+            results = await drv.results()
+            seen = [t for r in results for ticks in r["ticks"] for t, _, _ in ticks]
+            first_tick, last_tick = min(seen) + 1, min(seen) + round(elapsed)  # the ticks due in the window
+            with open(starts_file) as fh:
+                started = dict(line.split() for line in fh)
+            starts = {(zone, n): float(started[str(n)]) for zone in zones
+                      for n in range(first_tick, last_tick + 1) if str(n) in started}
+            zero = {"gridserver_intents_accepted_total": 0}
+            m0 = dict(zero, gridserver_tick_number=first_tick - 1, gridserver_process_cpu_seconds=cpu0)
+            m1 = dict(zero, gridserver_tick_number=last_tick, gridserver_process_cpu_seconds=cpu1,
+                      gridserver_process_resident_bytes=rss)
+            return summarize("baseline", m0, m1, elapsed, results, {"zones": len(zones)}, starts)
+
+        return await play_windows(proc.pid, window, soak, one_window)
     finally:
         if drv:
             drv.stop()
         proc.kill()
         proc.wait()
+        if os.path.exists(starts_file):
+            os.remove(starts_file)
 
 
 async def world(zones: int, per_zone: int, window: float, use_pg: bool) -> dict:
@@ -589,15 +787,30 @@ async def main() -> int:
                              "EntityUpdate per entity); both: world runs twice, updates then bulk, in one run")
     parser.add_argument("--knee", action="store_true",
                         help="grid-walk: past the last count, add 2,500 players a run until a target breaks")
+    parser.add_argument("--soak", type=float, metavar="MINUTES",
+                        help="memory: the last count plays this long (gridserver, then the baseline), in windows "
+                             "of about a minute, its RSS read every 5 s")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="draw the grid-walk and baseline rows of the results (--out) into this PNG after "
+                             "the run (pip install -e '.[bench]')")
+    parser.add_argument("--no-run", action="store_true", help="run nothing: with --plot, draw the rows already there")
     args = parser.parse_args()
     global PROFILE_DIR, RESULTS, JOURNAL_MODE, EVENT_LOOP, MOVES
     PROFILE_DIR = args.profile
     RESULTS = args.out or RESULTS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.no_run:
+        if not args.plot:
+            parser.error("--no-run draws the rows already written: give --plot")
+        plot(RESULTS, args.plot)
+        return 0
+    if args.plot:
+        import matplotlib  # noqa: F401 - fail now, not after the run
     use_pg = not args.sqlite and pg_ok()
     window = args.window or (4.0 if args.quick else 30.0)
     scenarios = args.scenario or ["grid-walk", "grid-walk-fog", "world", "queries", "logins", "baseline"]
+    WALKED.clear()
     print(f"database: {'PostgreSQL' if use_pg else 'SQLite'}; window {window:.0f} s; {os.cpu_count()} CPUs")
     print_header()
     modes = ["off", "replay"] if args.journal == "both" else [args.journal]
@@ -615,7 +828,47 @@ async def main() -> int:
                         return code
         if scenario != "queries":
             save(scenario, rows)
+    if args.plot:
+        print(f"plot: {plot(RESULTS, args.plot)}")
     return 0
+
+
+#: The grid-walk counts (fog off) this run has measured: the baseline's, when it runs after.
+WALKED: list[int] = []
+
+
+async def memory(counts: list[int], soak: float, window: float, use_pg: bool, drivers: int) -> list[dict]:
+    """grid-walk (fog off) and the baseline at each count; the last count for ``soak`` seconds
+    if given. RSS per 1,000 players: the RSS's rise from the first count to the last, both
+    read once every player is connected and subscribed."""
+    rows: list[dict] = []
+    for i, n in enumerate(counts):
+        last = i == len(counts) - 1
+        for kind in ("gridserver", "baseline"):
+            if kind == "gridserver":
+                row = await grid_walk(n, 50 if n >= 50 else n, 0, window, use_pg, drivers, soak if last else 0)
+            else:
+                row = await baseline(n, 50 if n >= 50 else n, window, drivers, soak if last else 0)
+            row["server"] = kind
+            print_row(row)
+            rows.append(row)
+    summary: dict = {"scenario": "memory", "counts": counts, "soak_s": round(soak)}
+    for kind in ("gridserver", "baseline"):
+        mine = [r for r in rows if r["server"] == kind]
+        lo, hi = mine[0], mine[-1]
+        per_1000 = ((hi["rss_start_mib"] - lo["rss_start_mib"]) / (hi["clients"] - lo["clients"]) * 1000
+                    if hi["clients"] != lo["clients"] else None)
+        summary[kind] = {"rss_per_1000_players_mib": None if per_1000 is None else round(per_1000, 1),
+                         "rss_mib_at": {str(r["clients"]): r["rss_start_mib"] for r in mine},
+                         "last": {k: hi[k] for k in ("clients", "rss_start_mib", "rss_end_mib", "rss_max_mib")}}
+        at = ", ".join(f"{r['rss_start_mib']} MiB at {r['clients']:,}" for r in mine)
+        per = f"; {per_1000:.1f} MiB per 1,000 players" if per_1000 is not None else ""
+        span = round(soak) if soak else hi["window_s"]
+        line = (f"memory, {kind}: RSS {at} players{per}; at {hi['clients']:,} over {span} s: start "
+                f"{hi['rss_start_mib']}, end {hi['rss_end_mib']}, max {hi['rss_max_mib']} MiB")
+        print(line, flush=True)
+    rows.append(summary)
+    return rows
 
 
 async def _run_scenario(scenario: str, args: argparse.Namespace, window: float, use_pg: bool,
@@ -628,9 +881,10 @@ async def _run_scenario(scenario: str, args: argparse.Namespace, window: float, 
             n = counts.pop(0)
             row = await grid_walk(n, 50 if n >= 50 else n, 8 if scenario.endswith("fog") else 0, window,
                                   use_pg, 1 if args.quick else args.drivers)
-            row["journal"], row["loop"] = JOURNAL_MODE, EVENT_LOOP
             print_row(row)
             rows.append(row)
+            if scenario == "grid-walk" and n not in WALKED:
+                WALKED.append(n)
             if args.knee and not counts and meets_targets(row) and n + 2500 <= KNEE_LIMIT:
                 counts.append(n + 2500)
     elif scenario == "world":
@@ -651,10 +905,14 @@ async def _run_scenario(scenario: str, args: argparse.Namespace, window: float, 
         if code:
             return code
     elif scenario == "baseline":
-        for n in args.clients or ([40] if args.quick else [1000, 5000, 10000]):
+        # at the counts grid-walk ran in this run (--knee adds some), so each has its baseline beside it
+        for n in WALKED or args.clients or ([40] if args.quick else [1000, 5000, 10000]):
             row = await baseline(n, 50 if n >= 50 else n, window, 1 if args.quick else args.drivers)
             print_row(row)
             rows.append(row)
+    elif scenario == "memory":
+        rows.extend(await memory(args.clients or ([20, 40] if args.quick else [2000, 10000]),
+                                 60 * (args.soak or 0), window, use_pg, 1 if args.quick else args.drivers))
     else:
         print(f"unknown scenario {scenario}", file=sys.stderr)
         return 2

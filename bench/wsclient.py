@@ -28,7 +28,9 @@ def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 
 
 class WSClient(asyncio.Protocol):
-    """One player's socket. ``ticks`` maps tick_number -> latency in seconds."""
+    """One player's socket. ``ticks`` maps tick_number -> (latency from ``sent_at``, receipt time),
+    in seconds (the receipt time is the wall clock, as ``sent_at`` is: the server and the drivers
+    run on one machine)."""
 
     def __init__(self, host: str, port: int, token: str, record_from: list):
         self.request = (f"GET /ws?token={token} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
@@ -100,7 +102,8 @@ class WSClient(asyncio.Protocol):
                 if self.record_from[0] is not None:
                     m = _TICK.search(payload, 0, 200)
                     if m:
-                        self.ticks[int(m.group(1))] = time.time() - float(m.group(2))
+                        now = time.time()
+                        self.ticks[int(m.group(1))] = (now - float(m.group(2)), now)
             else:
                 self.control.put_nowait(json.loads(payload))
         elif opcode == 0x9:  # ping -> pong
