@@ -340,8 +340,12 @@ async def test_sigkill_of_an_owner_its_zones_tick_again_elsewhere_from_the_last_
     await wait_for(lambda: watcher.closed is not None, timeout=5, what="the socket to drop")
     # the zone ticks again on b within the lease and a few rounds
     await settled(http, b, nodes=1, zones=4, timeout=LEASE + 10)
+    # the dead node's player connects again, to b: its zone is resumed there
+    back = await Player(http, b).connect(watcher.token)
+    assert (await back.expect("subscribed", zone_id=on_a[0])).get("resumed") is True
     again = await Watcher(http, b, on_a[0]).start()
-    await wait_for(lambda: again.ticks, timeout=10, what="a tick from the new owner")
+    await wait_for(lambda: again.ticks and back.ticks(on_a[0]), timeout=10, what="ticks from the new owner")
+    assert back.ticks(on_a[0])[0] > last_seen
     first_tick = pg_exec(f"SELECT min(tick_number) FROM journal WHERE zone_id = '{on_a[0]}' AND epoch = "
                          f"(SELECT max(epoch) FROM journal WHERE zone_id = '{on_a[0]}')", dsn=world_schema)[0][0]
     assert first_tick is not None
@@ -357,6 +361,7 @@ async def test_sigkill_of_an_owner_its_zones_tick_again_elsewhere_from_the_last_
     assert after == list(range(after[0], after[0] + len(after)))
     await again.close()
     await remote.close()
+    await back.close()
     check_fencing(world_schema)
 
 
