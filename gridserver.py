@@ -2494,6 +2494,8 @@ _CLUSTER_SQL = {
             "FROM zones WHERE id = %s",
     "zone_entities": "SELECT id, zone_id, x, y, width, height, metadata, created_at, updated_at FROM entities "
                      "WHERE zone_id = %s",
+    "usernames_of": "SELECT id, username FROM players WHERE id IN "
+                    "(SELECT value::uuid FROM json_array_elements_text(%s::json))",
     "zone_journal": "SELECT j.zone_id, j.tick_number, j.seed, j.at, j.inputs FROM journal j "
                     "JOIN zones z ON z.id = j.zone_id WHERE j.zone_id = %s AND j.tick_number > z.tick_number "
                     "ORDER BY j.tick_number",
@@ -2936,6 +2938,11 @@ class Store:
     async def usernames(self) -> dict[UUID, str]:
         """Every player's username (for replays: usernames never change)."""
         return {_as_uuid(r[0]): r[1] for r in await self._do("usernames", fetch="all")}
+
+    async def usernames_of(self, player_ids: Iterable[str]) -> dict[UUID, str]:
+        """The usernames of these players (ids as text; cluster, PostgreSQL)."""
+        ids = sorted(set(player_ids))
+        return {_as_uuid(r[0]): r[1] for r in await self._cluster("usernames_of", json_dumps(ids))} if ids else {}
 
     async def journal_range(self, zone_id: UUID, first: int, last: int) -> list[tuple]:
         rows = await self._do("journal_range", str(zone_id), first, last, fetch="all")
@@ -4632,6 +4639,16 @@ def _journaled_inputs(zone_id: UUID, tick_number: int, seed: int, at: float, inp
     return ZoneInputs(int(tick_number), intents, events, [], seed=int(seed), at=float(at), names=names)
 
 
+def _journal_players(rows: Iterable[tuple]) -> set[str]:
+    """The ids (as text) of the players whose intents or events journal rows hold."""
+    players: set[str] = set()
+    for row in rows:
+        data = json_loads(row[4])
+        players.update(p for p, *_ in data["intents"])
+        players.update(p for _, p in data["events"])
+    return players
+
+
 def replay_zone(world: World, game: Any, zs: _ZoneState, rows: Iterable[tuple],
                 clock: Callable[[], float] = time.time, subscribers: list[UUID] | None = None,
                 each: Callable[[int, ZoneOutcome], None] | None = None,
@@ -6092,7 +6109,8 @@ class Server:
         if loaded is None:
             return False
         zone, entities, (tick, joined), rows = loaded
-        names = await self.store.usernames() if rows else {}
+        names = await self.store.usernames_of(await asyncio.get_running_loop().run_in_executor(
+            None, _journal_players, rows)) if rows else {}
 
         def build() -> tuple[_ZoneState, World, int]:
             own = World(self.world.max_entities)

@@ -349,6 +349,7 @@ async def test_sigkill_of_an_owner_its_zones_tick_again_elsewhere_from_the_last_
     again = await Watcher(http, b, on_a[0]).start()
     await wait_for(lambda: again.ticks and back.ticks(on_a[0]), timeout=10, what="ticks from the new owner")
     assert back.ticks(on_a[0])[0] > last_seen
+    assert "taking zone" not in b.log_text() and "Traceback" not in b.log_text(), b.log_text()[-3000:]
     first_tick = pg_exec(f"SELECT min(tick_number) FROM journal WHERE zone_id = '{on_a[0]}' AND epoch = "
                          f"(SELECT max(epoch) FROM journal WHERE zone_id = '{on_a[0]}')", dsn=world_schema)[0][0]
     assert first_tick is not None
@@ -729,6 +730,8 @@ async def test_a_zone_taken_over_is_replayed_against_its_own_world(world_schema,
     zone_id = next(z["zone_id"] for z in view["zones"] if z["node"] == name_a)
     player = await Player(http, b).connect()  # through b: it keeps its socket when a dies
     await player.send({"type": "subscribe", "zone_id": zone_id})
+    for i in range(5):  # journaled with the ticks b replays (their players' names are looked up)
+        await player.send({"type": "intent", "data": {"hello": i}})
     await wait_for(lambda: len(player.ticks(zone_id)) >= 20, timeout=10, what="ticks from a")
     a.send(signal.SIGKILL)  # with flushes 30 s apart, b goes on from the journal alone
     await a.wait_exit()
@@ -737,6 +740,7 @@ async def test_a_zone_taken_over_is_replayed_against_its_own_world(world_schema,
     taken = [line for line in b.log_text().splitlines() if zone_id in line and "ticks here now" in line]
     replayed = int(taken[-1].split("journaled tick(s) replayed")[0].rsplit("(", 1)[1].split()[0])
     assert replayed >= 10, taken
+    assert "taking zone" not in b.log_text() and "Traceback" not in b.log_text(), b.log_text()[-3000:]
     for tick in player.of("tick"):
         assert tick["state"]["ns"] == list(range(1, tick["state"]["count"] + 1)), tick["state"]
     await player.close()
