@@ -573,8 +573,9 @@ ERRORS: list[_ErrorCode] = [
                "cluster: no node ticks the zone right now (it is moving between nodes, or its node died and "
                "another takes it over within `[cluster] lease`); subscribe again in a moment"),
     _ErrorCode("zone_moved", None, True,
-               "cluster: the zone you were subscribed to moved to another node; you are unsubscribed "
-               "(subscribe again: the answer names the node)"),
+               "cluster: the zone you were subscribed to moved, and no node took it up within two "
+               "`[cluster] lease`s; you are unsubscribed (subscribe again later). A zone that moves to "
+               "another node is followed without this: you hear `subscribed` again"),
 ]
 
 #: The HTTP status of every REST error code, the one place where codes meet HTTP.
