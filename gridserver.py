@@ -3313,19 +3313,21 @@ class Cluster:
       its leases. A zone whose lease came back with another epoch, or not at all, was taken
       over (or deleted): it is dropped at once (``drop``).
     * The node takes free zones and zones whose lease lapsed (claiming increments the
-      epoch) until it holds its share, ``ceil(zones / live nodes)``; a node holding more
-      than its share while a live node holds less hands the surplus over (``hand_over``:
-      the zone stops ticking, is flushed, then released) and wakes the others, who claim it
-      at once. A new node therefore takes its share within a round or two.
+      epoch) until it holds its share, ``ceil(zones / live nodes)``; a node holding two
+      zones more than the emptiest live node (and no zone free) hands half the difference
+      over (``hand_over``, outside the round: the zones stop ticking, are flushed, then
+      released) and wakes the others, who claim them at once. A new node therefore takes
+      its share within a round or two.
     * Writes of a zone's state carry its epoch and are fenced in the database
       (``_fence_step``): a write of a zone taken over is refused, whatever the clocks say.
       On top of that, a node whose last renewal began more than ``0.8 * lease`` ago ticks
       nothing (``may_tick``): a node paused or cut off from the database stops on its own
       before its leases can lapse, and its zones go on elsewhere from the database and the
       journal.
-    * NATS carries wake-ups only (``<prefix>.wake``: a zone was released or created, a node
-      left): every node then runs a round at once instead of at its next period. Without
-      NATS the rounds still converge, at their period.
+    * NATS carries wake-ups here (``gridserver.wake``: a zone was released or created, a
+      node left): every node then runs a round at once instead of at its next period.
+      Without NATS the rounds still converge, at their period. (The players' traffic over
+      NATS is ``Relay``'s.)
     """
 
     def __init__(self, store: Store, cfg: Config, *, port: int,
@@ -3354,7 +3356,6 @@ class Cluster:
         self.zones: dict[UUID, tuple[Zone, str | None, int, bool]] = {}
         self.nodes: list[tuple] = []
         self.renewed_at: float | None = None  # monotonic start of the last renewal that succeeded
-        self.rounds = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         #: held by a round, and by a zone's creation here (so a round never counts a zone being
@@ -3457,7 +3458,6 @@ class Cluster:
                 return
             held = await self._renew()
             await self.refresh()
-            self.rounds += 1
             lost = {z for z, epoch in self.owned.items() if held.get(z) != epoch}
             for zone_id in lost:
                 self.owned.pop(zone_id, None)
@@ -6126,10 +6126,6 @@ class Server:
             zs, own, replayed = await asyncio.get_running_loop().run_in_executor(None, build)
         if self.cluster is None or self.cluster.owned.get(zone_id) != epoch:
             return False  # lost again meanwhile
-        if zone_id in self.world.zones:  # (cannot happen: creation and rounds hold the cluster's lock)
-            log.warning("cluster: zone %s was here already; it goes on at epoch %d", zone_id, epoch)
-            self.world.zones[zone_id].epoch = epoch
-            return True
         await self.in_world(self.world.adopt_zone, zs, own.dirty, own.deleted)
         self.hub.restore([zs])
         log.info("cluster: zone %s (%s) ticks here now, epoch %d, from tick %d (%d journaled tick(s) replayed)",
@@ -6165,7 +6161,8 @@ class Server:
             zs = await self.in_world(self.world.remove_zone, zone_id)
             self.persister.forget(zone_id)
             if zs is not None:
-                log.warning("cluster: zone %s (%s) no longer ticks here: %s", zone_id, zs.zone.name, why)
+                log.log(logging.INFO if why == "handed over" else logging.WARNING,
+                        "cluster: zone %s (%s) no longer ticks here: %s", zone_id, zs.zone.name, why)
                 self.hub.zone_deleted(zone_id, moved=why != "deleted")
             if self.relay is not None:
                 self.relay.disown(zone_id)
@@ -6183,15 +6180,9 @@ class Server:
             for zs in zones:
                 zs.leaving = False
             return
-        for zs in zones:
-            if self.cluster.owned.get(zs.zone.id) == zs.epoch:
-                await self.in_world(self.world.remove_zone, zs.zone.id)
-                self.persister.forget(zs.zone.id)
-                self.hub.zone_deleted(zs.zone.id, moved=True)
-                if self.relay is not None:
-                    self.relay.disown(zs.zone.id)
+        await self.drop_zones({zs.zone.id for zs in zones if self.cluster.owned.get(zs.zone.id) == zs.epoch},
+                              "handed over")
         await self.cluster.released({zs.zone.id for zs in zones})
-        log.info("cluster: handed %d zone(s) over", len(zones))
 
     async def _after_tick(self) -> None:
         """Wait for the end of the tick under way (or the next one) while ticks run, at most
@@ -6361,34 +6352,41 @@ class Server:
                 except Exception:  # noqa: BLE001 - the zone is gone either way
                     log.exception("zone %s: on_zone_deleted raised", zone_id)
 
-    def zone_json(self, zs: _ZoneState) -> dict:
-        z = zs.zone
-        if z.id not in self.world.zones and self.relay is not None:  # ticking on another node
-            entity_count, subscriber_count = self.relay.counts.get(z.id, (0, 0))
-        else:
+    def zone_json(self, z: Zone) -> dict:
+        """A zone as the REST routes show it; the counts of a zone ticking on another node are
+        those its owner last told (within a round)."""
+        zs = self.world.zones.get(z.id)
+        if zs is not None:
             entity_count, subscriber_count = len(zs.entities), len(self.hub.subscribers.get(z.id, ()))
+        else:
+            entity_count, subscriber_count = self.relay.counts.get(z.id, (0, 0)) if self.relay else (0, 0)
         return {"id": str(z.id), "name": z.name, "width": z.width, "height": z.height, "metadata": z.metadata,
                 "created_at": _iso(z.created_at), "updated_at": _iso(z.updated_at),
                 "entity_count": entity_count, "subscriber_count": subscriber_count}
 
-    def all_zones(self) -> list[_ZoneState]:
-        """Every zone of the world, oldest first: in a cluster also those other nodes tick (as
-        records, their counts as their owners last told, within a round)."""
-        zones = list(self.world.zones.values())
+    def all_zones(self) -> list[Zone]:
+        """Every zone of the world, oldest first: in a cluster also those other nodes tick."""
+        zones = [zs.zone for zs in list(self.world.zones.values())]
         if self.cluster is not None:
-            zones += [_ZoneState(z) for z in self.cluster.catalog() if z.id not in self.world.zones]
-        return sorted(zones, key=lambda zs: (zs.zone.created_at, zs.zone.name))
+            zones += [z for z in self.cluster.catalog() if z.id not in self.world.zones]
+        return sorted(zones, key=lambda z: (z.created_at, z.name))
 
-    def zone_or_404(self, text: str, anywhere: bool = False) -> _ZoneState:
-        """The zone ticking here; with ``anywhere``, in a cluster, also a record of one ticking on
-        another node."""
-        zone_id = _parse_uuid(text, "zone_not_found", "zone")
-        zs = self.world.zones.get(zone_id)
-        if zs is None and anywhere and self.cluster is not None and zone_id in self.cluster.zones:
-            zs = _ZoneState(self.cluster.zones[zone_id][0])
+    def zone_or_404(self, text: str) -> _ZoneState:
+        """The zone ticking here."""
+        zs = self.world.zones.get(_parse_uuid(text, "zone_not_found", "zone"))
         if zs is None:
             raise GridError("zone_not_found", f"No zone has the id {text[:80]!r}.")
         return zs
+
+    def any_zone_or_404(self, text: str) -> Zone:
+        """The zone's record, wherever it ticks (in a cluster, maybe on another node)."""
+        zone_id = _parse_uuid(text, "zone_not_found", "zone")
+        zs = self.world.zones.get(zone_id)
+        if zs is not None:
+            return zs.zone
+        if self.cluster is not None and zone_id in self.cluster.zones:
+            return self.cluster.zones[zone_id][0]
+        raise GridError("zone_not_found", f"No zone has the id {text[:80]!r}.")
 
 
 #: Where the app keeps its ``Server``.
@@ -6688,13 +6686,13 @@ async def me(request: web.Request) -> web.Response:
 async def list_zones(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _session(request)
-    return _json_response({"zones": [srv.zone_json(zs) for zs in srv.all_zones()]})
+    return _json_response({"zones": [srv.zone_json(z) for z in srv.all_zones()]})
 
 
 async def get_zone(request: web.Request) -> web.Response:
     srv = request.app[SERVER]
     await _session(request)
-    return _json_response(srv.zone_json(srv.zone_or_404(request.match_info["zone_id"], anywhere=True)))
+    return _json_response(srv.zone_json(srv.any_zone_or_404(request.match_info["zone_id"])))
 
 
 async def create_zone(request: web.Request) -> web.Response:
@@ -6703,8 +6701,7 @@ async def create_zone(request: web.Request) -> web.Response:
     body = await _read_object(request, srv.max_body, srv.client_timeout)
     zone = await srv.create_zone(_field(body, "name", str), _field(body, "width", int),
                                  _field(body, "height", int), _field(body, "metadata", dict, False, {}))
-    zs = srv.world.zones.get(zone.id)  # in a cluster another node may have taken it at once
-    return _json_response(srv.zone_json(zs if zs is not None else _ZoneState(zone)), 201)
+    return _json_response(srv.zone_json(zone), 201)
 
 
 async def delete_zone(request: web.Request) -> web.Response:
@@ -6747,7 +6744,7 @@ async def debug_zone_state(request: web.Request) -> web.Response:
     zs = srv.zone_or_404(request.match_info["zone_id"])
     entities = await srv.in_world(srv.world.zone_entities_json, zs)
     return _json_response({
-        "zone": srv.zone_json(zs), "entities": entities, "tick_number": srv.ticks.tick_number,
+        "zone": srv.zone_json(zs.zone), "entities": entities, "tick_number": srv.ticks.tick_number,
         "zone_tick_number": zs.tick_number,
         "pending_intents": len(zs.intents), "last_error": zs.last_error,
         "errors": zs.errors, "ticks": zs.ticks, "skipped_ticks": zs.skipped,

@@ -442,7 +442,7 @@ async def test_a_node_paused_past_its_lease_is_fenced_and_the_world_converges(wo
     finally:
         a.send(signal.SIGCONT)
     # a wakes up holding zones that are b's now: it must not write them, and it lets them go
-    await wait_for(lambda: "no longer ticks here" in a.log_text(), timeout=10, what="a to drop its zones")
+    await wait_for(lambda: "no longer ticks here: taken over" in a.log_text(), timeout=10, what="a to drop its zones")
     before = watcher.ticks[-1]
     await wait_for(lambda: len(watcher.subscribed) == 2 and watcher.ticks[-1] > before, timeout=10,
                    what="a's player to follow the zone to b")
@@ -468,7 +468,7 @@ async def test_a_node_cut_from_postgresql_stops_ticking_and_never_writes_over_th
     await asyncio.sleep(scaled(1))
     assert len(watcher.ticks) == seen, "a node cut from the database went on ticking"
     proxy.restore()
-    await wait_for(lambda: "no longer ticks here" in a.log_text(), timeout=15, what="a to drop its zones")
+    await wait_for(lambda: "no longer ticks here: taken over" in a.log_text(), timeout=15, what="a to drop its zones")
     await settled(http, b, nodes=2, zones=4, timeout=20)
     await asyncio.sleep(scaled(1))
     check_fencing(world_schema)
