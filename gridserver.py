@@ -136,6 +136,8 @@ from uuid import UUID
 
 import bcrypt
 from aiohttp import WSMsgType, web, web_protocol, web_server
+from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -6410,7 +6412,9 @@ OPENAPI = web.AppKey("openapi", str)
 # * ``WebSocketResponse._close_transport`` and ``_req``: the graceful close for abuse
 #   (``_WebSocketResponse``);
 # * tick frames written straight to the transport (``Connection``), which holds only while
-#   the WebSocket has no compression (``compress=False``; asserted where it is prepared).
+#   the WebSocket has no compression (``compress=False``; asserted where it is prepared);
+# * ``WebSocketResponse._post_start`` and ``WebSocketDataQueue.feed_data``: text messages are
+#   handled as aiohttp's parser produces them (``_DirectQueue``).
 #
 # ``setup.cfg`` pins the aiohttp versions CI tests.
 
@@ -6419,6 +6423,8 @@ _AIOHTTP_INTERNALS = [
     (web_protocol.RequestHandler, "finish_response"), (web_protocol.RequestHandler, "handle_error"),
     (web.AppRunner, "_make_server"), (web_server.Server, "connection_made"),
     (web_server.Server, "connection_lost"), (web.WebSocketResponse, "_close_transport"),
+    (web.WebSocketResponse, "_post_start"), (web.WebSocketResponse, "_reset_heartbeat"),
+    (WebSocketDataQueue, "feed_data"),
 ]
 
 
@@ -6429,6 +6435,33 @@ def _check_aiohttp() -> None:
     if missing:
         raise ConfigError(f"aiohttp {aiohttp.__version__} is not supported (it lacks {', '.join(missing)}): "
                           f"install the version setup.cfg names")
+
+
+class _DirectQueue(WebSocketDataQueue):
+    """aiohttp's queue of a WebSocket's received messages, handing text messages straight to
+    ``on_text`` the moment aiohttp's parser has them (in the protocol's ``data_received``).
+
+    aiohttp queues each message and wakes the handler's task to read it: for an intent, that
+    wake-up (a future, a task step, three coroutine frames) cost more than handling it, and
+    messages read while the loop was busy piled up in memory as parsed objects. Here a text
+    message is handled at once, unless others still wait in the queue (it then waits its turn,
+    so the order holds). Everything else (close, ping, pong, binary, errors) and every message
+    before ``on_text`` is set still goes through the queue to the handler's ``async for``.
+    """
+
+    on_text: Callable[[str], None] | None = None
+
+    def feed_data(self, data: Any, size: int) -> None:
+        on_text = self.on_text
+        if on_text is not None and data[0] is WSMsgType.TEXT and not self._buffer:
+            try:
+                on_text(data[1])
+            except Exception as exc:  # noqa: BLE001 - a bug handling one message ends that connection
+                log.exception("handling a WebSocket message failed")
+                self.on_text = None
+                self.set_exception(exc)
+            return
+        super().feed_data(data, size)
 
 
 class _WebSocketResponse(web.WebSocketResponse):
@@ -6446,6 +6479,24 @@ class _WebSocketResponse(web.WebSocketResponse):
     ABUSE_CODES = (1002, 1007, 1009)
     lingering = False
     sent_code: int | None = None
+
+    def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
+        """aiohttp's, with a ``_DirectQueue`` for the received messages."""
+        self._ws_protocol = protocol
+        self._writer = writer
+        self._reset_heartbeat()
+        assert self._loop is not None
+        self._reader = _DirectQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=self._loop)
+        self._parser = WebSocketReader(self._reader, self._max_msg_size, compress=bool(self._compress),
+                                       decode_text=self._decode_text)
+        cb = None if self._heartbeat is None else self._on_data_received
+        request.protocol.set_parser(self._parser, data_received_cb=cb)
+        request.protocol.keep_alive(False)
+
+    @property
+    def direct(self) -> "_DirectQueue | None":
+        """The queue that hands text messages straight to a handler (None before ``prepare``)."""
+        return self._reader if isinstance(self._reader, _DirectQueue) else None
 
     async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
         if self.sent_code is None:
@@ -6927,6 +6978,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if resumed is not None:
         conn.send({"type": "subscribed", "zone_id": str(resumed), "resumed": True})
         srv.hub.tell_if_failing(conn)
+
+    def on_text(text: str) -> None:
+        conn.received += 1
+        _handle_message(srv, conn, text, max_size)
+
+    direct = ws.direct
+    if direct is not None:
+        direct.on_text = on_text
     try:
         async for msg in ws:
             conn.received += 1
@@ -6942,6 +7001,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             elif kind is WSMsgType.ERROR:
                 break
     finally:
+        if direct is not None:
+            direct.on_text = None
         srv.hub.detach(conn)
     if ws.lingering:
         await ws.linger(request.transport)

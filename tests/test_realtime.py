@@ -711,6 +711,74 @@ async def test_rate_limit_drops_extra_intents_with_one_error(start_server, tmp_p
     await ws.close()
 
 
+async def test_a_burst_of_text_and_control_frames_is_handled_in_order(start_server, tmp_path):
+    """Text messages are handled as aiohttp parses them (``_DirectQueue``), control frames
+    through the handler's loop: sent back to back, in one write where the kernel joins them,
+    they are still answered and handed to the game in the order sent."""
+    game = Lab()
+    running = await start_server(lab_config(tmp_path, tick_paused=True, tick_max_intents_per_player=100), game)
+    p = await running.player()
+    zone = await running.zone(p["token"], "arena")
+    ws = await connect(running, p["token"])
+    await subscribe(ws, zone["id"])
+    conn = next(iter(running.srv.hub.conns.values()))
+    assert conn.ws.direct is not None and conn.ws.direct.on_text is not None
+    for i in range(40):  # no await between them but the writes: they leave together
+        await ws.send_json({"type": "intent", "data": {"i": i}})
+        if i % 10 == 3:
+            await ws.ping(b"p%d" % i)  # a WebSocket ping: queued for the handler's loop
+        if i % 10 == 7:
+            await ws.send_str("not json %d" % i)
+    await ws.send_json({"type": "ping"})
+    answers = []
+    while not answers or answers[-1]["type"] != "pong":
+        answers.append(await recv(ws))
+    assert [m["code"] for m in answers[:-1]] == ["bad_message"] * 4, answers
+    await step(running, p["token"])
+    assert [i.data["i"] for i in game.intents] == list(range(40))
+    assert len(conn.ws.direct._buffer) == 0  # nothing left waiting in aiohttp's queue
+    await ws.close()
+
+
+def test_direct_queue_hands_text_over_at_once_and_keeps_the_order():
+    """``_DirectQueue``: text goes straight to ``on_text`` unless something waits before it;
+    everything else, and everything before ``on_text`` is set, is queued; a handler that
+    raises ends the connection (the queue's exception) instead of the protocol."""
+
+    class Protocol:
+        _reading_paused = False
+
+        def pause_reading(self):
+            self._reading_paused = True
+
+    loop = asyncio.new_event_loop()
+    try:
+        q = gridserver._DirectQueue(Protocol(), 2**16, loop=loop)
+        text = lambda s: aiohttp.WSMessage(WSMsgType.TEXT, s, None)  # noqa: E731
+        ping = aiohttp.WSMessage(WSMsgType.PING, b"x", None)
+        q.feed_data(text("early"), 5)  # no handler yet: queued
+        got = []
+        q.on_text = got.append
+        q.feed_data(text("a"), 1)  # waits behind "early"
+        assert got == [] and [m.data for m, _ in q._buffer] == ["early", "a"]
+        q._buffer.clear()
+        q.feed_data(text("b"), 1)
+        assert got == ["b"] and not q._buffer
+        q.feed_data(ping, 1)
+        q.feed_data(text("c"), 1)  # behind the ping
+        assert got == ["b"] and [m.data for m, _ in q._buffer] == [b"x", "c"]
+        q._buffer.clear()
+
+        def boom(_text):
+            raise ValueError("a bug")
+
+        q.on_text = boom
+        q.feed_data(text("d"), 1)
+        assert q.on_text is None and isinstance(q.exception(), ValueError)
+    finally:
+        loop.close()
+
+
 async def test_bad_messages_get_errors_and_the_connection_stays_usable(start_server, tmp_path):
     running = await start_server(lab_config(tmp_path, websocket_max_message_size=1024), Lab())
     p = await running.player()
