@@ -4,10 +4,14 @@
   cell by ``on_player_join`` and removed by ``on_player_leave``.
 * Intents move avatars one cell: ``{"move": "up" | "down" | "left" | "right"}`` or
   ``{"dx": -1..1, "dy": -1..1}``. The last move a player sent in a tick counts.
-* Walls are sized entities; a move into a cell a wall overlaps (an overlap query) is refused.
-  Two avatars never share a cell.
-* Items are 0x0 points. Stepping on one (an area query) picks it up: it is deleted, the
-  avatar's ``score`` grows by its ``value`` and a new item appears elsewhere.
+* Walls are sized entities; a move into a cell a wall covers is refused. Two avatars never
+  share a cell.
+* Items are 0x0 points. Stepping on one picks it up: it is deleted, the avatar's ``score``
+  grows by its ``value`` and a new item appears elsewhere.
+* ``on_tick`` walks the zone's entities once and learns from that walk which cells walls
+  cover and which items lie where, so a move costs a few dictionary lookups; a new avatar
+  or item is placed with the spatial queries (``query_overlap`` for walls, ``query_area``
+  for what stands there), which look only at the cells asked about.
 * Every entity's metadata has a ``color`` (and avatars a ``label``), copied into the tick
   state, which is how the page served at ``/`` knows how to draw them.
 * Fog of war: with ``fog_radius`` > 0 a player sees only entities within that many cells of
@@ -124,6 +128,14 @@ def _kind(e) -> str:
     return e.metadata.get("kind", "")
 
 
+def _cells(e):
+    """The cells an entity covers; a point (no width or no height) is on its own cell, as the
+    area query sees it."""
+    if e.width == 0 or e.height == 0 or (e.width == 1 and e.height == 1):
+        return ((e.x, e.y),)
+    return [(e.x + i, e.y + j) for i in range(e.width) for j in range(e.height)]
+
+
 def _new_id(rng: random.Random) -> uuid.UUID:
     """An id for an entity this module creates and must name in the same tick (the same on replay)."""
     return uuid.UUID(int=rng.getrandbits(128), version=4)
@@ -196,27 +208,33 @@ def on_tick(zone_id, entities, intents, tick_number):
     joined = work.joined if work is not None else {}
     left = work.left if work is not None else set()
 
-    # Everything known comes from the entities: the avatars, whether the zone has walls.
-    pos: dict = {}     # avatar id -> (x, y), after this tick's moves
-    by_id: dict = {}   # avatar id -> entity
-    first: dict = {}   # player_id str -> the id of their avatar (the lowest, should there be two)
+    # Everything known comes from the entities, in one walk: the avatars, the cells walls
+    # cover, the items on each cell. (Entities are keyed by themselves here, not by id: an
+    # entity hashes by identity, in C, where a UUID hashes in Python.)
+    pos: dict = {}     # avatar -> (x, y), after this tick's moves
+    first: dict = {}   # player_id str -> their avatar (the lowest id, should there be two)
+    walled: set = set()  # cells a wall covers
+    items_at: dict = {}  # cell -> the items on it
     items_left, has_walls = 0, False
     for e in entities:
         kind = e.metadata.get("kind")
         if kind == "avatar":
-            pos[e.id] = (e.x, e.y)
-            by_id[e.id] = e
+            pos[e] = (e.x, e.y)
             owner = e.metadata.get("player_id")
-            if owner not in first or e.id.int < first[owner].int:
-                first[owner] = e.id
+            if owner not in first or e.id.int < first[owner].id.int:
+                first[owner] = e
         elif kind == "item":
             items_left += 1
+            for cell in _cells(e):
+                items_at.setdefault(cell, []).append(e)
         elif kind == "wall":
             has_walls = True
-    mine = {owner: eid for owner, eid in first.items() if eid not in left}  # the avatars that may move
-    occupied = {p: eid for eid, p in pos.items()}
+            if e.width > 0 and e.height > 0:  # a wall with no area blocks nothing
+                walled.update(_cells(e))
+    mine = {owner: e for owner, e in first.items() if e.id not in left} if left else first  # may move
+    occupied = {p: e for e, p in pos.items()}
     for c in joined.values():  # avatars this tick's joins make (the state shows them next tick)
-        occupied[(c.x, c.y)] = c.id
+        occupied[(c.x, c.y)] = c
 
     creates: list = []
     updates: list = []
@@ -240,29 +258,29 @@ def on_tick(zone_id, entities, intents, tick_number):
     picked: dict = {}  # item id -> None, in the order picked
     scores = {}
     for player_id, (dx, dy) in wanted.items():
-        eid = mine.get(str(player_id))
-        if eid is None:
+        avatar = mine.get(str(player_id))
+        if avatar is None:
             continue
-        x, y = pos[eid]
+        x, y = pos[avatar]
         nx, ny = x + dx, y + dy
-        if not (0 <= nx < zone.width and 0 <= ny < zone.height) or (nx, ny) in occupied or (nx, ny) in taken:
-            continue
-        if any(_kind(w) == "wall" for w in _fw.query_overlap(zone_id, nx, ny, 1, 1, exclude=eid)):
+        cell = (nx, ny)
+        if not (0 <= nx < zone.width and 0 <= ny < zone.height) or cell in occupied or cell in taken \
+                or cell in walled:
             continue
         del occupied[(x, y)]
-        occupied[(nx, ny)] = eid
-        pos[eid] = (nx, ny)
+        occupied[cell] = avatar
+        pos[avatar] = cell
         gained = 0
-        for thing in _fw.query_area(zone_id, nx, ny, 1, 1):
-            if _kind(thing) == "item" and thing.id not in picked:
+        for thing in items_at.get(cell, ()):
+            if thing.id not in picked:
                 picked[thing.id] = None
                 gained += int(thing.metadata.get("value", 1))
         meta = None
         if gained:
-            meta = dict(by_id[eid].metadata)
+            meta = dict(avatar.metadata)
             meta["score"] = meta.get("score", 0) + gained
-            scores[eid] = meta["score"]
-        updates.append(EntityUpdate(eid, x=nx, y=ny, metadata=meta))
+            scores[avatar] = meta["score"]
+        updates.append(EntityUpdate(avatar.id, x=nx, y=ny, metadata=meta))
     deletes += picked
     items_left -= len(picked)
     taken.update(occupied)
@@ -284,14 +302,14 @@ def on_tick(zone_id, entities, intents, tick_number):
     for e in entities:
         if picked and e.id in picked:
             continue
-        if e.id in pos:
-            x, y = pos[e.id]
-            state.append(_entry(views, e, x, y, scores.get(e.id)))
+        here = pos.get(e)
+        if here is not None:
+            state.append(_entry(views, e, here[0], here[1], scores.get(e) if scores else None))
         else:
             state.append(_entry(views, e, e.x, e.y, None))
     for c in creates:
         state.append(_state_entry(c.id, c.x, c.y, c.width, c.height, c.metadata, None))
-    cells = {owner: pos[eid] for owner, eid in first.items()}  # where each player's avatar is in the state
+    cells = {owner: pos[e] for owner, e in first.items()}  # where each player's avatar is in the state
     broadcast = {"tick": tick_number, "entities": state, "scores": _scores(state)}
     _positions[zone_id] = (broadcast, cells)
     return TickResult(entity_creates=creates, entity_updates=updates, entity_deletes=deletes,
@@ -300,12 +318,18 @@ def on_tick(zone_id, entities, intents, tick_number):
 
 def _entry(views: dict, e, x: int, y: int, score) -> dict:
     """The entity's entry in the tick state; the one built last tick when nothing changed
-    (the same entity, the same metadata object, the same rectangle: the same entry)."""
+    (the same entity, the same metadata object, the same rectangle: the same entry), or a
+    copy of it with the new cell when only the cell changed."""
     cached = views.get(id(e))
-    if (cached is not None and cached[0] is e and cached[1] is e.metadata and score is None
-            and cached[2]["x"] == x and cached[2]["y"] == y and cached[2]["w"] == e.width
-            and cached[2]["h"] == e.height):
-        return cached[2]
+    if cached is not None and cached[0] is e and cached[1] is e.metadata and score is None:
+        item = cached[2]
+        if item["w"] == e.width and item["h"] == e.height:
+            if item["x"] == x and item["y"] == y:
+                return item
+            item = dict(item)  # last tick's state keeps its own
+            item["x"], item["y"] = x, y
+            views[id(e)] = (e, e.metadata, item)
+            return item
     item = _state_entry(e.id, x, y, e.width, e.height, e.metadata, score)
     if score is None:
         views[id(e)] = (e, e.metadata, item)
