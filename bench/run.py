@@ -445,7 +445,7 @@ def profile(server: ServerProcess, seconds: float) -> subprocess.Popen | None:
     out = os.path.join(PROFILE_DIR, f"server-{server.port}.txt")
     spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     return subprocess.Popen([spy, "record", "-p", str(server.proc.pid), "-d", str(int(seconds)), "-f", "raw",
-                             "-o", out, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "-o", out, "--nonblocking", "--threads", "--idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 #: Each process may hold 20,000 descriptors here: the server needs one per client and a few more.
@@ -486,10 +486,10 @@ async def grid_walk(players_total: int, per_zone: int, fog: int, window: float, 
                 drv.go(length)
                 await asyncio.sleep(length)
                 m1 = await metrics(http, server)
+                elapsed = time.monotonic() - t0  # the window the scrapes span, not the collection after it
                 results = await drv.results()
                 if spy:
                     spy.wait()
-                elapsed = time.monotonic() - t0
                 starts = await journal_starts(http, server, players[0]["token"], results)
                 return summarize(name, m0, m1, elapsed, results, {"zones": len(zones), "fog_radius": fog,
                                                                   "journal": JOURNAL_MODE, "loop": EVENT_LOOP}, starts)
