@@ -59,6 +59,19 @@ CREATE TABLE IF NOT EXISTS journal (
     PRIMARY KEY (zone_id, tick_number)
 );
 ALTER TABLE journal ADD COLUMN IF NOT EXISTS epoch BIGINT NOT NULL DEFAULT 0;
+-- A tick's inputs (kilobytes a zone) are compressed with lz4 where the server has it
+-- (PostgreSQL 14 and later, built with it): written in about two thirds of the time the
+-- default (pglz) takes. Elsewhere the default stays.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'journal'::regclass AND attname = 'inputs'
+               AND attcompression <> 'l') THEN
+        ALTER TABLE journal ALTER COLUMN inputs SET COMPRESSION lz4;
+    END IF;
+EXCEPTION WHEN OTHERS THEN
+    NULL;
+END
+$$;
 
 CREATE TABLE IF NOT EXISTS snapshots (
     zone_id     UUID NOT NULL REFERENCES zones (id) ON DELETE CASCADE,
