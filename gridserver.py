@@ -3661,10 +3661,12 @@ class Connection:
     def error(self, code: str, message: str) -> None:
         self.send({"type": "error", "code": code, "message": message})
 
-    def send_tick(self, frame: bytes, max_behind: int) -> None:
+    def send_tick(self, frame: bytes, max_behind: int) -> bool:
+        """Write a tick's frame unless the socket is closing or this client is behind; whether
+        it was written (the caller counts what was sent: once per zone, not per frame)."""
         t = self.transport
         if self.closed or t is None or t.is_closing():
-            return
+            return False
         if t.get_write_buffer_size() > SEND_BUFFER_LIMIT:
             self.behind += 1
             self.hub.metrics.ticks_dropped_total += 1
@@ -3672,9 +3674,10 @@ class Connection:
                 self.hub.metrics.slow_clients_disconnected_total += 1
                 log.info("disconnecting %s: %d ticks behind", self.username, self.behind)
                 self.abort()
-            return
+            return False
         self.behind = 0
-        self._write(frame)
+        t.write(frame)  # under SEND_BUFFER_LIMIT here, so under _write's hard limit too
+        return True
 
     def abort(self) -> None:
         """Drop the connection at once (for clients that do not read)."""
@@ -3735,9 +3738,11 @@ class RemotePlayer(Connection):
         self._relay.queue(self.node, "w", None, self.player_text, frame)
         return True
 
-    def send_tick(self, frame: bytes, max_behind: int) -> None:
-        if not self.closed:  # the gateway skips a player whose socket falls behind
-            self._relay.queue(self.node, "t", self._zone, self.player_text, frame)
+    def send_tick(self, frame: bytes, max_behind: int) -> bool:
+        if self.closed:
+            return False
+        self._relay.queue(self.node, "t", self._zone, self.player_text, frame)  # the gateway skips it if behind
+        return False  # counted by the gateway, which sends it
 
     def abort(self) -> None:
         self.closed = True
@@ -4592,8 +4597,9 @@ class Relay:
                 if conn is None:
                     continue
                 if kind == "t":
-                    if conn.zone_id == zone_id:
-                        conn.send_tick(frame, max_behind)
+                    if conn.zone_id == zone_id and conn.send_tick(frame, max_behind):
+                        self.metrics.messages_sent_total += 1
+                        self.metrics.bytes_sent_total += len(frame)
                 elif kind == "z" and zone_id is not None:  # subscribed (or resumed) there
                     if conn.routed == zone_id or (conn.routed is None and conn.zone_id is None):
                         conn.routed = conn.zone_id = zone_id
@@ -5039,10 +5045,14 @@ class TickEngine:
         if outcome.frames:
             subscribers = self.hub.subscribers.get(zone_id, {})
             max_behind = self.max_behind
+            sent = sent_bytes = 0
             for player_id, frame in outcome.frames:
                 conn = subscribers.get(player_id)
-                if conn is not None and conn.zone_id == zone_id:
-                    conn.send_tick(frame, max_behind)
+                if conn is not None and conn.zone_id == zone_id and conn.send_tick(frame, max_behind):
+                    sent += 1
+                    sent_bytes += len(frame)
+            self.metrics.messages_sent_total += sent
+            self.metrics.bytes_sent_total += sent_bytes
             self._last_sent = time.monotonic()
 
     def _send(self, job: _ZoneJob) -> None:
