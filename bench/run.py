@@ -438,14 +438,17 @@ PROFILE_DIR: str | None = None
 
 
 def profile(server: ServerProcess, seconds: float) -> subprocess.Popen | None:
-    """With ``--profile DIR``: py-spy samples the server for the window (collapsed stacks)."""
+    """With ``--profile DIR``: py-spy samples the server for the window (collapsed stacks, a
+    line per thread and stack): only the thread holding the GIL, so the samples split the
+    interpreter's time between the event loop, the game thread and the flush."""
     if not PROFILE_DIR:
         return None
     os.makedirs(PROFILE_DIR, exist_ok=True)
     out = os.path.join(PROFILE_DIR, f"server-{server.port}.txt")
     spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     return subprocess.Popen([spy, "record", "-p", str(server.proc.pid), "-d", str(int(seconds)), "-f", "raw",
-                             "-o", out, "--nonblocking", "--threads", "--idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "-o", out, "--nonblocking", "--threads", "--gil"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 #: Each process may hold 20,000 descriptors here: the server needs one per client and a few more.
