@@ -52,7 +52,8 @@ threading lock.
 
 * The event loop (main thread): HTTP, WebSocket, the hub, timers, the tick schedule. It
   alone writes connections, subscriptions and each zone's inbox (intents, join and leave
-  events), and swaps a zone's inbox out as the inputs of its tick. Work that needs
+  events), and swaps a zone's inbox out as the inputs of its tick. A text message is
+  handled where aiohttp's parser produces it (``_DirectQueue``), still on the loop. Work that needs
   ``World.lock`` goes to the world thread; blocking database calls to the database threads.
 * Game threads (``gridserver-game``): module code (``on_tick``, the hooks,
   ``get_player_state``), ``run_zone_tick`` and applying results. They alone write the world's
@@ -69,7 +70,8 @@ threading lock.
 * The world thread (``gridserver-world``): adding, removing and restoring zones and the
   debug routes' reads of entities, under ``World.lock``, for the loop.
 * Database threads: the flush thread (``gridserver-flush``: the snapshot of changed
-  entities under ``World.lock``, serializing it, restoring it when a flush failed), the
+  entities under ``World.lock``, serializing it, restoring it when a flush failed, and,
+  started from the command line, giving glibc's free pages back after a flush), the
   SQLite thread (``gridserver-sqlite``) and bcrypt
   (``gridserver-bcrypt``). They write nothing in memory but what they are handed;
   PostgreSQL goes through aiopg on the loop.
@@ -5343,6 +5345,7 @@ class Persister:
             self.metrics.flushes_total += 1
             self.metrics.entities_flushed_total += len(rows) + len(deleted)
             self.metrics.flush_duration.observe(time.monotonic() - t0)
+            await loop.run_in_executor(self.executor, _give_back_memory)
         if self.outage_since is not None:
             log.warning("database back after %.1f s; changes saved", time.monotonic() - self.outage_since)
             self.outage_since = None
@@ -6427,7 +6430,7 @@ OPENAPI = web.AppKey("openapi", str)
 # Compatibility with aiohttp internals
 # =============================================================================
 #
-# gridserver leans on four private parts of aiohttp 3.x, all here and checked by
+# gridserver leans on five private parts of aiohttp 3.x, all here and checked by
 # ``_check_aiohttp`` when the command line starts (a newer aiohttp that moved them stops
 # start-up with one line, rather than quietly losing what they give):
 #
@@ -7634,6 +7637,45 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+#: glibc's malloc, once ``_tune_malloc`` has set it up (the command line on Linux): the flush
+#: thread gives free memory back through it (``_give_back_memory``).
+_LIBC: Any = None
+#: Blocks of this size and larger get pages of their own, returned to the system when freed.
+MMAP_THRESHOLD = 128 * 1024
+
+
+def _tune_malloc() -> None:
+    """Keep the process's memory from creeping up under glibc's malloc (Linux).
+
+    Every tick makes large, short-lived buffers (the journal's statement, socket reads, a
+    flush's serialized rows). glibc maps such a block on its own, but after freeing one it
+    raises that threshold, so the next ones grow the heap, which it rarely gives back: RSS
+    climbs with every burst and stays. A fixed threshold keeps them mapped (freed at once),
+    and ``_give_back_memory`` returns the heap's free pages after each flush. Process-wide,
+    so only the command line does it; elsewhere (musl, macOS) nothing is changed.
+    """
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold, m_trim_threshold = -3, -1
+        if libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1 or libc.mallopt(m_trim_threshold, 4 * MMAP_THRESHOLD) != 1:
+            return
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        _LIBC = libc
+    except (OSError, AttributeError):  # not glibc
+        return
+
+
+def _give_back_memory() -> None:
+    """In the flush thread, after a flush: the heap's free pages go back to the system (glibc's
+    ``malloc_trim``, which runs without the GIL; a few milliseconds)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def _raise_open_file_limit() -> None:
     """Raise the soft limit of open files to the hard one (every socket is a file) and log it."""
     try:
@@ -7936,6 +7978,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.get("debug", "log_level").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_open_file_limit()
+    _tune_malloc()
     # Game modules import from the config file's folder, then the working directory, then
     # this file's folder (inserted in reverse, each at the front).
     config_dir = os.path.dirname(os.path.abspath(args.config)) if args.config else os.getcwd()

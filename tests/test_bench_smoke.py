@@ -1,7 +1,8 @@
-"""The query benchmark runs: ``python bench/bench_queries.py --quick`` exits 0 and prints its table.
+"""The benchmarks run: ``python bench/bench_queries.py --quick`` exits 0 and prints its table,
+``bench/walkers_inproc.py`` measures the example game, ``bench/run.py --quick`` plays.
 
 No timing is asserted here (CI machines vary); the benchmark's full run checks the 2x claim.
-Both run whole benchmarks in processes of their own: marked ``slow``.
+They run whole benchmarks in processes of their own: marked ``slow``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def test_bench_queries_quick_runs_and_prints_the_table(tmp_path):
     assert [z["entities"] for z in result["zones"]] == [1000, 100000]
     assert result["zones"][0]["entities_per_bucket"] == result["zones"][1]["entities_per_bucket"]
     assert set(result["ratio_large_to_small"]) == {"area", "overlap"}
+
+
+def test_walkers_in_process_benchmark_runs(tmp_path):
+    """``bench/walkers_inproc.py``: the example game's own cost over a few zones, with and without fog."""
+    for fog in ("0", "8"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "walkers_inproc.py"), "4", fog],
+                              cwd=ROOT, capture_output=True, text=True, timeout=scaled(120))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"4 zones x 50 players, fog radius {fog}: CPU a tick median" in proc.stdout, proc.stdout
 
 
 def test_load_benchmark_quick_smoke(tmp_path):

@@ -267,3 +267,40 @@ async def test_without_uvloop_auto_falls_back_and_uvloop_refuses_to_start(tmp_pa
             as (base, proc):
         await play_the_builtin_demo(base)
     assert "event loop: asyncio" in (tmp_path / "server.log").read_text()
+
+
+_MALLOC_PROBE = """
+import ctypes, sys
+sys.path.insert(0, {root!r})
+import gridserver
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if {tune}:
+    gridserver._tune_malloc()
+libc.free(libc.malloc(30 << 20))  # freeing a mapped block raises glibc's default threshold to 30 MiB
+libc.malloc_trim(0)  # no free space left on top of the heap to serve what follows
+before = libc.mallinfo2().hblks
+block = libc.malloc(16 << 20)  # a burst's buffer: mapped on its own, or from the heap?
+print(libc.mallinfo2().hblks - before, gridserver._LIBC is not None)
+libc.free(block)
+gridserver._give_back_memory()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is tuned on Linux only")
+@pytest.mark.parametrize("tune", [False, True])
+def test_large_buffers_stay_mapped_once_malloc_is_tuned(tune):
+    """The command line fixes glibc's mmap threshold (``_tune_malloc``): a 16 MiB buffer made
+    after a larger one was freed is still mapped on its own (given back when freed), where
+    glibc's default would carve it out of the heap, which it rarely returns."""
+    proc = subprocess.run([sys.executable, "-c", _MALLOC_PROBE.format(root=ROOT, tune=tune)],
+                          capture_output=True, text=True, timeout=scaled(60))
+    assert proc.returncode == 0, proc.stderr
+    mapped, tuned = proc.stdout.split()
+    assert (mapped, tuned) == (("1", "True") if tune else ("0", "False")), proc.stdout
