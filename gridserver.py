@@ -53,8 +53,9 @@ threading lock.
 * The event loop (main thread): HTTP, WebSocket, the hub, timers, the tick schedule. It
   alone writes connections, subscriptions and each zone's inbox (intents, join and leave
   events), and swaps a zone's inbox out as the inputs of its tick. A text message is
-  handled where aiohttp's parser produces it (``_DirectQueue``), still on the loop. Work that needs
-  ``World.lock`` goes to the world thread; blocking database calls to the database threads.
+  handled where aiohttp's parser produces it (``_DirectQueue``), still on the loop. Work
+  that needs ``World.lock`` goes to the world thread; blocking database calls to the
+  database threads.
 * Game threads (``gridserver-game``): module code (``on_tick``, the hooks,
   ``get_player_state``), ``run_zone_tick`` and applying results. They alone write the world's
   entities and spatial index (under ``World.lock``), and hand finished zones to the loop
@@ -2450,9 +2451,9 @@ ON CONFLICT (id) DO UPDATE SET
 """
 _SQLITE_DELETE_ENTITY = "DELETE FROM entities WHERE id = ?"
 
-#: A tick's journal rows: one JSON array of ``[zone_id, tick_number, seed, at, inputs, epoch]``.
-#: Rows of zones deleted meanwhile are skipped; a tick written again (after a rewind) replaces.
-#: One array per column (half the time a JSON array of rows takes PostgreSQL to take apart).
+#: A tick's journal rows ``(zone_id, tick_number, seed, at, inputs, epoch)``, one array per
+#: column (PostgreSQL takes them apart in half the time a JSON array of rows takes). Rows of
+#: zones deleted meanwhile are skipped; a tick written again (after a rewind) replaces.
 _PG_INSERT_JOURNAL = """
 INSERT INTO journal (zone_id, tick_number, seed, at, inputs, epoch)
 SELECT r.zone_id, r.tick_number, r.seed, r.at, r.inputs, r.epoch
@@ -7641,18 +7642,23 @@ def _tune_gc() -> None:
 #: thread gives free memory back through it (``_give_back_memory``).
 _LIBC: Any = None
 #: Blocks of this size and larger get pages of their own, returned to the system when freed.
-MMAP_THRESHOLD = 128 * 1024
+#: Above the 256 KiB asyncio asks for at every socket read: a block that size mapped and
+#: unmapped at each read costs 14 µs (glibc's default starts at 128 KiB, where it does).
+MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
 def _tune_malloc() -> None:
     """Keep the process's memory from creeping up under glibc's malloc (Linux).
 
-    Every tick makes large, short-lived buffers (the journal's statement, socket reads, a
-    flush's serialized rows). glibc maps such a block on its own, but after freeing one it
-    raises that threshold, so the next ones grow the heap, which it rarely gives back: RSS
-    climbs with every burst and stays. A fixed threshold keeps them mapped (freed at once),
-    and ``_give_back_memory`` returns the heap's free pages after each flush. Process-wide,
-    so only the command line does it; elsewhere (musl, macOS) nothing is changed.
+    Every tick makes large, short-lived buffers (socket reads of 256 KiB, shrunk to what
+    came; the journal's statement; a flush's serialized rows). glibc's threshold for
+    mapping a block on its own starts at 128 KiB, so each socket read maps and unmaps
+    pages (14 µs), until it frees some larger mapped block and raises the threshold, up to
+    32 MiB: from then on even bursts of many megabytes grow the heap, which glibc rarely
+    gives back, and RSS climbs with every burst and stays. A fixed threshold of 4 MiB keeps
+    socket reads cheap and bursts beyond it mapped (freed at once), and
+    ``_give_back_memory`` returns the heap's free pages after each flush. Process-wide, so
+    only the command line does it; elsewhere (musl, macOS) nothing is changed.
     """
     global _LIBC
     if not sys.platform.startswith("linux"):
@@ -7661,7 +7667,7 @@ def _tune_malloc() -> None:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         m_mmap_threshold, m_trim_threshold = -3, -1
-        if libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1 or libc.mallopt(m_trim_threshold, 4 * MMAP_THRESHOLD) != 1:
+        if libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1 or libc.mallopt(m_trim_threshold, MMAP_THRESHOLD) != 1:
             return
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
         _LIBC = libc
