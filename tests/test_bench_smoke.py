@@ -50,6 +50,16 @@ def test_walkers_in_process_benchmark_runs(tmp_path):
         assert f"4 zones x 50 players, fog radius {fog}: CPU a tick median" in proc.stdout, proc.stdout
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def test_malloc_reads_benchmark_runs():
+    """``bench/malloc_reads.py``: a socket read's cost with glibc's default and with a threshold."""
+    for arg in ([], ["4194304"]):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "malloc_reads.py"), *arg],
+                              cwd=ROOT, capture_output=True, text=True, timeout=scaled(120))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "send + recv(256 KiB)" in proc.stdout and (arg[0] if arg else "glibc default") in proc.stdout
+
+
 def test_load_benchmark_quick_smoke(tmp_path):
     """``bench/run.py --quick``: a real server process, thin drivers, every client served.
 
