@@ -2712,8 +2712,9 @@ class _Postgres(_Dialect):
         return [_Step(_PG_ZONE_MARKS, (json_dumps([[str(z), n, list(m)] for z, (n, m) in marks.items()]),))]
 
     def journal_steps(self, rows: list[tuple]) -> list[_Step]:
-        return [_Step(_PG_INSERT_JOURNAL, ([str(r[0]) for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                           [r[3] for r in rows], [r[4] for r in rows], [r[5] for r in rows]))]
+        columns = [[r[i] for r in rows] for i in range(6)]
+        columns[0] = [str(zone_id) for zone_id in columns[0]]
+        return [_Step(_PG_INSERT_JOURNAL, tuple(columns))]
 
     def snapshot_steps(self, snapshots: dict[UUID, tuple[int, list[EntityRow]]]) -> list[_Step]:
         return [_Step(_PG_INSERT_SNAPSHOTS, (json_dumps([[str(z), tick, _snapshot_rows(rows)]
@@ -5346,7 +5347,8 @@ class Persister:
             self.metrics.flushes_total += 1
             self.metrics.entities_flushed_total += len(rows) + len(deleted)
             self.metrics.flush_duration.observe(time.monotonic() - t0)
-            await loop.run_in_executor(self.executor, _give_back_memory)
+            if _LIBC is not None:
+                await loop.run_in_executor(self.executor, _give_back_memory)
         if self.outage_since is not None:
             log.warning("database back after %.1f s; changes saved", time.monotonic() - self.outage_since)
             self.outage_since = None
@@ -6454,7 +6456,7 @@ _AIOHTTP_INTERNALS = [
     (web.AppRunner, "_make_server"), (web_server.Server, "connection_made"),
     (web_server.Server, "connection_lost"), (web.WebSocketResponse, "_close_transport"),
     (web.WebSocketResponse, "_post_start"), (web.WebSocketResponse, "_reset_heartbeat"),
-    (WebSocketDataQueue, "feed_data"),
+    (web.WebSocketResponse, "_on_data_received"), (WebSocketDataQueue, "feed_data"),
 ]
 
 
@@ -7017,12 +7019,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if direct is not None:
         direct.on_text = on_text
     try:
-        async for msg in ws:
-            conn.received += 1
+        async for msg in ws:  # what the direct queue does not hand over: control frames, and text queued behind them
             kind = msg.type
             if kind is WSMsgType.TEXT:
-                _handle_message(srv, conn, msg.data, max_size)
-            elif kind is WSMsgType.PING:
+                on_text(msg.data)
+                continue
+            conn.received += 1
+            if kind is WSMsgType.PING:
                 await ws.pong(msg.data)
             elif kind is WSMsgType.PONG:
                 pass
@@ -7667,7 +7670,7 @@ def _tune_malloc() -> None:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         m_mmap_threshold, m_trim_threshold = -3, -1
-        if libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1 or libc.mallopt(m_trim_threshold, MMAP_THRESHOLD) != 1:
+        if any(libc.mallopt(option, MMAP_THRESHOLD) != 1 for option in (m_mmap_threshold, m_trim_threshold)):
             return
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
         _LIBC = libc
@@ -7677,7 +7680,7 @@ def _tune_malloc() -> None:
 
 def _give_back_memory() -> None:
     """In the flush thread, after a flush: the heap's free pages go back to the system (glibc's
-    ``malloc_trim``, which runs without the GIL; a few milliseconds)."""
+    ``malloc_trim``, which runs without the GIL; about a millisecond)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
