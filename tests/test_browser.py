@@ -509,7 +509,9 @@ async def test_the_fogged_view_is_dimmed(tmp_path, start_server, page):
     assert view == [{"x": a["x"] - 3, "y": a["y"] - 3, "w": 7, "h": 7}]
     await until(page, "(a) => { const v = window.gridserver.view[0]; const m = window.gridserver.avatar();"
                       " return m && v.x === m.x - 3 && m.x === a.x && m.y === a.y; }", a)
-    seen = {(e["x"], e["y"]) for e in await g(page, "gridserver.entities.map(e => ({x: e.x, y: e.y}))")}
+    seen = {(e["x"] + i, e["y"] + j)  # every cell an entity covers (a wall spans several)
+            for e in await g(page, "gridserver.entities.map(e => ({x: e.x, y: e.y, w: e.w, h: e.h}))")
+            for i in range(max(e["w"], 1)) for j in range(max(e["h"], 1))}
     inside = [(x, y) for x in range(a["x"] - 3, a["x"] + 4) for y in range(a["y"] - 3, a["y"] + 4)
               if 0 <= x < 20 and 0 <= y < 20 and (x, y) not in seen and abs(y - a["y"]) == 0]
     outside = [(x, y) for x in range(20) for y in range(20)
